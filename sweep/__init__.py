@@ -1,0 +1,1 @@
+"""sweep: build (or reuse) an LLM inference engine, benchmark it, and record the run in MLflow."""

@@ -1,0 +1,18 @@
+"""`python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
+import hydra
+from omegaconf import DictConfig
+
+from sweep.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from sweep.run import main as run_main
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Backends by name. Adding one: a module here with a Backend subclass, one line below, one YAML in conf/backend/."""
+from sweep.backends.base import Backend, Generation
+from sweep.backends.hf import HFBackend
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (HFBackend,)}
+
+__all__ = ["BACKENDS", "Backend", "Generation"]

@@ -1,0 +1,88 @@
+"""The one small interface every backend implements (one module + one YAML in conf/backend/ per backend)."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sweep.config import BackendConfig, ConfigError
+from sweep.metrics import RequestTiming
+from sweep.model import ModelSource
+from sweep.workload import Request, Workload
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    token_times: list[float]  # perf_counter() when each token was available on the host
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type[BackendConfig]]
+    # The engine.* options this backend uses; every other engine option is recorded as ignored.
+    honoured_options: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.dtype = dtype  # resolved: float32, float16 or bfloat16
+
+    # -- before anything is built ---------------------------------------------------------------------------
+    def check(self, workload: Workload, max_position_embeddings: int | None) -> None:
+        """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
+        e = self.cfg.engine
+        honoured = set(self.honoured_options)
+        if "max_input_len" in honoured and workload.max_input_len > e.max_input_len:
+            raise ConfigError(
+                f"engine.max_input_len={e.max_input_len} cannot hold the workload's longest input "
+                f"({workload.max_input_len} tokens); set engine.max_input_len >= {workload.max_input_len}"
+            )
+        if "max_seq_len" in honoured:
+            if workload.max_total_len > e.max_seq_len:
+                raise ConfigError(
+                    f"engine.max_seq_len={e.max_seq_len} cannot hold the workload's longest input + output "
+                    f"({workload.max_total_len} tokens); set engine.max_seq_len >= {workload.max_total_len}"
+                )
+            if max_position_embeddings and e.max_seq_len > max_position_embeddings:
+                raise ConfigError(
+                    f"engine.max_seq_len={e.max_seq_len} is longer than the model supports "
+                    f"(max_position_embeddings={max_position_embeddings})"
+                )
+
+    def ignored_options(self) -> list[str]:
+        return [k for k in self.cfg.engine if k not in self.honoured_options]
+
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries that shape the built artifact; they are part of the cache key."""
+        return {}
+
+    # -- engine ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, engine_dir: Path) -> dict[str, Any]:
+        """Write the engine into engine_dir (a fresh temporary directory); return what the manifest adds."""
+
+    @abstractmethod
+    def load(self, engine_dir: Path) -> None:
+        """Make the engine ready to generate."""
+
+    # -- serving --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Greedy generation of exactly request.output_len tokens for each request, as one batch."""
+
+    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
+        """All requests arrive at t0; static batches of `batch_size` run in waves. In-flight batchers override."""
+        t0 = time.perf_counter()
+        timings = []
+        for start in range(0, len(requests), batch_size):
+            wave = requests[start : start + batch_size]
+            for req, gen in zip(wave, self.generate(wave)):
+                timings.append(RequestTiming(req.id, req.input_len, req.output_len, t0, gen.token_times, iteration))
+        return timings
+
+    def close(self) -> None:
+        """Release device memory and workers."""

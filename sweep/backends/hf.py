@@ -1,0 +1,107 @@
+"""hf: eager transformers `generate`, the seed's PyTorch baseline. It builds nothing: the engine is the checkpoint."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep.backends.base import Backend, Generation
+from sweep.config import BackendConfig
+from sweep.workload import Request
+
+
+@dataclass
+class HFBackendConfig(BackendConfig):
+    name: str = "hf"
+
+
+class TokenClock:
+    """A transformers streamer that records when each generated token reaches the host.
+
+    `generate` calls put() with the prompt first, then once per step with the new token of every sequence.
+    Reading the tokens with .tolist() waits for the device, so the timestamp is when the token is on the host.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, list[int]]] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        ids = value.reshape(-1).tolist()
+        now = time.perf_counter()
+        if self._prompt_seen:
+            self.steps.append((now, ids))
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def load_hf_model(path: Path, dtype: str, attn_implementation: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    )
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def left_pad(requests: list[Request], pad_id: int, device: str):
+    import torch
+
+    width = max(r.input_len for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for row, req in enumerate(requests):
+        ids[row, width - req.input_len :] = torch.tensor(req.input_ids)
+        mask[row, width - req.input_len :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFBackend(Backend):
+    name = "hf"
+    config_class = HFBackendConfig
+    honoured_options = ("dtype", "max_batch_size", "max_input_len", "max_seq_len", "attn_implementation")
+
+    def library_versions(self) -> dict[str, str]:
+        import torch
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def build(self, engine_dir: Path) -> dict[str, Any]:
+        return {"artifact": "none", "note": "hf runs the checkpoint as it is; nothing is built"}
+
+    def load(self, engine_dir: Path) -> None:
+        e = self.cfg.engine
+        self.model_, self.tokenizer = load_hf_model(self.model.path, self.dtype, e.attn_implementation, self.device)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        import torch
+
+        ids, mask = left_pad(requests, self.pad_id, self.device)
+        new_tokens = max(r.output_len for r in requests)
+        clock = TokenClock()
+        with torch.inference_mode():
+            self.model_.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # EOS ignored: every request gets exactly its output length
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                streamer=clock,
+            )
+        return [
+            Generation(
+                token_ids=[step_ids[row] for _, step_ids in clock.steps[: req.output_len]],
+                token_times=[t for t, _ in clock.steps[: req.output_len]],
+            )
+            for row, req in enumerate(requests)
+        ]
+
+    def close(self) -> None:
+        self.model_ = None

@@ -1,0 +1,90 @@
+"""Content-addressed engine cache: engines_cache/<backend>/<key>/ with a manifest.json inside.
+
+A build goes into a temporary sibling directory that is renamed into place only when complete, under a file
+lock per key, so a crash never leaves a half-written entry and two processes never build the same key twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def engine_key(key_inputs: dict[str, Any]) -> str:
+    """A stable hash of everything that changes the built artifact (canonical JSON, sorted keys)."""
+    canonical = json.dumps(key_inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+@dataclass
+class CacheEntry:
+    path: Path
+    manifest: dict[str, Any]
+    hit: bool
+    build_time_s: float
+
+
+class EngineCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def get_or_build(
+        self, backend: str, key_inputs: dict[str, Any], build: Callable[[Path], dict[str, Any]]
+    ) -> CacheEntry:
+        """Return the entry for `key_inputs`, calling `build(tmp_dir)` to make it on a miss.
+
+        `build` writes the artifact into the directory it is given and returns what the manifest should add.
+        """
+        key = engine_key(key_inputs)
+        backend_dir = self.root / backend
+        backend_dir.mkdir(parents=True, exist_ok=True)
+        final = backend_dir / key
+        with FileLock(str(backend_dir / f"{key}.lock")):
+            start = time.perf_counter()
+            if (final / MANIFEST).is_file():
+                manifest = json.loads((final / MANIFEST).read_text())
+                log.info("engine cache hit: %s", final)
+                return CacheEntry(final, manifest, hit=True, build_time_s=time.perf_counter() - start)
+            self._remove_stale(backend_dir, key)
+            tmp = Path(tempfile.mkdtemp(dir=backend_dir, prefix=f".tmp-{key}-"))
+            try:
+                log.info("engine cache miss: building %s", final)
+                extra = build(tmp)
+                build_time = time.perf_counter() - start
+                manifest = {
+                    "key": key,
+                    "backend": backend,
+                    "key_inputs": key_inputs,
+                    "build_time_s": build_time,
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **extra,
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return CacheEntry(final, manifest, hit=False, build_time_s=build_time)
+
+    @staticmethod
+    def _remove_stale(backend_dir: Path, key: str) -> None:
+        # We hold the key's lock, so any temporary directory for this key belongs to a build that died.
+        for stale in backend_dir.glob(f".tmp-{key}-*"):
+            log.warning("removing the remains of an interrupted build: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        final = backend_dir / key
+        if final.exists():  # a directory without a manifest is not a finished engine
+            shutil.rmtree(final, ignore_errors=True)

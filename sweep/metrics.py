@@ -1,0 +1,130 @@
+"""Figure arithmetic, exactly as ../shared/metrics.md defines it (repeated in the README).
+
+Pure functions over timestamps (seconds, one clock), so they are tested on synthetic timings.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+PERCENTILES = (50, 90, 95, 99)
+LATENCY_FIGURES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms")
+THROUGHPUT_FIGURES = ("output_throughput_tok_s", "total_token_throughput_tok_s", "request_throughput_req_s")
+
+
+@dataclass
+class RequestTiming:
+    """One request's clock: arrival, and the time each output token became available on the host."""
+
+    request_id: str
+    input_len: int
+    output_len: int  # the number of tokens asked for
+    arrival: float
+    token_times: list[float]
+    iteration: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.arrival
+
+    @property
+    def e2e(self) -> float:
+        return self.token_times[-1] - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.e2e - self.ttft) / (n - 1) if n > 1 else None
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """P50/P90/P95/P99 (numpy, linear), mean, stdev (population), min, max and n. Empty input gives n=0 only."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return {"n": 0}
+    stats = {f"p{p}": float(np.percentile(arr, p, method="linear")) for p in PERCENTILES}
+    stats.update(mean=float(arr.mean()), stdev=float(arr.std()), min=float(arr.min()), max=float(arr.max()))
+    stats["n"] = int(arr.size)
+    return stats
+
+
+def iteration_throughput(timings: list[RequestTiming]) -> dict[str, float]:
+    """Throughputs of one iteration: tokens or requests / (last token time - first arrival)."""
+    duration = max(t.token_times[-1] for t in timings) - min(t.arrival for t in timings)
+    output_tokens = sum(len(t.token_times) for t in timings)
+    input_tokens = sum(t.input_len for t in timings)
+    return {
+        "output_throughput_tok_s": output_tokens / duration,
+        "total_token_throughput_tok_s": (input_tokens + output_tokens) / duration,
+        "request_throughput_req_s": len(timings) / duration,
+        "duration_s": duration,
+    }
+
+
+def check_output_counts(timings: list[RequestTiming]) -> None:
+    wrong = [t for t in timings if len(t.token_times) != t.output_len]
+    if wrong:
+        t = wrong[0]
+        raise RuntimeError(
+            f"{len(wrong)} request(s) produced the wrong number of output tokens, e.g. {t.request_id}: "
+            f"{len(t.token_times)} produced, {t.output_len} asked for"
+        )
+
+
+def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
+    """Every per-request and per-run figure, flattened to `<figure>_<stat>` names."""
+    check_output_counts(timings)
+    per_request = {
+        "ttft_ms": [t.ttft * 1e3 for t in timings],
+        "tpot_ms": [t.tpot * 1e3 for t in timings if t.tpot is not None],
+        "itl_ms": [gap * 1e3 for t in timings for gap in t.itls],
+        "e2e_latency_ms": [t.e2e * 1e3 for t in timings],
+    }
+    figures: dict[str, float] = {}
+    for name, values in per_request.items():
+        for stat, value in summarize(values).items():
+            figures[f"{name}_{stat}"] = value
+    iterations = sorted({t.iteration for t in timings})
+    per_iteration = [iteration_throughput([t for t in timings if t.iteration == i]) for i in iterations]
+    for name in THROUGHPUT_FIGURES:
+        values = [it[name] for it in per_iteration]
+        figures[name] = statistics.median(values)
+        figures[f"{name}_min"] = min(values)
+        figures[f"{name}_max"] = max(values)
+    figures["iterations"] = len(iterations)
+    figures["output_tokens"] = sum(len(t.token_times) for t in timings)
+    return figures
+
+
+def roofline_efficiency(
+    weight_bytes: int, kv_bytes_per_token: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
+) -> dict[str, float]:
+    """Decode is memory-bound: a step must read the weights once and every sequence's KV cache once."""
+    step_bytes = weight_bytes + batch_size * mean_context * kv_bytes_per_token
+    floor_s = step_bytes / bandwidth
+    return {
+        "decode_floor_ms": floor_s * 1e3,
+        "roofline_efficiency": floor_s / tpot_s,
+        "roofline_floor_tok_s": batch_size / floor_s,
+    }
+
+
+STATS = ("p50", "p90", "p95", "p99", "mean", "stdev", "min", "max")
+OTHER_FIGURES = (
+    "gpu_util_pct_mean", "gpu_util_pct_max", "gpu_peak_memory_gb", "gpu_power_w_mean", "energy_j", "tokens_per_j",
+    "torch_max_allocated_gb", "torch_max_reserved_gb", "host_peak_rss_gb", "build_time_s", "roofline_efficiency",
+)
+
+
+def objective_candidates() -> list[str]:
+    """Every figure a sweep may optimise or constrain."""
+    names = list(THROUGHPUT_FIGURES)
+    names += [f"{name}_{stat}" for name in LATENCY_FIGURES for stat in STATS]
+    return names + list(OTHER_FIGURES)

@@ -1,0 +1,169 @@
+"""Model source: resolve `cfg.model` to a local Hugging Face checkpoint directory and its identity.
+
+Three sources, one loading path (`from_pretrained` on a directory):
+- `hub_id` + pinned `revision`: downloaded through huggingface_hub (or found in its cache when offline);
+- `path`: a local checkpoint directory;
+- `generate: tiny`: a tiny Qwen2-architecture checkpoint generated here, deterministically from `seed`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Shapes of the tiny model: big enough to exercise GQA, rope and a multi-layer KV cache, small enough for CI.
+TINY_SHAPE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY_FORMAT_VERSION = 1  # bump when the generator changes, so old tiny checkpoints are not reused
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    path: Path  # a local directory with config.json, weights and tokenizer files
+    identity: dict[str, Any]  # what identifies these weights in the engine cache key
+
+
+def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
+    if model_cfg.path:
+        path = Path(model_cfg.path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={model_cfg.path!r} is not a Hugging Face checkpoint directory "
+                f"({'no config.json in it' if path.is_dir() else 'it does not exist'})"
+            )
+        return ModelSource(path.name, path, {"path": str(path), "weights_sha256": weights_digest(path)})
+    if model_cfg.hub_id:
+        path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
+        return ModelSource(model_cfg.name, path, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision})
+    path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
+    return ModelSource(model_cfg.name, path, {"generated": "tiny", "weights_sha256": weights_digest(path)})
+
+
+def download_from_hub(hub_id: str, revision: str | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    log.info("resolving %s@%s through huggingface_hub", hub_id, revision)
+    try:
+        path = huggingface_hub.snapshot_download(
+            hub_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"],
+        )
+    except RepositoryNotFoundError as exc:
+        raise ConfigError(f"model.hub_id={hub_id!r}: no such model on the hub (or it is gated): {exc}") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"model.revision={revision!r}: no such revision of {hub_id!r}") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"model.hub_id={hub_id!r}: the hub cannot be reached and {hub_id}@{revision} is not in the local "
+            "Hugging Face cache; download it on a connected machine, or point model.path at a local checkpoint"
+        ) from None
+    return Path(path)
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over config.json and every weight file, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
+            digest.update(file.name.encode())
+            with open(file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def generate_tiny_checkpoint(root: Path, seed: int) -> Path:
+    """Write (once) a tiny random Qwen2 checkpoint with a byte-level tokenizer; return its directory."""
+    shape_tag = hashlib.sha256(json.dumps([TINY_SHAPE, TINY_FORMAT_VERSION], sort_keys=True).encode()).hexdigest()[:8]
+    target = root / f"tiny-qwen2-seed{seed}-{shape_tag}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-tiny-"))
+    try:
+        tokenizer = build_byte_tokenizer()
+        config = Qwen2Config(
+            **TINY_SHAPE,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            torch_dtype="float32",
+        )
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its checkpoint is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("generated tiny checkpoint at %s", target)
+    return target
+
+
+def build_byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: one token per byte, plus three special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def model_shape(path: Path) -> dict[str, Any]:
+    """The figures the benchmark needs from config.json: parameter bytes and KV bytes per token come from these."""
+    cfg = json.loads((path / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    return {
+        "num_layers": cfg["num_hidden_layers"],
+        "num_kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        "max_position_embeddings": cfg.get("max_position_embeddings"),
+        "vocab_size": cfg["vocab_size"],
+    }

@@ -1,0 +1,216 @@
+"""One run, the unit Hydra launches: config → model → engine → workload → benchmark → record.
+
+Everything that can reject the config happens before the tracker run starts, so bad input records nothing.
+From the moment the run starts, any failure ends it FAILED with the error (trackers.base.Tracker.run).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweep.backends import BACKENDS, Backend
+from sweep.benchmark import run_benchmark
+from sweep.config import ConfigError, validate
+from sweep.engine_cache import CacheEntry, EngineCache, engine_key
+from sweep.metrics import objective_candidates, roofline_efficiency
+from sweep.model import ModelSource, model_shape, resolve_model
+from sweep.summary import summary_table
+from sweep.telemetry import device_bandwidth, environment
+from sweep.workload import Workload, make_workload
+from trackers import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+class Prepared:
+    """Everything a run needs once the config has been accepted: the model, workload, backend and cache key."""
+
+    def __init__(self, cfg: DictConfig):
+        validate(cfg)
+        if cfg.objective.metric not in objective_candidates():
+            raise ConfigError(
+                f"objective.metric={cfg.objective.metric!r} is not a recorded figure; "
+                f"choose one of: {', '.join(objective_candidates())}"
+            )
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (
+            cfg.model.dtype if self.device == "cuda" else "float32"
+        )
+        self.cache = EngineCache(Path(cfg.cache_dir).resolve())
+        self.model: ModelSource = resolve_model(cfg.model, self.cache.root)
+        self.shape = model_shape(self.model.path)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model.path)
+        self.workload: Workload = make_workload(cfg.workload, tokenizer, self.shape["vocab_size"])
+        self.batch_size = 1 if cfg.workload.scenario == "latency" else (
+            cfg.workload.batch_size or cfg.engine.max_batch_size
+        )
+        self.backend: Backend = BACKENDS[cfg.backend.name](cfg, self.model, self.device, self.dtype)
+        self.backend.check(self.workload, self.shape["max_position_embeddings"])
+        self.env = environment(self.device)
+        self.key_inputs = {
+            "model": self.model.identity,
+            "backend": self.backend.name,
+            "libraries": self.backend.library_versions(),
+            "options": {k: cfg.engine[k] for k in self.backend.honoured_options if k != "dtype"},
+            "dtype": self.dtype,
+            "gpu": {k: self.env.get(k) for k in ("gpu_name", "gpu_compute_capability")} if self.device == "cuda" else "cpu",
+        }
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is visible; use device=auto or device=cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def model_figures(p: Prepared) -> dict[str, float]:
+    """Model bytes (parameters in the engine's dtype) and KV cache bytes per token, from the checkpoint files."""
+    from safetensors import safe_open
+
+    numel = 0
+    for file in p.model.path.glob("*.safetensors"):
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                n = 1
+                for dim in f.get_slice(name).get_shape():
+                    n *= dim
+                numel += n
+    itemsize = 4 if p.dtype == "float32" else 2
+    s = p.shape
+    return {
+        "model_params": numel,
+        "model_bytes": numel * itemsize,
+        "kv_bytes_per_token": 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * itemsize,
+    }
+
+
+def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
+    """Run one configuration end to end; return the objective's value."""
+    t_start = time.perf_counter()
+    p = Prepared(cfg)
+    phases = {"phase_prepare_s": time.perf_counter() - t_start}
+    tracker = make_tracker(cfg.tracker)
+    tags = {
+        "backend": p.backend.name,
+        "model": p.model.name,
+        "device": p.device,
+        "gpu": p.env.get("gpu_name", "none"),
+        "scenario": cfg.workload.scenario,
+        "sweep.git_commit": p.env.get("sweep_git_commit"),
+    }
+    with tracker.run(cfg.tracker.run_name, tags, parent_run_id) as rec:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        rec.log_params(flatten(resolved) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
+        rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
+
+        t = time.perf_counter()
+        entry = p.cache.get_or_build(p.backend.name, p.key_inputs, p.backend.build)
+        phases["phase_build_s"] = time.perf_counter() - t
+        rec.set_tags({"engine.cache_hit": entry.hit, "engine.key": engine_key(p.key_inputs)})
+
+        t = time.perf_counter()
+        log.info("loading %s on %s (%s)", p.model.name, p.device, p.dtype)
+        p.backend.load(entry.path)
+        phases["phase_load_s"] = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size)
+            phases["phase_benchmark_s"] = time.perf_counter() - t
+        finally:
+            p.backend.close()
+
+        figures = dict(result.figures)
+        figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
+        figures["engine_cache_hit"] = float(entry.hit)
+        figures.update(model_figures(p))
+        if p.device == "cuda" and "tpot_ms_p50" in figures:
+            mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)
+            bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
+            figures["device_bandwidth_gb_s"] = bandwidth / 1e9
+            figures.update(
+                roofline_efficiency(
+                    figures["model_bytes"], figures["kv_bytes_per_token"], p.batch_size, mean_context,
+                    bandwidth, figures["tpot_ms_p50"] / 1e3,
+                )
+            )
+        t = time.perf_counter()
+        record_artifacts(rec, cfg, p, entry, figures, result.timings)
+        phases["phase_record_s"] = time.perf_counter() - t
+        figures.update(phases)
+        rec.log_metrics(figures)
+        title = f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · batch {p.batch_size}"
+        print(summary_table(title, figures))
+    return figures[cfg.objective.metric]
+
+
+def record_artifacts(rec: Any, cfg: DictConfig, p: Prepared, entry: CacheEntry, figures: dict, timings: list) -> None:
+    manifest = entry.manifest
+
+    rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    rec.log_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), "engine/manifest.json")
+    results = {
+        "figures": figures,
+        "environment": p.env,
+        "engine": {"key": manifest.get("key"), "ignored_options": p.backend.ignored_options()},
+        "model": {"name": p.model.name, "path": str(p.model.path), **p.model.identity},
+    }
+    rec.log_text(json.dumps(results, indent=2, sort_keys=True, default=str), "results.json")
+    rec.log_text(requests_csv(timings), "requests.csv")
+    log_file = hydra_log_file()
+    if log_file and log_file.is_file():
+        rec.log_artifact(log_file, "logs")
+    if (entry.path / "build.log").is_file():
+        rec.log_artifact(entry.path / "build.log", "engine")
+
+
+def requests_csv(timings: list) -> str:
+    """The per-request table (pandas would cost most of a second to import, for one CSV)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["iteration", "request_id", "input_len", "output_len", "ttft_ms", "tpot_ms", "e2e_latency_ms"])
+    for t in timings:
+        tpot = "" if t.tpot is None else t.tpot * 1e3
+        writer.writerow([t.iteration, t.request_id, t.input_len, len(t.token_times), t.ttft * 1e3, tpot, t.e2e * 1e3])
+    return out.getvalue()
+
+
+def hydra_log_file() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+
+
+def main(cfg: DictConfig) -> float:
+    """The Hydra task: a config error prints its message and exits 2, with nothing built or recorded."""
+    try:
+        return execute(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)

@@ -1,0 +1,202 @@
+"""What the hardware did during the measured window, and what it was: NVML sampling and environment facts.
+
+A GPU figure on a CPU run is absent from the results, never 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PERIOD_S = 0.1
+
+
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no driver, no GPU, or no library: there is nothing to sample
+        return None
+
+
+class GPUSampler:
+    """Samples one GPU every 100 ms on a thread: utilisation, process memory, SM clock, power; energy by difference."""
+
+    def __init__(self, device_index: int = 0):
+        self.nvml = _nvml()
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.nvml:
+            self.handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.idle_used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
+
+    def __enter__(self) -> "GPUSampler":
+        if self.nvml:
+            self._energy_start = self._energy_mj()
+            self._t_start = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self._energy_end = self._energy_mj()
+            self._t_end = time.perf_counter()
+
+    def _energy_mj(self) -> float | None:
+        try:
+            return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+        except self.nvml.NVMLError:
+            return None
+
+    def _process_memory(self) -> float:
+        nvml, pid = self.nvml, os.getpid()
+        try:
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return float(proc.usedGpuMemory)
+        except nvml.NVMLError:
+            pass
+        # Containers often hide PIDs from NVML: fall back to the device's use above the idle baseline.
+        return float(nvml.nvmlDeviceGetMemoryInfo(self.handle).used - self.idle_used)
+
+    def _run(self) -> None:
+        nvml = self.nvml
+        while not self._stop.is_set():
+            util = nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            self.samples.append(
+                {
+                    "util": float(util.gpu),
+                    "memory": self._process_memory(),
+                    "sm_clock": float(nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM)),
+                    "power": nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3,
+                }
+            )
+            self._stop.wait(SAMPLE_PERIOD_S)
+
+    def figures(self, output_tokens: int) -> dict[str, float]:
+        if not self.nvml or not self.samples:
+            return {}
+        col = lambda k: [s[k] for s in self.samples]  # noqa: E731
+        figures = {
+            "gpu_util_pct_mean": sum(col("util")) / len(self.samples),
+            "gpu_util_pct_max": max(col("util")),
+            "gpu_peak_memory_gb": max(col("memory")) / 1e9,
+            "gpu_sm_clock_mhz_mean": sum(col("sm_clock")) / len(self.samples),
+            "gpu_power_w_mean": sum(col("power")) / len(self.samples),
+            "gpu_samples": len(self.samples),
+        }
+        if self._energy_start is not None and self._energy_end is not None:
+            energy_j = (self._energy_end - self._energy_start) / 1e3
+            figures["energy_j"] = energy_j
+            if energy_j > 0:
+                figures["tokens_per_j"] = output_tokens / energy_j
+        return figures
+
+
+def torch_memory_figures(device: str) -> dict[str, float]:
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {
+        "torch_max_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "torch_max_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+    }
+
+
+def host_peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, GPU identity and its state at start (clocks, power limit). GPU keys are absent on a CPU."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "sweep_git_commit": git_commit(),
+        "host_cpu_count": os.cpu_count(),
+        "device": device,
+    }
+    if device != "cuda":
+        return env
+    props = torch.cuda.get_device_properties(0)
+    env.update(
+        gpu_name=props.name,
+        gpu_compute_capability=f"{props.major}.{props.minor}",
+        cuda=torch.version.cuda,
+    )
+    nvml = _nvml()
+    if nvml:
+        handle = nvml.nvmlDeviceGetHandleByIndex(0)
+        env.update(
+            driver=nvml.nvmlSystemGetDriverVersion(),
+            gpu_power_limit_w=nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1e3,
+            gpu_sm_clock_mhz_at_start=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+            gpu_mem_clock_mhz_at_start=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+            gpu_memory_total_gb=nvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9,
+        )
+    return env
+
+
+def device_bandwidth(cache_dir: Path, gpu_name: str) -> float:
+    """Device memory bandwidth in bytes/s (bytes read + written by a large device-to-device copy), cached per GPU."""
+    path = cache_dir / "device" / f"bandwidth-{gpu_name.replace(' ', '_')}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["bytes_per_s"]
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, far beyond any cache
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    times.sort()
+    bandwidth = 2 * (1 << 30) / times[len(times) // 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"gpu": gpu_name, "bytes_per_s": bandwidth}))
+    return bandwidth

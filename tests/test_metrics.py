@@ -1,0 +1,68 @@
+"""Figure arithmetic on synthetic timestamps, against values worked out by hand."""
+import numpy as np
+import pytest
+
+from sweep.metrics import RequestTiming, benchmark_figures, iteration_throughput, roofline_efficiency, summarize
+
+
+def timing(rid, arrival, times, input_len=10, iteration=0, output_len=None):
+    return RequestTiming(rid, input_len, output_len or len(times), arrival, times, iteration)
+
+
+def test_request_figures_follow_the_definitions():
+    t = timing("a", 1.0, [1.5, 1.6, 1.8, 2.1])
+    assert t.ttft == pytest.approx(0.5)
+    assert t.e2e == pytest.approx(1.1)
+    assert t.tpot == pytest.approx((1.1 - 0.5) / 3)
+    assert t.itls == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_tpot_is_undefined_for_one_output_token():
+    figures = benchmark_figures([timing("a", 0.0, [0.2]), timing("b", 0.0, [0.4])])
+    assert figures["tpot_ms_n"] == 0 and "tpot_ms_p50" not in figures
+    assert figures["itl_ms_n"] == 0
+    assert figures["ttft_ms_p50"] == pytest.approx(300.0)
+
+
+def test_summary_uses_linear_percentiles_and_population_stdev():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    s = summarize(values)
+    assert s["p50"] == 3.0
+    assert s["p90"] == pytest.approx(np.percentile(values, 90))  # 7.6 by linear interpolation
+    assert s["p90"] == pytest.approx(7.6)
+    assert s["p99"] == pytest.approx(9.76)
+    assert s["mean"] == 4.0 and s["min"] == 1.0 and s["max"] == 10.0 and s["n"] == 5
+    assert s["stdev"] == pytest.approx(np.sqrt(np.mean((np.array(values) - 4.0) ** 2)))
+    assert summarize([]) == {"n": 0}
+
+
+def test_throughput_is_tokens_over_first_arrival_to_last_token():
+    # Two requests arrive at t0 = 10 s; the last token lands at 12 s: 2 s for 3 + 2 output tokens.
+    its = [timing("a", 10.0, [10.5, 11.0, 11.5], input_len=4), timing("b", 10.0, [11.5, 12.0], input_len=6)]
+    thr = iteration_throughput(its)
+    assert thr["duration_s"] == pytest.approx(2.0)
+    assert thr["output_throughput_tok_s"] == pytest.approx(2.5)
+    assert thr["total_token_throughput_tok_s"] == pytest.approx((10 + 5) / 2)
+    assert thr["request_throughput_req_s"] == pytest.approx(1.0)
+
+
+def test_run_throughput_is_the_median_over_iterations_with_min_and_max():
+    its = [timing(f"r{i}", 0.0, [d / 2, d], iteration=i) for i, d in enumerate([1.0, 2.0, 4.0])]
+    figures = benchmark_figures(its)  # 2 tokens in 1 s, 2 s and 4 s
+    assert figures["output_throughput_tok_s"] == pytest.approx(1.0)
+    assert figures["output_throughput_tok_s_min"] == pytest.approx(0.5)
+    assert figures["output_throughput_tok_s_max"] == pytest.approx(2.0)
+    assert figures["iterations"] == 3
+
+
+def test_wrong_output_count_fails_the_run():
+    with pytest.raises(RuntimeError, match="wrong number of output tokens.*3 produced, 4 asked for"):
+        benchmark_figures([timing("a", 0.0, [0.1, 0.2, 0.3], output_len=4)])
+
+
+def test_roofline_floor_reads_weights_once_plus_each_sequence_kv():
+    # 1 GB of weights + 8 sequences x 100 tokens x 1 kB of KV, at 1 TB/s: 1.0008 ms per step.
+    r = roofline_efficiency(10**9, 1000, 8, 100, 1e12, tpot_s=2.0016e-3)
+    assert r["decode_floor_ms"] == pytest.approx(1.0008)
+    assert r["roofline_efficiency"] == pytest.approx(0.5)
+    assert r["roofline_floor_tok_s"] == pytest.approx(8 / 1.0008e-3)

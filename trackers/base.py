@@ -1,0 +1,52 @@
+"""The tracker interface: a run is a context that ends FINISHED, FAILED (with its error) or KILLED."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+
+class TrackedRun(ABC):
+    run_id: str | None = None
+
+    @abstractmethod
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float]) -> None: ...
+
+    @abstractmethod
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None: ...
+
+    @abstractmethod
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    @abstractmethod
+    def end(self, status: str) -> None: ...
+
+
+class Tracker(ABC):
+    @abstractmethod
+    def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun: ...
+
+    @contextlib.contextmanager
+    def run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> Iterator[TrackedRun]:
+        """A run that can never stay RUNNING: an exception ends it FAILED with the error, Ctrl-C ends it KILLED."""
+        run = self.start_run(name, tags, parent_run_id)
+        try:
+            yield run
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            try:
+                run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            finally:
+                run.end(status)
+            raise
+        run.end("FINISHED")

@@ -1,0 +1,94 @@
+"""MLflow tracker. Default store: SQLite at <cwd>/mlruns/mlflow.db, artifacts under <cwd>/mlruns/artifacts.
+
+The file store is deprecated and refuses to start in mlflow >= 3.13, hence SQLite. $MLFLOW_TRACKING_URI or
+`tracker.uri` points elsewhere, for example at a tracking server (`http://host:5000`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from trackers.base import TrackedRun, Tracker
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def default_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+class MLflowRun(TrackedRun):
+    def __init__(self, client: Any, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + BATCH])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
+
+    def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class MLflowTracker(Tracker):
+    def __init__(self, uri: str | None, experiment: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or default_uri()
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the working directory
+            artifact_location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # another process created it between our look-up and create
+            found = self.client.get_experiment_by_name(name)
+            if not found:
+                raise
+            return found.experiment_id
+
+    def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        log.info("MLflow run %s in %s", run.info.run_id, self.uri)
+        return MLflowRun(self.client, run.info.run_id)
