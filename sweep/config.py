@@ -6,7 +6,7 @@ Value ranges and choices are checked by `validate`, before anything is loaded, b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -86,6 +86,7 @@ class TrackerConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
     experiment: str = "sweep"
     run_name: Optional[str] = None
+    tags: Dict[str, str] = field(default_factory=dict)  # extra run tags, e.g. a sweeper's trial number
 
 
 @dataclass

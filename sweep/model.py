@@ -167,3 +167,24 @@ def model_shape(path: Path) -> dict[str, Any]:
         "max_position_embeddings": cfg.get("max_position_embeddings"),
         "vocab_size": cfg["vocab_size"],
     }
+
+
+def model_sizes(path: Path, dtype: str) -> dict[str, int]:
+    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token."""
+    from safetensors import safe_open
+
+    numel = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                n = 1
+                for dim in f.get_slice(name).get_shape():
+                    n *= dim
+                numel += n
+    itemsize = 4 if dtype == "float32" else 2
+    s = model_shape(path)
+    return {
+        "model_params": numel,
+        "model_bytes": numel * itemsize,
+        "kv_bytes_per_token": 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * itemsize,
+    }

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,11 +22,11 @@ from sweep.benchmark import run_benchmark
 from sweep.config import ConfigError, validate
 from sweep.engine_cache import CacheEntry, EngineCache, engine_key
 from sweep.metrics import objective_candidates, roofline_efficiency
-from sweep.model import ModelSource, model_shape, resolve_model
+from sweep.model import ModelSource, model_shape, model_sizes, resolve_model
 from sweep.summary import summary_table
 from sweep.telemetry import device_bandwidth, environment
 from sweep.workload import Workload, make_workload
-from trackers import make_tracker
+from trackers import PARENT_RUN_ENV, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Prepared:
                 f"objective.metric={cfg.objective.metric!r} is not a recorded figure; "
                 f"choose one of: {', '.join(objective_candidates())}"
             )
+        BACKENDS[cfg.backend.name].check_installed()  # before the model is fetched or generated
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (
@@ -58,6 +60,9 @@ class Prepared:
         self.backend: Backend = BACKENDS[cfg.backend.name](cfg, self.model, self.device, self.dtype)
         self.backend.check(self.workload, self.shape["max_position_embeddings"])
         self.env = environment(self.device)
+        self.sizes = model_sizes(self.model.path, self.dtype)
+        gpu_memory = self.env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in self.env else None
+        self.backend.check_memory(self.sizes["model_bytes"], self.sizes["kv_bytes_per_token"], gpu_memory)
         self.key_inputs = {
             "model": self.model.identity,
             "backend": self.backend.name,
@@ -87,27 +92,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def model_figures(p: Prepared) -> dict[str, float]:
-    """Model bytes (parameters in the engine's dtype) and KV cache bytes per token, from the checkpoint files."""
-    from safetensors import safe_open
-
-    numel = 0
-    for file in p.model.path.glob("*.safetensors"):
-        with safe_open(file, framework="np") as f:
-            for name in f.keys():
-                n = 1
-                for dim in f.get_slice(name).get_shape():
-                    n *= dim
-                numel += n
-    itemsize = 4 if p.dtype == "float32" else 2
-    s = p.shape
-    return {
-        "model_params": numel,
-        "model_bytes": numel * itemsize,
-        "kv_bytes_per_token": 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * itemsize,
-    }
-
-
 def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
     """Run one configuration end to end; return the objective's value."""
     t_start = time.perf_counter()
@@ -121,6 +105,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         "gpu": p.env.get("gpu_name", "none"),
         "scenario": cfg.workload.scenario,
         "sweep.git_commit": p.env.get("sweep_git_commit"),
+        **cfg.tracker.tags,
     }
     with tracker.run(cfg.tracker.run_name, tags, parent_run_id) as rec:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -146,7 +131,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures = dict(result.figures)
         figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
         figures["engine_cache_hit"] = float(entry.hit)
-        figures.update(model_figures(p))
+        figures.update(p.sizes)
         if p.device == "cuda" and "tpot_ms_p50" in figures:
             mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)
             bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
@@ -162,6 +147,8 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         phases["phase_record_s"] = time.perf_counter() - t
         figures.update(phases)
         rec.log_metrics(figures)
+        if (out := job_output_dir()) is not None:  # a sweeper reads every figure of a job from here
+            (out / "figures.json").write_text(json.dumps(figures, indent=2))
         title = f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · batch {p.batch_size}"
         print(summary_table(title, figures))
     return figures[cfg.objective.metric]
@@ -198,19 +185,23 @@ def requests_csv(timings: list) -> str:
     return out.getvalue()
 
 
+def job_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
 def hydra_log_file() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+    out = job_output_dir()
+    return out / f"{HydraConfig.get().job.name}.log" if out else None
 
 
 def main(cfg: DictConfig) -> float:
     """The Hydra task: a config error prints its message and exits 2, with nothing built or recorded."""
     try:
-        return execute(cfg)
+        return execute(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)

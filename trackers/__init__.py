@@ -5,6 +5,9 @@ from typing import Any
 
 from trackers.base import TrackedRun, Tracker
 
+# Set by the multirun callback (trackers/hydra_callback.py): every job of a sweep becomes a child of this run.
+PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
+
 
 def make_tracker(tracker_cfg: Any) -> Tracker:
     if tracker_cfg.name == "none":
@@ -16,4 +19,4 @@ def make_tracker(tracker_cfg: Any) -> Tracker:
     return MLflowTracker(tracker_cfg.uri, tracker_cfg.experiment)
 
 
-__all__ = ["TrackedRun", "Tracker", "make_tracker"]
+__all__ = ["PARENT_RUN_ENV", "TrackedRun", "Tracker", "make_tracker"]

@@ -32,6 +32,10 @@ class Backend(ABC):
         self.dtype = dtype  # resolved: float32, float16 or bfloat16
 
     # -- before anything is built ---------------------------------------------------------------------------
+    @classmethod
+    def check_installed(cls) -> None:
+        """Raise ConfigError (with the install hint) when the backend's library is missing. Must be cheap."""
+
     def check(self, workload: Workload, max_position_embeddings: int | None) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
         e = self.cfg.engine
@@ -52,6 +56,23 @@ class Backend(ABC):
                     f"engine.max_seq_len={e.max_seq_len} is longer than the model supports "
                     f"(max_position_embeddings={max_position_embeddings})"
                 )
+
+    def memory_estimate_bytes(self, model_bytes: int, kv_bytes_per_token: int) -> int:
+        """Device memory the engine needs at its limits: weights plus a full KV cache for every slot."""
+        e = self.cfg.engine
+        return model_bytes + e.max_batch_size * e.max_seq_len * kv_bytes_per_token
+
+    def check_memory(self, model_bytes: int, kv_bytes_per_token: int, gpu_memory_bytes: float | None) -> None:
+        if gpu_memory_bytes is None:
+            return
+        need = self.memory_estimate_bytes(model_bytes, kv_bytes_per_token)
+        if need > gpu_memory_bytes:
+            e = self.cfg.engine
+            raise ConfigError(
+                f"engine.max_batch_size={e.max_batch_size} x engine.max_seq_len={e.max_seq_len} needs about "
+                f"{need / 1e9:.1f} GB (weights + KV cache) by the {self.name} backend's estimate, more than the "
+                f"GPU's {gpu_memory_bytes / 1e9:.1f} GB; lower either"
+            )
 
     def ignored_options(self) -> list[str]:
         return [k for k in self.cfg.engine if k not in self.honoured_options]

@@ -1,0 +1,513 @@
+"""backend=trt without TensorRT-LLM: the option mapping (against names read from tensorrt-llm 1.2's source, kept in
+tests/fixtures/trtllm_1_2_fields.json), the trtllm-build command line, the cache key, and the clean failure when the
+package is missing. Nothing here runs TensorRT-LLM; tests that stand in for parts of it say so.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sweep.backends import BACKENDS
+from sweep.backends import trt
+from sweep.config import ConfigError, EngineConfig
+from sweep.engine_cache import engine_key
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = json.loads((REPO / "tests" / "fixtures" / "trtllm_1_2_fields.json").read_text())
+
+ENGINE = {  # EngineConfig's defaults, dtype resolved as Prepared does on a GPU
+    "dtype": "bfloat16",
+    "max_batch_size": 8,
+    "max_input_len": 1024,
+    "max_seq_len": 2048,
+    "max_num_tokens": 8192,
+    "gemm_plugin": "auto",
+    "gpt_attention_plugin": "auto",
+    "context_fmha": True,
+    "paged_kv_cache": True,
+    "tokens_per_block": 32,
+}
+
+
+def flag_pairs(argv: list[str]) -> dict[str, str]:
+    assert argv[0] == "trtllm-build"
+    rest = argv[1:]
+    assert len(rest) % 2 == 0, rest  # every flag sweep writes takes one value
+    return dict(zip(rest[::2], rest[1::2]))
+
+
+# -- the option mapping against the 1.2 source ---------------------------------------------------------------------
+
+
+def test_every_honoured_option_is_an_engine_option():
+    engine_fields = {f.name for f in fields(EngineConfig)}
+    assert set(trt.TRTBackend.honoured_options) <= engine_fields
+    assert set(trt.TRTBackend.honoured_options) == set(ENGINE)
+
+
+def test_build_config_kwargs_are_buildconfig_fields():
+    kwargs = trt.build_config_kwargs(ENGINE)
+    assert kwargs == {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048, "max_num_tokens": 8192}
+    assert set(kwargs) <= set(FIXTURE["build_config_fields"])
+
+
+def test_plugin_config_kwargs_are_pluginconfig_fields():
+    kwargs = trt.plugin_config_kwargs(ENGINE)
+    assert kwargs == {
+        "gemm_plugin": "auto",
+        "gpt_attention_plugin": "auto",
+        "context_fmha": True,
+        "paged_kv_cache": True,
+        "tokens_per_block": 32,
+    }
+    assert set(kwargs) <= set(FIXTURE["plugin_config_fields"])
+
+
+def test_disable_maps_to_none_as_pluginconfig_spells_it():
+    kwargs = trt.plugin_config_kwargs({**ENGINE, "gemm_plugin": "disable", "gpt_attention_plugin": "float16"})
+    assert kwargs["gemm_plugin"] is None
+    assert kwargs["gpt_attention_plugin"] == "float16"
+
+
+def test_every_option_lands_somewhere():
+    # An honoured option that reached neither BuildConfig, PluginConfig nor the LLM call would be silently dropped.
+    targets = {m.option: m.target for m in trt.OPTION_MAP}
+    assert set(targets) == set(trt.TRTBackend.honoured_options)
+    assert set(targets.values()) <= {"build_config", "plugin_config", "llm"}
+    assert set(trt.mapped_kwargs(ENGINE, "llm")) <= set(FIXTURE["llm_kwargs"])
+
+
+def test_runtime_kwargs_are_fields_of_their_classes():
+    backend_cfg = SimpleNamespace(free_gpu_memory_fraction=0.8, enable_block_reuse=False, max_tokens_in_kv_cache=4096)
+    kv = trt.kv_cache_kwargs(backend_cfg)
+    assert kv == {"free_gpu_memory_fraction": 0.8, "enable_block_reuse": False, "max_tokens": 4096}
+    assert set(kv) <= set(FIXTURE["kv_cache_config_fields"])
+    sp = trt.sampling_kwargs(output_len=17, end_id=2, pad_id=0)
+    assert sp["max_tokens"] == 17 and sp["ignore_eos"] is True and sp["top_k"] == 1
+    assert set(sp) <= set(FIXTURE["sampling_params_fields"])
+
+
+def test_log_levels_are_trtllm_builds():
+    assert list(trt.LOG_LEVELS) == FIXTURE["trtllm_build_log_levels"]
+
+
+def test_reduce_fusion_architectures_are_the_builders():
+    assert list(trt.REDUCE_FUSION_ARCHITECTURES) == FIXTURE["reduce_fusion_architectures"]
+
+
+# -- field validation ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_field_gives_an_error_listing_the_valid_ones():
+    valid = ["context_fmha", "gemm_plugin", "tokens_per_block"]
+    with pytest.raises(ConfigError) as err:
+        trt.check_fields({"gemm_plugin": "auto", "paged_kv_cache": True}, valid, "PluginConfig", "1.2.9")
+    message = str(err.value)
+    assert "engine option(s) paged_kv_cache" in message
+    assert "PluginConfig field(s) paged_kv_cache" in message
+    assert "tensorrt_llm 1.2.9" in message
+    assert "context_fmha, gemm_plugin, tokens_per_block" in message
+
+
+def test_mapping_passes_validation_against_the_1_2_fields():
+    trt.check_fields(trt.build_config_kwargs(ENGINE), FIXTURE["build_config_fields"], "BuildConfig", "1.2")
+    trt.check_fields(trt.plugin_config_kwargs(ENGINE), FIXTURE["plugin_config_fields"], "PluginConfig", "1.2")
+
+
+def test_field_names_reads_dataclasses_and_pydantic_models():
+    # BuildConfig was a dataclass and became a pydantic model during 1.2; these two stand-ins are neither's real class.
+    from dataclasses import dataclass
+
+    from pydantic import BaseModel
+
+    @dataclass
+    class AsDataclass:
+        max_seq_len: int = 0
+        max_batch_size: int = 1
+
+    class AsPydantic(BaseModel):
+        max_seq_len: int = 0
+        max_batch_size: int = 1
+
+    assert trt.field_names(AsDataclass) == ["max_batch_size", "max_seq_len"]
+    assert trt.field_names(AsPydantic) == ["max_batch_size", "max_seq_len"]
+
+
+# -- the trtllm-build command line ----------------------------------------------------------------------------------
+
+
+def test_trtllm_build_command_uses_flags_from_the_source():
+    argv = trt.trtllm_build_argv(ENGINE, checkpoint_dir="/ckpt", output_dir="/engine")
+    flags = flag_pairs(argv)
+    assert set(flags) <= set(FIXTURE["trtllm_build_flags"])
+    assert flags == {
+        "--checkpoint_dir": "/ckpt",
+        "--output_dir": "/engine",
+        "--max_batch_size": "8",
+        "--max_input_len": "1024",
+        "--max_seq_len": "2048",
+        "--max_num_tokens": "8192",
+        "--gemm_plugin": "auto",
+        "--gpt_attention_plugin": "auto",
+        "--context_fmha": "enable",
+        "--kv_cache_type": "paged",
+        "--tokens_per_block": "32",
+    }
+
+
+def test_trtllm_build_values_are_allowed_choices():
+    choices = FIXTURE["plugin_flag_choices"]
+    for engine in (ENGINE, {**ENGINE, "gemm_plugin": "disable", "gpt_attention_plugin": "bfloat16",
+                            "context_fmha": False, "paged_kv_cache": False}):
+        flags = flag_pairs(trt.trtllm_build_argv(engine))
+        assert flags["--gemm_plugin"] in choices["gemm_plugin"]
+        assert flags["--gpt_attention_plugin"] in choices["gpt_attention_plugin"]
+        assert flags["--context_fmha"] in choices["switch"]
+        assert flags["--kv_cache_type"] in FIXTURE["kv_cache_type_choices"]
+
+
+def test_trtllm_build_always_sets_max_seq_len():
+    # Left out, trtllm-build deduces max_seq_len from max_position_embeddings: a different engine.
+    for max_seq_len in (64, 2048, 32768):
+        flags = flag_pairs(trt.trtllm_build_argv({**ENGINE, "max_seq_len": max_seq_len}))
+        assert flags["--max_seq_len"] == str(max_seq_len)
+
+
+def test_contiguous_kv_cache_and_disabled_switches():
+    flags = flag_pairs(trt.trtllm_build_argv({**ENGINE, "paged_kv_cache": False, "context_fmha": False}))
+    assert flags["--kv_cache_type"] == "continuous"
+    assert flags["--context_fmha"] == "disable"
+
+
+# -- silent overrides -----------------------------------------------------------------------------------------------
+
+
+def overrides(build_changes=None, plugin_changes=None, architecture="Qwen2ForCausalLM", tp_size=1):
+    engine = {**ENGINE, **(build_changes or {})}
+    plugin = {**trt.plugin_config_kwargs(engine), **(plugin_changes or {})}
+    return trt.predicted_overrides(
+        trt.build_config_kwargs(engine), plugin, FIXTURE["plugin_config_defaults"], architecture, tp_size
+    )
+
+
+def test_reduce_fusion_is_forced_off_for_qwen_even_with_tensor_parallelism():
+    notes = overrides(plugin_changes={"reduce_fusion": True}, tp_size=2)
+    assert any("reduce_fusion is forced off" in n and "Qwen2ForCausalLM" in n for n in notes)
+
+
+def test_reduce_fusion_survives_for_llama_with_tensor_parallelism_only():
+    assert not any("reduce_fusion" in n for n in overrides(plugin_changes={"reduce_fusion": True},
+                                                           architecture="LlamaForCausalLM", tp_size=2))
+    assert any("reduce_fusion is forced off" in n for n in overrides(plugin_changes={"reduce_fusion": True},
+                                                                     architecture="LlamaForCausalLM", tp_size=1))
+
+
+def test_user_buffer_follows_reduce_fusion():
+    notes = overrides(plugin_changes={"reduce_fusion": True, "user_buffer": True})
+    assert any("user_buffer is forced off" in n for n in notes)
+
+
+def test_max_num_tokens_is_clamped_to_batch_times_seq_len():
+    notes = overrides({"max_batch_size": 1, "max_seq_len": 2048, "max_num_tokens": 8192})
+    assert "max_num_tokens=8192 is changed to 2048 by the builder" in notes
+
+
+def test_max_num_tokens_below_a_block_is_raised_to_a_block():
+    engine = {**ENGINE, "max_num_tokens": 16, "tokens_per_block": 64}
+    plugin = {**FIXTURE["plugin_config_defaults"], **trt.plugin_config_kwargs(engine)}
+    assert trt.effective_max_num_tokens(trt.build_config_kwargs(engine), plugin) == 64
+
+
+def test_max_input_len_is_ignored_with_padding_removal_and_fmha():
+    assert any("ignores max_input_len" in n for n in overrides())
+    assert not any("ignores max_input_len" in n for n in overrides({"context_fmha": False}))
+
+
+def test_max_input_len_above_max_seq_len_is_clipped():
+    notes = overrides({"max_input_len": 4096, "max_seq_len": 2048, "max_num_tokens": 8192})
+    assert "max_input_len=4096 is clipped to max_seq_len=2048 by the builder" in notes
+
+
+def test_disabling_context_fmha_disables_paged_context_fmha():
+    notes = overrides({"context_fmha": False})
+    assert any("use_paged_context_fmha" in n for n in notes)
+
+
+def test_no_length_override_for_consistent_options():
+    notes = overrides({"max_batch_size": 8, "max_seq_len": 2048, "max_num_tokens": 8192})
+    assert not any("max_num_tokens" in n or "clipped" in n for n in notes)
+
+
+# -- versions and the cache key -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.2.0", "1.2.1", "1.2.0rc2", "1.2.0.post1"])
+def test_supported_versions(version):
+    trt.check_supported_version(version)
+
+
+@pytest.mark.parametrize("version", ["1.1.0", "1.3.0rc1", "1.20.0", "0.21.0", "2.0.0"])
+def test_unsupported_versions_are_refused(version):
+    with pytest.raises(ConfigError, match=rf"supports tensorrt-llm 1\.2\.x only.*found tensorrt-llm {version}"):
+        trt.check_supported_version(version)
+
+
+def test_missing_package_gives_the_install_hint():
+    with pytest.raises(ConfigError, match=r"pip install 'tensorrt-llm==1\.2\.\*' --extra-index-url https://pypi\.nvidia\.com"):
+        trt.check_supported_version(None)
+
+
+def key_inputs(libraries):
+    """Shaped as sweep.run.Prepared builds them; only the libraries differ between the keys compared."""
+    return {
+        "model": {"hub_id": "Qwen/Qwen2.5-7B-Instruct", "revision": "a09a35458c702b33eeacc393d103063234e8bc28"},
+        "backend": "trt",
+        "libraries": libraries,
+        "options": {k: v for k, v in ENGINE.items() if k != "dtype"},
+        "dtype": "bfloat16",
+        "gpu": {"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_compute_capability": "9.0"},
+    }
+
+
+def test_cache_key_changes_with_tensorrt_llm_version_and_sm():
+    base = engine_key(key_inputs(trt.cache_key_libraries("1.2.0", "90", "10.13.3.9")))
+    assert base == engine_key(key_inputs(trt.cache_key_libraries("1.2.0", "90", "10.13.3.9")))
+    assert base != engine_key(key_inputs(trt.cache_key_libraries("1.2.1", "90", "10.13.3.9")))
+    assert base != engine_key(key_inputs(trt.cache_key_libraries("1.2.0", "89", "10.13.3.9")))
+    assert base != engine_key(key_inputs(trt.cache_key_libraries("1.2.0", "90", "10.14.1.48")))
+
+
+def test_library_versions_reads_the_installed_packages(monkeypatch):
+    # Fakes: a stand-in tensorrt_llm module and GPU capability; the real ones cannot be installed here.
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(__version__="1.2.1"))
+    monkeypatch.setattr(trt, "gpu_sm", lambda: "100")
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: None)
+    backend = trt.TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
+    assert backend.library_versions() == {"tensorrt_llm": "1.2.1", "gpu_sm": "100"}
+
+
+def test_check_refuses_an_unsupported_installed_version(monkeypatch):
+    # Fake: pretend tensorrt-llm 1.3.0 is installed (only its reported version; nothing is imported).
+    monkeypatch.setattr(trt, "installed_version", lambda: "1.3.0")
+    backend = trt.TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="found tensorrt-llm 1.3.0"):
+        backend.check(workload=None, max_position_embeddings=None)
+
+
+# -- streaming timestamps ---------------------------------------------------------------------------------------------
+
+
+def test_collect_stream_timestamps_each_new_token():
+    # Fake: an async iterator shaped like a streamed RequestOutput (outputs[0].token_ids grows with each response).
+    async def fake_stream():
+        for ids in ([5], [5, 9], [5, 9, 7, 3]):
+            await asyncio.sleep(0.01)
+            yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))])
+
+    gen = asyncio.run(trt.collect_stream(fake_stream()))
+    assert gen.token_ids == [5, 9, 7, 3]
+    assert len(gen.token_times) == 4
+    assert gen.token_times[0] < gen.token_times[1] < gen.token_times[2]
+    assert gen.token_times[2] == gen.token_times[3]  # two tokens in one response reached the host together
+
+
+# -- config and the CLI -------------------------------------------------------------------------------------------------
+
+
+def test_trt_is_registered_and_composes():
+    from hydra import compose, initialize_config_dir
+
+    from sweep.config import register_configs
+
+    assert BACKENDS["trt"] is trt.TRTBackend
+    register_configs()  # what `python -m sweep` does on import: puts trt_schema in Hydra's ConfigStore
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["backend=trt", "backend.free_gpu_memory_fraction=0.5"])
+    assert cfg.backend.name == "trt"
+    assert cfg.backend.free_gpu_memory_fraction == 0.5
+    assert cfg.backend.enable_block_reuse is False
+    ignored = [k for k in cfg.engine if k not in trt.TRTBackend.honoured_options]
+    assert sorted(ignored) == ["attn_implementation", "compile_mode", "cuda_graphs"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm is installed here")
+def test_cli_without_tensorrt_llm_fails_before_recording_anything(tmp_path):
+    db = tmp_path / "mlflow.db"
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweep", "backend=trt", f"tracker.uri=sqlite:///{db}", f"cache_dir={cache}",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "needs tensorrt-llm 1.2.x, which is not installed" in output
+    assert "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvidia.com" in output
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiment_ids) == []
+
+    # Nothing at all in the cache: the install check runs before the model is even generated.
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+# -- the glue around the LLM API, with a stand-in tensorrt_llm ---------------------------------------------------------
+
+
+class FakeLLM:
+    """Fake: records what sweep passes to tensorrt_llm._tensorrt_engine.LLM and streams made-up tokens."""
+
+    instances: list["FakeLLM"] = []
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs, self.shut_down = model, kwargs, False
+        self.in_flight = self.max_in_flight = 0
+        FakeLLM.instances.append(self)
+        # build() must capture both into build.log: Python prints, and C++ or MPI workers writing to fd 2.
+        print("fake builder output on stdout")
+        os.write(2, b"fake native output on fd 2\n")
+
+    def save(self, engine_dir):
+        Path(engine_dir, "config.json").write_text("{}")
+        Path(engine_dir, "rank0.engine").write_bytes(b"\0")
+
+    def shutdown(self):
+        self.shut_down = True
+
+    def generate_async(self, token_ids, sampling_params, streaming):
+        assert streaming and sampling_params.kwargs["ignore_eos"]
+        asyncio.get_running_loop()  # sweep must call this inside an event loop, as the streaming API expects
+        return self.stream(sampling_params.kwargs["max_tokens"])
+
+    async def stream(self, n):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        ids = []
+        for i in range(n):
+            await asyncio.sleep(0.001)
+            ids.append(i)
+            yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))])
+        self.in_flight -= 1
+
+
+class Recorder:
+    """Fake config class: keeps its keyword arguments."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def install_fake_tensorrt_llm(monkeypatch):
+    # Fakes: every tensorrt_llm module the backend imports, with only what it touches.
+    from pydantic import BaseModel
+
+    class BuildConfig(BaseModel):
+        max_batch_size: int = 2048
+        max_input_len: int = 1024
+        max_seq_len: int | None = None
+        max_num_tokens: int = 8192
+        plugin_config: object = None
+
+    class PluginConfig(BaseModel):
+        gemm_plugin: str | None = None
+        gpt_attention_plugin: str | None = "auto"
+        context_fmha: bool = True
+        paged_kv_cache: bool | None = None
+        tokens_per_block: int = 32
+        remove_input_padding: bool = True
+        use_paged_context_fmha: bool = True
+        use_fp8_context_fmha: bool = True
+        reduce_fusion: bool = False
+        user_buffer: bool = False
+        norm_quant_fusion: bool = False
+
+    modules = {
+        "tensorrt_llm": SimpleNamespace(__version__="1.2.1"),
+        "tensorrt_llm._tensorrt_engine": SimpleNamespace(LLM=FakeLLM),
+        "tensorrt_llm.builder": SimpleNamespace(BuildConfig=BuildConfig),
+        "tensorrt_llm.plugin": SimpleNamespace(PluginConfig=PluginConfig),
+        "tensorrt_llm.llmapi.llm_args": SimpleNamespace(KvCacheConfig=Recorder),
+        "tensorrt_llm.sampling_params": SimpleNamespace(SamplingParams=Recorder),
+        "tensorrt_llm.logger": SimpleNamespace(logger=SimpleNamespace(set_level=lambda level: None)),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(trt, "installed_version", lambda: "1.2.1")
+    monkeypatch.setattr(trt, "gpu_sm", lambda: "90")
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path: SimpleNamespace(eos_token_id=2, pad_token_id=None))
+
+
+def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from sweep.model import ModelSource
+    from sweep.workload import Request, Workload
+
+    install_fake_tensorrt_llm(monkeypatch)
+    FakeLLM.instances.clear()
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    cfg = OmegaConf.create({
+        "engine": {**{f.name: f.default for f in fields(EngineConfig)}, "max_batch_size": 4},
+        "backend": {f.name: f.default for f in fields(trt.TRTBackendConfig)},
+    })
+    backend = trt.TRTBackend(cfg, ModelSource("fake", model_dir, {}), device="cuda", dtype="bfloat16")
+    requests = [Request(f"r{i}", [1, 2, 3], output_len=5 + i) for i in range(6)]
+    backend.check(Workload(warmup=[], measured=requests), max_position_embeddings=4096)
+    assert not any("max_num_tokens" in w for w in backend.warnings)  # 4 * 2048 = 8192: nothing to clamp
+    assert any("use_fp8_context_fmha" in w for w in backend.warnings)
+
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    manifest = backend.build(engine_dir)
+    built = FakeLLM.instances[-1]
+    assert built.model == str(model_dir) and built.kwargs["dtype"] == "bfloat16" and built.shut_down
+    assert built.kwargs["build_config"].max_seq_len == 2048
+    assert built.kwargs["build_config"].plugin_config.paged_kv_cache is True
+    build_log = (engine_dir / "build.log").read_text()
+    assert "fake builder output on stdout" in build_log and "fake native output on fd 2" in build_log
+    assert manifest["trtllm_build_command"].startswith("trtllm-build --checkpoint_dir")
+    assert "--max_seq_len 2048" in manifest["trtllm_build_command"]
+    assert manifest["warnings"] == backend.warnings
+    assert {"config.json", "rank0.engine", "build.log"} <= set(manifest["engine_files"])
+
+    backend.load(engine_dir)
+    loaded = FakeLLM.instances[-1]
+    assert loaded.model == str(engine_dir)
+    assert loaded.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": False}
+
+    timings = backend.serve(requests, batch_size=2, iteration=0)
+    assert [len(t.token_times) for t in timings] == [r.output_len for r in requests]
+    assert len({t.arrival for t in timings}) == 1  # all arrive at t0
+    assert loaded.max_in_flight == 2  # no more than batch_size requests in flight
+    (single,) = backend.generate([requests[0]])
+    assert single.token_ids == list(range(5))
+    backend.close()
+    assert loaded.shut_down
+
+
+def test_memory_estimate_does_not_reserve_kv_for_every_slot():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"engine": {"max_batch_size": 256, "max_seq_len": 4096}})
+    backend = trt.TRTBackend(cfg, model=None, device="cuda", dtype="bfloat16")
+    assert backend.memory_estimate_bytes(model_bytes=15_000_000_000, kv_bytes_per_token=57_344) == (
+        15_000_000_000 + 4096 * 57_344
+    )

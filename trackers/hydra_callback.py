@@ -1,0 +1,60 @@
+"""A Hydra callback that groups every multirun (a grid or a search) under one MLflow parent run.
+
+The parent's id travels to the jobs in $SWEEP_PARENT_RUN_ID, which launchers pass on to their workers.
+A sweeper (hydra_plugins/sweep_optuna_sweeper) finds the parent the same way and logs the study into it.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from trackers import PARENT_RUN_ENV, make_tracker
+
+log = logging.getLogger(__name__)
+
+
+class ParentRunCallback(Callback):
+    def __init__(self) -> None:
+        self.run: Any = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
+            return  # nothing to record, or an outer sweep already owns the parent
+        overrides = list(config.hydra.overrides.task)
+        tags = {"sweep.kind": "multirun", "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1]}
+        self.run = make_tracker(config.tracker).start_run(config.tracker.run_name or "sweep", tags)
+        self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
+        self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
+        os.environ[PARENT_RUN_ENV] = self.run.run_id
+        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
+        atexit.register(self._end, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run is not None:
+            self._report(config)
+        self._end("FINISHED")
+
+    def _report(self, config: DictConfig) -> None:
+        """The comparison report (sweep/report.py), logged to the parent so the UI shows it beside the runs."""
+        from pathlib import Path
+
+        from sweep.report import ReportError, build_report
+        from trackers.mlflow_tracker import default_uri
+
+        try:
+            build_report(config.tracker.uri or default_uri(), config.tracker.experiment,
+                         Path(config.hydra.sweep.dir) / "report", parent_id=self.run.run_id,
+                         objective=config.objective.metric, direction=config.objective.direction)
+        except ReportError as exc:  # e.g. every job failed: the sweep's own status says so
+            log.warning("no report for this sweep: %s", exc)
+
+    def _end(self, status: str) -> None:
+        if self.run is not None:
+            self.run.end(status)
+            os.environ.pop(PARENT_RUN_ENV, None)
+            self.run = None
