@@ -132,6 +132,7 @@ def _at_least(key: str, value: Any, minimum: float) -> None:
 def validate(cfg: Any) -> None:
     """Check value ranges and choices that the types alone do not express."""
     from sweep.backends import BACKENDS
+    from sweep.metrics import objective_candidates
 
     m, e, w = cfg.model, cfg.engine, cfg.workload
     if not (m.path or m.hub_id or m.generate):
@@ -160,5 +161,6 @@ def validate(cfg: Any) -> None:
             raise ConfigError(
                 f"workload.batch_size={w.batch_size} is not allowed; it must be <= engine.max_batch_size={e.max_batch_size}"
             )
+    _choice("objective.metric", cfg.objective.metric, tuple(objective_candidates()))
     _choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     _choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))

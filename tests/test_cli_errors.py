@@ -17,7 +17,7 @@ CASES = [
     (["engine.max_seq_len=48"], "engine.max_seq_len=48 cannot hold the workload's longest input + output (64 tokens)"),
     (["engine.max_seq_len=8192"], "engine.max_seq_len=8192 is longer than the model supports"),
     (["workload=throughput", "workload.batch_size=4"], "workload.batch_size=4 is not allowed; it must be <= engine.max_batch_size=1"),
-    (["objective.metric=speed"], "objective.metric='speed' is not a recorded figure; choose one of: output_throughput_tok_s"),
+    (["objective.metric=speed"], "objective.metric='speed' is not allowed; choose one of: output_throughput_tok_s"),
     (["model.hub_id=Qwen/Qwen2.5-0.5B-Instruct"], "the hub cannot be reached and Qwen/Qwen2.5-0.5B-Instruct@None is not in the local"),
 ]
 

@@ -112,3 +112,14 @@ def test_dataset_workload_runs_with_variable_lengths(tmp_path):
     assert run.info.status == "FINISHED"
     assert value == pytest.approx(run.data.metrics["output_throughput_tok_s"])
     assert run.data.metrics["output_tokens"] == 3 + 4 + 5
+
+
+def test_a_local_checkpoint_goes_through_the_same_loading_path(tmp_path, tiny_checkpoint):
+    from sweep.run import execute
+
+    execute(compose_config(tmp_path, f"model.path={tiny_checkpoint}", "workload.num_requests=1"))
+    (run,) = mlflow_runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["model"] == tiny_checkpoint.name
+    manifest = json.loads((next((tmp_path / "engines_cache" / "hf").glob("*/manifest.json"))).read_text())
+    assert manifest["key_inputs"]["model"]["path"] == str(tiny_checkpoint)
+    assert len(manifest["key_inputs"]["model"]["weights_sha256"]) == 64

@@ -142,3 +142,22 @@ def test_grid_multirun_is_grouped_under_a_parent(tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "multirun"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and parent.info.status == "FINISHED"
+
+
+def test_two_objectives_give_a_pareto_front(tmp_path):
+    result = run_sweep(
+        tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.study_name=pareto", f"hydra.sweeper.best_config_dir={tmp_path}", *QUICK,
+        "+hydra.sweeper.objectives.output_throughput_tok_s=maximize",
+        "+hydra.sweeper.objectives.e2e_latency_ms_p99=minimize",
+        "engine.max_batch_size=choice(1,2)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    (parent,) = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("sweep.kind") == "optuna"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"best.output_throughput_tok_s", "best.e2e_latency_ms_p99"} <= set(parent.data.metrics)
