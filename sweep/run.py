@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
     """Run one configuration end to end; return the objective's value."""
     t_start = time.perf_counter()
-    p = Prepared(cfg)
+    # Importing mlflow and opening its store takes seconds: do it beside the model preparation, not after it.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tracker_ready = pool.submit(make_tracker, cfg.tracker)
+        p = Prepared(cfg)
+        tracker = tracker_ready.result()
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
-    tracker = make_tracker(cfg.tracker)
     tags = {
         "backend": p.backend.name,
         "model": p.model.name,
