@@ -120,6 +120,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         log.info("loading %s on %s (%s)", p.model.name, p.device, p.dtype)
         p.backend.load(entry.path)
         phases["phase_load_s"] = time.perf_counter() - t
+        engine_figures = p.backend.engine_figures()
         try:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size)
@@ -130,6 +131,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures = dict(result.figures)
         figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
         figures["engine_cache_hit"] = float(entry.hit)
+        figures.update(engine_figures)
         figures.update(p.sizes)
         if p.device == "cuda" and "tpot_ms_p50" in figures:
             mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)

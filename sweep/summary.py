@@ -7,6 +7,7 @@ SCALAR_ROWS = (
     ("total token throughput", "total_token_throughput_tok_s", "tok/s"),
     ("request throughput", "request_throughput_req_s", "req/s"),
     ("build time", "build_time_s", "s"),
+    ("compile + warm-up", "compile_and_warmup_s", "s"),
     ("GPU utilisation (mean)", "gpu_util_pct_mean", "%"),
     ("peak GPU memory (NVML)", "gpu_peak_memory_gb", "GB"),
     ("torch max allocated", "torch_max_allocated_gb", "GB"),

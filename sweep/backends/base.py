@@ -105,5 +105,9 @@ class Backend(ABC):
                 timings.append(RequestTiming(req.id, req.input_len, req.output_len, t0, gen.token_times, iteration))
         return timings
 
+    def engine_figures(self) -> dict[str, float]:
+        """Figures of the engine itself (e.g. compile time, which a cache hit still pays in part), as metrics."""
+        return {}
+
     def close(self) -> None:
         """Release device memory and workers."""
