@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +90,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
     """Run one configuration end to end; return the objective's value."""
     t_start = time.perf_counter()
-    # Importing mlflow and opening its store takes seconds: do it beside the model preparation, not after it.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tracker_ready = pool.submit(make_tracker, cfg.tracker)
-        p = Prepared(cfg)
-        tracker = tracker_ready.result()
+    p = Prepared(cfg)
+    tracker = make_tracker(cfg.tracker)
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
     tags = {
         "backend": p.backend.name,
