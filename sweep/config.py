@@ -109,10 +109,8 @@ class SweepConfig:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="workload", name="workload_schema", node=WorkloadConfig)
-    cs.store(group="tracker", name="tracker_schema", node=TrackerConfig)
+    cs.store(name="sweep_schema", node=SweepConfig)  # types model, engine, workload, tracker and objective
+    # The backend node's type depends on the backend chosen: each backend YAML pulls in its own schema.
     from sweep.backends import BACKENDS
 
     for name, backend_cls in BACKENDS.items():
