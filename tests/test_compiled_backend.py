@@ -70,6 +70,8 @@ def test_greedy_tokens_equal_hf_on_a_padded_batch(tiny_checkpoint, tmp_path, att
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled, entry = start(CompiledBackend, cfg, tmp_path)
     try:
+        layer = compiled.state.model.model.layers[0]
+        assert hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")  # the fused projections ran
         assert [g.token_ids for g in compiled.generate(requests)] == [g.token_ids for g in hf.generate(requests)]
         for req in requests:  # one request at a time through the same four-row engine
             assert compiled.generate([req])[0].token_ids == hf.generate([req])[0].token_ids
