@@ -123,3 +123,39 @@ def test_a_local_checkpoint_goes_through_the_same_loading_path(tmp_path, tiny_ch
     manifest = json.loads((next((tmp_path / "engines_cache" / "hf").glob("*/manifest.json"))).read_text())
     assert manifest["key_inputs"]["model"]["path"] == str(tiny_checkpoint)
     assert len(manifest["key_inputs"]["model"]["weights_sha256"]) == 64
+
+
+def test_runs_go_to_a_real_tracking_server(tmp_path):
+    """tracker.uri pointing at a real `mlflow server` (started here, on loopback), artifacts proxied by it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        result = run_sweep(tmp_path, f"tracker.uri={url}", "workload.iterations=1", "workload.num_requests=1")
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(tracking_uri=url)
+        (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+        assert run.info.status == "FINISHED" and "output_throughput_tok_s" in run.data.metrics
+        assert "results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert not (tmp_path / "mlruns").exists()  # nothing went to the embedded store
+    finally:
+        server.terminate()
+        server.wait(30)
