@@ -7,6 +7,7 @@ Three sources, one loading path (`from_pretrained` on a directory):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -87,15 +88,29 @@ def download_from_hub(hub_id: str, revision: str | None) -> Path:
     return Path(path)
 
 
+def weights_files(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """config.json and every weight file, as (name, size, mtime_ns), in name order."""
+    return tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(path.iterdir())
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin")
+    )
+
+
 def weights_digest(path: Path) -> str:
-    """sha256 over config.json and every weight file, in name order."""
+    """sha256 over config.json and every weight file. A sweep resolves the same checkpoint for every trial:
+    the digest is computed once per process for files unchanged since (same sizes and modification times)."""
+    return _digest(path, weights_files(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
-            digest.update(file.name.encode())
-            with open(file, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    digest.update(chunk)
+    for name, _, _ in files:
+        digest.update(name.encode())
+        with open(path / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
