@@ -120,6 +120,11 @@ def override_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value) else str(value)
 
 
+def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
+    """The command-line overrides of one point of the space: the fixed ones, then the sampled values."""
+    return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
+
+
 # -- the sweeper ----------------------------------------------------------------------------------------------
 class OptunaSearch:
     def __init__(self, sampler, seed, n_trials, n_jobs, study_name, storage, objectives, constraints,
@@ -143,7 +148,7 @@ class OptunaSearch:
         )
 
     # -- set-up of the study --------------------------------------------------------------------------------
-    def make_sampler(self, space: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler:
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
         if self.sampler_name in ("random", "grid"):  # grid: the points are enqueued, see enqueue_grid
             return optuna.samplers.RandomSampler(seed=self.seed)
         if self.sampler_name == "gp":
@@ -156,7 +161,7 @@ class OptunaSearch:
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             storage=storage,
-            sampler=self.make_sampler(space),
+            sampler=self.make_sampler(),
             study_name=self.study_name or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
             directions=list(self.objectives.values()),
             load_if_exists=True,
@@ -193,8 +198,8 @@ class OptunaSearch:
             batch = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
             runnable = []
             for trial in batch:
-                trial_overrides = fixed + [f"{k}={override_value(v)}" for k, v in trial.params.items()]
-                trial_overrides += [f"+tracker.tags.optuna_trial={trial.number}", f"+tracker.tags.optuna_study={study.study_name}"]
+                trial_overrides = overrides_for(fixed, trial.params) + [
+                    f"+tracker.tags.optuna_trial={trial.number}", f"+tracker.tags.optuna_study={study.study_name}"]
                 reason = self.infeasible(trial_overrides)
                 if reason:
                     log.info("trial %d pruned before building: %s", trial.number, reason)
@@ -211,7 +216,7 @@ class OptunaSearch:
                 self.tell(study, trial, ret)
             results.append(returns)
             self.check_failure_rate(study, n_trials)
-        parent.log_summary(self, study, space)
+        parent.log_summary(self, study)
         self.write_best_config(study, fixed, parent)
         return results
 
@@ -261,7 +266,7 @@ class OptunaSearch:
             log.warning("no feasible completed trial: no best config written")
             return
         trial = best[0]
-        overrides = fixed + [f"{k}={override_value(v)}" for k, v in trial.params.items()]
+        overrides = overrides_for(fixed, trial.params)
         composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         text = best_config_yaml(study.study_name, trial, dict(composed.hydra.runtime.choices), overrides)
         directory = Path(self.best_config_dir) if self.best_config_dir else Path(__file__).resolve().parents[2] / "conf" / "best"
@@ -355,12 +360,11 @@ class ParentRun:
         run.log_params(params)
         run.end("FINISHED")
 
-    def log_summary(self, search: OptunaSearch, study: optuna.Study, space: dict) -> None:
+    def log_summary(self, search: OptunaSearch, study: optuna.Study) -> None:
         if not self.run_id:
             return
-        table = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "constraints")
-                                       if len(study.directions) > 1 else
-                                       ("number", "state", "value", "params", "user_attrs", "constraints"))
+        value = "values" if len(study.directions) > 1 else "value"
+        table = study.trials_dataframe(attrs=("number", "state", value, "params", "user_attrs", "constraints"))
         self.run.log_text(table.to_csv(index=False), "trials.csv")
         best = best_trials(study)
         if best:
@@ -369,7 +373,7 @@ class ParentRun:
             self.run.log_params({f"best.{k}": v for k, v in best[0].params.items()} | {"best.trial": best[0].number})
         counts = {state.name: sum(t.state == state for t in study.trials) for state in TrialState}
         self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()})
-        for name, path in study_plots(study, search.objectives).items():
+        for path in study_plots(study, search.objectives).values():
             self.run.log_artifact(path, "plots")
 
 
