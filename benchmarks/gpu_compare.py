@@ -16,6 +16,7 @@ Steps, each printed and saved as it finishes (a run cut short keeps what it did)
 
 `--report A.json [B.json ...]` merges result files written by earlier calls and prints/writes the table only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,27 @@ log = logging.getLogger("gpu_compare")
 
 # Qwen2.5-7B-Instruct's architecture (../shared/gpu.md): 7.62e9 parameters, 15.23 GB in fp16.
 QWEN25_7B = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 # A small stand-in with the same structure, to rehearse this script on a CPU.
-SMALL = dict(QWEN25_7B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(
+    QWEN25_7B,
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 OSL = 128
 
 
@@ -58,8 +73,13 @@ def make_checkpoint(path: Path, shape: dict, device: str) -> Path:
 
     start = time.perf_counter()
     tokenizer = build_byte_tokenizer()
-    config = Qwen2Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="float16")
+    config = Qwen2Config(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float16",
+    )
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: a second on a GPU instead of minutes of CPU init
         model = Qwen2ForCausalLM(config).to(torch.float16)
@@ -75,30 +95,51 @@ def make_checkpoint(path: Path, shape: dict, device: str) -> Path:
 
 
 # -- 2. the sweep runs ----------------------------------------------------------------------------------------
-def compose(checkpoint: Path, work: Path, device: str, backend: str, batch: int, isl: int, requests: int,
-            iterations: int, extra: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def compose(
+    checkpoint: Path,
+    work: Path,
+    device: str,
+    backend: str,
+    batch: int,
+    isl: int,
+    requests: int,
+    iterations: int,
+    extra: list[str],
+):
+    from sweep.compose import compose as compose_config
 
-    from sweep.config import register_configs
-
-    register_configs()
     workload = (
         ["workload=latency", f"workload.num_requests={requests}", "workload.warmup_requests=1"]
-        if batch == 1 else
-        ["workload=throughput", f"workload.num_requests={requests * batch}", f"workload.warmup_requests={batch}",
-         f"workload.batch_size={batch}"]
+        if batch == 1
+        else [
+            "workload=throughput",
+            f"workload.num_requests={requests * batch}",
+            f"workload.warmup_requests={batch}",
+            f"workload.batch_size={batch}",
+        ]
     )
     overrides = [
-        "model=qwen2.5-7b", f"model.path={checkpoint}", "model.dtype=float16", f"backend={backend}",
-        f"device={device}", "engine.dtype=float16" if device == "cuda" else "engine.dtype=float32",
-        f"engine.max_batch_size={batch}", f"engine.max_seq_len={512 + OSL}", "engine.max_input_len=512",
-        *workload, f"workload.input_len={isl}", f"workload.output_len={OSL}", f"workload.iterations={iterations}",
-        f"cache_dir={work / 'engines_cache'}", "tracker=mlflow", f"tracker.uri=sqlite:///{work / 'mlruns' / 'mlflow.db'}",
-        "tracker.experiment=gpu_compare", f"tracker.run_name={backend}-b{batch}-isl{isl}", *extra,
+        "model=qwen2.5-7b",
+        f"model.path={checkpoint}",
+        "model.dtype=float16",
+        f"backend={backend}",
+        f"device={device}",
+        "engine.dtype=float16" if device == "cuda" else "engine.dtype=float32",
+        f"engine.max_batch_size={batch}",
+        f"engine.max_seq_len={512 + OSL}",
+        "engine.max_input_len=512",
+        *workload,
+        f"workload.input_len={isl}",
+        f"workload.output_len={OSL}",
+        f"workload.iterations={iterations}",
+        f"cache_dir={work / 'engines_cache'}",
+        "tracker=mlflow",
+        f"tracker.uri=sqlite:///{work / 'mlruns' / 'mlflow.db'}",
+        "tracker.experiment=gpu_compare",
+        f"tracker.run_name={backend}-b{batch}-isl{isl}",
+        *extra,
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def latest_run(work: Path, name: str, since: float) -> Any:
@@ -136,11 +177,17 @@ def sweep_run(cfg, work: Path) -> dict[str, Any]:
     free_device_memory()
     run = latest_run(work, cfg.tracker.run_name, started_at - 1)
     return {
-        "backend": cfg.backend.name, "batch": cfg.engine.max_batch_size, "isl": cfg.workload.input_len, "osl": OSL,
+        "backend": cfg.backend.name,
+        "batch": cfg.engine.max_batch_size,
+        "isl": cfg.workload.input_len,
+        "osl": OSL,
         "compile_mode": cfg.engine.compile_mode if cfg.backend.name == "compiled" else None,
-        "mlflow_run_id": run and run.info.run_id, "status": run.info.status if run else "NOT STARTED",
-        "error": error, "cache_hit": run and run.data.tags.get("engine.cache_hit"),
-        "wall_s": time.perf_counter() - start, "figures": dict(run.data.metrics) if run else {},
+        "mlflow_run_id": run and run.info.run_id,
+        "status": run.info.status if run else "NOT STARTED",
+        "error": error,
+        "cache_hit": run and run.data.tags.get("engine.cache_hit"),
+        "wall_s": time.perf_counter() - start,
+        "figures": dict(run.data.metrics) if run else {},
         "gpu": run.data.tags.get("gpu") if run else None,
     }
 
@@ -148,12 +195,10 @@ def sweep_run(cfg, work: Path) -> dict[str, Any]:
 # -- 3. decode alone: timing, profile, tokens against hf ------------------------------------------------------
 def start_backend(cfg):
     """Build-or-reuse and load a backend exactly as sweep.run.execute does, without benchmarking it."""
-    from sweep.run import Prepared
+    from sweep.plan import make_plan, start_engine
 
-    p = Prepared(cfg)
-    entry = p.cache.get_or_build(p.backend.name, p.key_inputs, p.backend.build)
-    p.backend.load(entry.path)
-    return p, entry
+    p = make_plan(cfg)
+    return p, start_engine(p).entry
 
 
 KERNEL_KINDS = (  # by kernel name; first match wins (cuDNN's SDPA kernels have sm90 in their names too)
@@ -179,7 +224,7 @@ def profile_decode(p, batch: int, isl: int, steps: int = 32) -> dict[str, Any]:
 
     backend, state = p.backend, p.backend.state
     with torch.inference_mode():
-        ids = torch.randint(0, p.shape["vocab_size"] - 4, (state.batch, isl), device=state.device)
+        ids = torch.randint(0, p.model.shape.vocab_size - 4, (state.batch, isl), device=state.device)
         state.pad_len.zero_()
         first = backend.run_prefill(ids)
         state.token.copy_(first[:, None])
@@ -197,7 +242,8 @@ def profile_decode(p, batch: int, isl: int, steps: int = 32) -> dict[str, Any]:
                 backend.run_decode()
             torch.cuda.synchronize()
     kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
     )
     result: dict[str, Any] = {"decode_step_ms": step_ms, "context": isl + steps // 2, "profiled_steps": 8}
@@ -227,7 +273,12 @@ def top_kernels(kernels: list, n: int = 8) -> list[dict[str, Any]]:
     total = sum(e - s for s, e, _ in kernels)
     ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:n]
     return [
-        {"kernel": name[:90], "calls_per_step": len(d) / 8, "us_per_step": sum(d) / 8, "share_pct": 100 * sum(d) / total}
+        {
+            "kernel": name[:90],
+            "calls_per_step": len(d) / 8,
+            "us_per_step": sum(d) / 8,
+            "share_pct": 100 * sum(d) / total,
+        }
         for name, d in ranked
     ]
 
@@ -237,8 +288,9 @@ def decode_roofline(p, batch: int, context: float, step_ms: float) -> dict[str, 
     from sweep.telemetry import device_bandwidth
 
     bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
-    fig = roofline_efficiency(p.sizes["model_bytes"], p.sizes["kv_bytes_per_token"], batch, context, bandwidth,
-                              step_ms / 1e3)
+    fig = roofline_efficiency(
+        p.sizes["model_bytes"], p.sizes["kv_bytes_per_token"], batch, context, bandwidth, step_ms / 1e3
+    )
     return {**fig, "decode_tok_s": batch / (step_ms / 1e3), "device_bandwidth_gb_s": bandwidth / 1e9}
 
 
@@ -253,8 +305,12 @@ def token_match(hf_rows: list[list[int]], rows: list[list[int]]) -> dict[str, fl
         prefix += n
         equal += sum(x == y for x, y in zip(a, b))
         total += len(a)
-    return {"sequences": len(hf_rows), "exact_sequence_pct": 100 * exact / len(hf_rows),
-            "prefix_match_pct": 100 * prefix / total, "position_match_pct": 100 * equal / total}
+    return {
+        "sequences": len(hf_rows),
+        "exact_sequence_pct": 100 * exact / len(hf_rows),
+        "prefix_match_pct": 100 * prefix / total,
+        "position_match_pct": 100 * equal / total,
+    }
 
 
 def decode_checks(args, checkpoint: Path, work: Path, batch: int, isl: int) -> dict[str, Any]:
@@ -362,8 +418,11 @@ def targets(results: dict[str, Any]) -> list[str]:
     checks = {c["batch"]: c.get("decode_only", {}) for c in results.get("decode_checks", [])}
     lines = ["", "| target (issue 4) | measured | met |", "| --- | --- | --- |"]
     for batch, goal in ((1, 0.80), (8, 0.75)):
-        effs = {k[2]: f["roofline_efficiency"] for k, f in runs.items()
-                if k[0] == "compiled" and k[1] == batch and "roofline_efficiency" in f}
+        effs = {
+            k[2]: f["roofline_efficiency"]
+            for k, f in runs.items()
+            if k[0] == "compiled" and k[1] == batch and "roofline_efficiency" in f
+        }
         if not effs:
             continue
         alone = checks.get(batch, {}).get("roofline_efficiency")
@@ -371,10 +430,15 @@ def targets(results: dict[str, Any]) -> list[str]:
         if alone is not None:
             measured += f"; decode alone: {100 * alone:.0f}%"
         met = min(effs.values()) >= goal and (alone is None or alone >= goal)
-        lines.append(f"| decode at batch {batch} >= {100 * goal:.0f}% of the bandwidth floor | {measured} "
-                     f"| {'yes' if met else 'no'} |")
-    speedups = {k[2]: f["output_throughput_tok_s"] / runs[("hf", 1, k[2])]["output_throughput_tok_s"]
-                for k, f in runs.items() if k[0] == "compiled" and k[1] == 1 and ("hf", 1, k[2]) in runs}
+        lines.append(
+            f"| decode at batch {batch} >= {100 * goal:.0f}% of the bandwidth floor | {measured} "
+            f"| {'yes' if met else 'no'} |"
+        )
+    speedups = {
+        k[2]: f["output_throughput_tok_s"] / runs[("hf", 1, k[2])]["output_throughput_tok_s"]
+        for k, f in runs.items()
+        if k[0] == "compiled" and k[1] == 1 and ("hf", 1, k[2]) in runs
+    }
     if speedups:
         measured = ", ".join(f"ISL {isl}: {x:.2f}×" for isl, x in sorted(speedups.items()))
         met = "yes" if min(speedups.values()) >= 4 else ("ISL 128 only" if speedups.get(128, 0) >= 4 else "no")
@@ -428,25 +492,33 @@ def main() -> None:
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(work / ("qwen2.5-7b-random-fp16" if not args.small else "small-random"),
-                                 SMALL if args.small else QWEN25_7B, args.device)
+    checkpoint = make_checkpoint(
+        work / ("qwen2.5-7b-random-fp16" if not args.small else "small-random"),
+        SMALL if args.small else QWEN25_7B,
+        args.device,
+    )
     results_file = work / "results.json"  # what earlier calls on this machine measured, merged into this one
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"runs": [], "decode_checks": []}
     for batch in args.batches:
         for isl in args.isl:
             for backend in args.backends:
-                if any((r["backend"], r["batch"], r["isl"], r["status"]) == (backend, batch, isl, "FINISHED")
-                       for r in results["runs"]):
+                if any(
+                    (r["backend"], r["batch"], r["isl"], r["status"]) == (backend, batch, isl, "FINISHED")
+                    for r in results["runs"]
+                ):
                     continue  # measured by an earlier call on this machine (same card, same checkpoint)
-                cfg = compose(checkpoint, work, args.device, backend, batch, isl, args.requests, args.iterations,
-                              args.extra)
+                cfg = compose(
+                    checkpoint, work, args.device, backend, batch, isl, args.requests, args.iterations, args.extra
+                )
                 log.info("=== %s batch %d ISL %d ===", backend, batch, isl)
                 run = sweep_run(cfg, work)
-                results["runs"] = [r for r in results["runs"]
-                                   if (r["backend"], r["batch"], r["isl"]) != (backend, batch, isl)] + [run]
+                results["runs"] = [
+                    r for r in results["runs"] if (r["backend"], r["batch"], r["isl"]) != (backend, batch, isl)
+                ] + [run]
                 results["gpu"] = run["gpu"] or results.get("gpu")
-                results["device_bandwidth_gb_s"] = run["figures"].get("device_bandwidth_gb_s",
-                                                                      results.get("device_bandwidth_gb_s"))
+                results["device_bandwidth_gb_s"] = run["figures"].get(
+                    "device_bandwidth_gb_s", results.get("device_bandwidth_gb_s")
+                )
                 results["compile_mode"] = cfg.engine.compile_mode
                 results_file.write_text(json.dumps(results, indent=2, default=str))
                 write_outputs(results, args.out, work)

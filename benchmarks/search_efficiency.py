@@ -8,6 +8,7 @@
 
     python benchmarks/search_efficiency.py [--seeds 5] [--workdir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,29 @@ SPACE = {
     "engine.attn_implementation": ["eager", "sdpa"],
     "engine.dtype": ["float32", "bfloat16"],
 }
-WORKLOAD = ["workload=throughput", "workload.num_requests=32", "workload.warmup_requests=2", "workload.iterations=1",
-            "workload.input_len=32", "workload.output_len=16", "engine.max_seq_len=64", "engine.max_input_len=32"]
+WORKLOAD = [
+    "workload=throughput",
+    "workload.num_requests=32",
+    "workload.warmup_requests=2",
+    "workload.iterations=1",
+    "workload.input_len=32",
+    "workload.output_len=16",
+    "engine.max_seq_len=64",
+    "engine.max_input_len=32",
+]
 
 
 def measure_grid(workdir: Path) -> dict[tuple, float]:
     sweeps = [f"{k}={','.join(map(str, v))}" for k, v in SPACE.items()]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run([sys.executable, "-m", "sweep", "-m", *WORKLOAD, *sweeps], cwd=workdir, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "sweep", "-m", *WORKLOAD, *sweeps],
+        cwd=workdir,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
@@ -77,8 +91,10 @@ def main() -> None:
     target = 0.95 * grid[best_key]
     within = sum(v >= target for v in grid.values())
     print(f"grid: {len(grid)} points measured in {workdir}")
-    print(f"best: {dict(zip(SPACE, best_key))} at {grid[best_key]:.1f} tok/s; target (95%) {target:.1f} tok/s; "
-          f"{within} of {len(grid)} points reach it\n")
+    print(
+        f"best: {dict(zip(SPACE, best_key))} at {grid[best_key]:.1f} tok/s; target (95%) {target:.1f} tok/s; "
+        f"{within} of {len(grid)} points reach it\n"
+    )
     cap = 4 * len(grid)
     rows = []
     for seed in range(args.seeds):

@@ -1,8 +1,9 @@
 """`python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
+
 import hydra
 from omegaconf import DictConfig
 
-from sweep.config import register_configs
+from sweep.compose import register_configs
 
 register_configs()
 

@@ -1,4 +1,5 @@
 """Benchmark: warm up, then run the workload `iterations` times under the NVML sampler, and compute the figures."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sweep.backends import Backend
+from sweep.backends.base import Backend
 from sweep.metrics import RequestTiming, benchmark_figures
 from sweep.telemetry import GPUSampler, host_peak_rss_gb, torch_memory_figures
 from sweep.workload import Request, Workload

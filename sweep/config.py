@@ -1,20 +1,15 @@
-"""Config schema: the dataclasses Hydra validates every composed config against.
+"""Config schema: the dataclasses Hydra validates every composed config against, and the allowed values.
 
-Type errors and unknown keys are caught by OmegaConf while Hydra composes (it names the key and the value).
-Value ranges and choices are checked by `validate`, before anything is loaded, built or recorded.
+The bottom layer: it imports nothing from sweep. Type errors and unknown keys are caught by OmegaConf while Hydra
+composes (it names the key and the value); ranges and choices are checked by sweep/validate.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
-
-class ConfigError(ValueError):
-    """A config value sweep cannot run with. The message names the key, the value and what is allowed."""
-
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -105,60 +100,3 @@ class SweepConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     device: str = "auto"
     cache_dir: str = "engines_cache"
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepConfig)  # types model, engine, workload, tracker and objective
-    # The backend node's type depends on the backend chosen: each backend YAML pulls in its own schema.
-    from sweep.backends import BACKENDS
-
-    for name, backend_cls in BACKENDS.items():
-        cs.store(group="backend", name=f"{name}_schema", node=backend_cls.config_class)
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def _at_least(key: str, value: Any, minimum: float) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
-
-
-def validate(cfg: Any) -> None:
-    """Check value ranges and choices that the types alone do not express."""
-    from sweep.backends import BACKENDS
-    from sweep.metrics import objective_candidates
-
-    m, e, w = cfg.model, cfg.engine, cfg.workload
-    if not (m.path or m.hub_id or m.generate):
-        raise ConfigError(f"model={m.name!r} has no source; set model.path, model.hub_id or model.generate")
-    if m.generate and not (m.path or m.hub_id):
-        _choice("model.generate", m.generate, ("tiny",))
-    _choice("model.dtype", m.dtype, DTYPES[1:])
-    _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
-    _choice("device", cfg.device, DEVICES)
-    _choice("engine.dtype", e.dtype, DTYPES)
-    _choice("engine.attn_implementation", e.attn_implementation, ATTN_IMPLEMENTATIONS)
-    _choice("engine.compile_mode", e.compile_mode, COMPILE_MODES)
-    _choice("engine.gemm_plugin", e.gemm_plugin, PLUGIN_DTYPES)
-    _choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
-    for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
-        _at_least(f"engine.{key}", e[key], 1)
-    _choice("workload.scenario", w.scenario, SCENARIOS)
-    _choice("workload.length_distribution", w.length_distribution, LENGTH_DISTRIBUTIONS)
-    for key in ("num_requests", "iterations", "input_len", "output_len"):
-        _at_least(f"workload.{key}", w[key], 1)
-    for key in ("warmup_requests", "input_len_std", "output_len_std"):
-        _at_least(f"workload.{key}", w[key], 0)
-    if w.batch_size is not None:
-        _at_least("workload.batch_size", w.batch_size, 1)
-        if w.batch_size > e.max_batch_size:
-            raise ConfigError(
-                f"workload.batch_size={w.batch_size} is not allowed; it must be <= engine.max_batch_size={e.max_batch_size}"
-            )
-    _choice("objective.metric", cfg.objective.metric, tuple(objective_candidates()))
-    _choice("objective.direction", cfg.objective.direction, DIRECTIONS)
-    _choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))

@@ -3,6 +3,7 @@
 A build goes into a temporary sibling directory that is renamed into place only when complete, under a file
 lock per key, so a crash never leaves a half-written entry and two processes never build the same key twice.
 """
+
 from __future__ import annotations
 
 import hashlib

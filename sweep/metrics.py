@@ -1,7 +1,8 @@
-"""Figure arithmetic, exactly as ../shared/metrics.md defines it (repeated in the README).
+"""Figure arithmetic, exactly as ../shared/metrics.md defines it (names, units and meanings: sweep/figures.py).
 
 Pure functions over timestamps (seconds, one clock), so they are tested on synthetic timings.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -10,9 +11,10 @@ from typing import Iterable
 
 import numpy as np
 
+from sweep.figures import FIGURES
+
 PERCENTILES = (50, 90, 95, 99)
-LATENCY_FIGURES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms")
-THROUGHPUT_FIGURES = ("output_throughput_tok_s", "total_token_throughput_tok_s", "request_throughput_req_s")
+THROUGHPUT_FIGURES = tuple(f.name for f in FIGURES if f.spread)  # per iteration: median, min and max
 
 
 @dataclass
@@ -114,17 +116,3 @@ def roofline_efficiency(
         "roofline_efficiency": floor_s / tpot_s,
         "roofline_floor_tok_s": batch_size / floor_s,
     }
-
-
-STATS = ("p50", "p90", "p95", "p99", "mean", "stdev", "min", "max")
-OTHER_FIGURES = (
-    "gpu_util_pct_mean", "gpu_util_pct_max", "gpu_peak_memory_gb", "gpu_power_w_mean", "energy_j", "tokens_per_j",
-    "torch_max_allocated_gb", "torch_max_reserved_gb", "host_peak_rss_gb", "build_time_s", "roofline_efficiency",
-)
-
-
-def objective_candidates() -> list[str]:
-    """Every figure a sweep may optimise or constrain."""
-    names = list(THROUGHPUT_FIGURES)
-    names += [f"{name}_{stat}" for name in LATENCY_FIGURES for stat in STATS]
-    return names + list(OTHER_FIGURES)

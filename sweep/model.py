@@ -5,6 +5,7 @@ Three sources, one loading path (`from_pretrained` on a directory):
 - `path`: a local checkpoint directory;
 - `generate: tiny`: a tiny Qwen2-architecture checkpoint generated here, deterministically from `seed`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.config import ConfigError
+from sweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +40,68 @@ TINY_FORMAT_VERSION = 1  # bump when the generator changes, so old tiny checkpoi
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What the engines and the figures need from config.json, read once per run."""
+
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    tie_word_embeddings: bool
+    sliding_window: bool  # some layer attends to a window only
+
+    @classmethod
+    def read(cls, path: Path) -> ModelShape:
+        where = path / "config.json"
+        try:
+            cfg = json.loads(where.read_text())
+            heads = cfg["num_attention_heads"]
+            return cls(
+                architecture=(cfg.get("architectures") or ["unknown"])[0],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                hidden_size=cfg["hidden_size"],
+                vocab_size=cfg["vocab_size"],
+                max_position_embeddings=cfg.get("max_position_embeddings"),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                sliding_window=bool(cfg.get("use_sliding_window"))
+                or any(t != "full_attention" for t in cfg.get("layer_types") or []),
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            reason = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ConfigError(f"{where} is not a usable Hugging Face model config ({reason})") from None
+
+
+@dataclass(frozen=True)
 class ModelSource:
     name: str
     path: Path  # a local directory with config.json, weights and tokenizer files
     identity: dict[str, Any]  # what identifies these weights in the engine cache key
+    shape: ModelShape
 
 
 def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.path={model_cfg.path!r} is not a Hugging Face checkpoint directory "
-                f"({'no config.json in it' if path.is_dir() else 'it does not exist'})"
+            reason = (
+                "no config.json in it" if path.is_dir() else ("it is a file" if path.exists() else "it does not exist")
             )
-        return ModelSource(path.name, path, {"path": str(path), "weights_sha256": weights_digest(path)})
-    if model_cfg.hub_id:
+            raise ConfigError(f"model.path={model_cfg.path!r} is not a Hugging Face checkpoint directory ({reason})")
+        name, identity = path.name, {"path": str(path), "weights_sha256": weights_digest(path)}
+    elif model_cfg.hub_id:
         path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
-        return ModelSource(model_cfg.name, path, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision})
-    path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
-    return ModelSource(model_cfg.name, path, {"generated": "tiny", "weights_sha256": weights_digest(path)})
+        name, identity = model_cfg.name, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
+    else:
+        path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
+        name, identity = model_cfg.name, {"generated": "tiny", "weights_sha256": weights_digest(path)}
+    return ModelSource(name, path, identity, ModelShape.read(path))
 
 
 def download_from_hub(hub_id: str, revision: str | None) -> Path:
@@ -171,25 +214,12 @@ def build_byte_tokenizer():
     )
 
 
-def model_shape(path: Path) -> dict[str, Any]:
-    """The figures the benchmark needs from config.json: parameter bytes and KV bytes per token come from these."""
-    cfg = json.loads((path / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    return {
-        "num_layers": cfg["num_hidden_layers"],
-        "num_kv_heads": cfg.get("num_key_value_heads", heads),
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        "max_position_embeddings": cfg.get("max_position_embeddings"),
-        "vocab_size": cfg["vocab_size"],
-    }
-
-
-def model_sizes(path: Path, dtype: str) -> dict[str, int]:
+def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
     """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token."""
     from safetensors import safe_open
 
     numel = 0
-    for file in path.glob("*.safetensors"):
+    for file in model.path.glob("*.safetensors"):
         with safe_open(file, framework="np") as f:
             for name in f.keys():
                 n = 1
@@ -197,9 +227,9 @@ def model_sizes(path: Path, dtype: str) -> dict[str, int]:
                     n *= dim
                 numel += n
     itemsize = 4 if dtype == "float32" else 2
-    s = model_shape(path)
+    s = model.shape
     return {
         "model_params": numel,
         "model_bytes": numel * itemsize,
-        "kv_bytes_per_token": 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * itemsize,
+        "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * itemsize,
     }

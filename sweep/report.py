@@ -9,6 +9,7 @@ files are logged to it under report/.
     python -m sweep.report --study throughput-tiny-hf
     python -m sweep.report --runs ID1,ID2,ID3 --baseline ID1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from sweep.figures import label, lookup
+
 log = logging.getLogger("sweep.report")
 
-# (label, metric, which way is better) — the seed's comparison table, plus memory and utilisation.
+# The seed's comparison table, plus memory and utilisation; labels, units and directions from sweep/figures.py.
 COMPARISON = (
-    ("P50 latency (ms)", "e2e_latency_ms_p50", "lower"),
-    ("P99 latency (ms)", "e2e_latency_ms_p99", "lower"),
-    ("TTFT P50 (ms)", "ttft_ms_p50", "lower"),
-    ("TPOT P50 (ms)", "tpot_ms_p50", "lower"),
-    ("output throughput (tok/s)", "output_throughput_tok_s", "higher"),
-    ("GPU utilisation (%)", "gpu_util_pct_mean", "higher"),
-    ("peak GPU memory (GB)", "gpu_peak_memory_gb", "lower"),
-    ("host peak RSS (GB)", "host_peak_rss_gb", "lower"),
+    "e2e_latency_ms_p50",
+    "e2e_latency_ms_p99",
+    "ttft_ms_p50",
+    "tpot_ms_p50",
+    "output_throughput_tok_s",
+    "gpu_util_pct_mean",
+    "gpu_peak_memory_gb",
+    "host_peak_rss_gb",
 )
 LATENCY_PERCENTILES = ("p50", "p90", "p95", "p99")
 
@@ -79,28 +82,35 @@ def pick_baseline(runs: pd.DataFrame, baseline_id: str | None) -> pd.Series:
 
 def comparison_table(baseline: pd.Series, best: pd.Series) -> pd.DataFrame:
     rows = []
-    for label, metric, better in COMPARISON:
+    for metric in COMPARISON:
         col = f"metrics.{metric}"
         if col not in baseline or pd.isna(baseline.get(col)) or pd.isna(best.get(col)):
             continue  # e.g. GPU figures of CPU runs: absent, never 0
         base, cand = float(baseline[col]), float(best[col])
-        ratio = (cand / base if better == "higher" else base / cand) if base and cand else float("nan")
-        rows.append({"figure": label, "baseline": base, "best": cand, "speedup": ratio})
+        higher = lookup(metric).better == "higher"
+        ratio = (cand / base if higher else base / cand) if base and cand else float("nan")
+        rows.append({"figure": label(metric), "baseline": base, "best": cand, "speedup": ratio})
     return pd.DataFrame(rows)
 
 
 def swept_params(runs: pd.DataFrame) -> list[str]:
     ignore = ("params.tracker.", "params.sweep.", "params.engine.ignored_options")
-    return [c for c in runs.columns
-            if c.startswith("params.") and not c.startswith(ignore) and runs[c].nunique(dropna=True) > 1]
+    return [
+        c
+        for c in runs.columns
+        if c.startswith("params.") and not c.startswith(ignore) and runs[c].nunique(dropna=True) > 1
+    ]
 
 
 def pareto_mask(throughput: pd.Series, latency: pd.Series) -> pd.Series:
     """A run is on the front when no other run has higher throughput and lower latency at once."""
-    return pd.Series([
-        not ((throughput >= t) & (latency <= l) & ((throughput > t) | (latency < l))).any()
-        for t, l in zip(throughput, latency)
-    ], index=throughput.index)
+    return pd.Series(
+        [
+            not ((throughput >= t) & (latency <= lat) & ((throughput > t) | (latency < lat))).any()
+            for t, lat in zip(throughput, latency)
+        ],
+        index=throughput.index,
+    )
 
 
 def run_label(row: pd.Series) -> str:
@@ -123,7 +133,11 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         order = sorted(values.unique(), key=lambda v: (float(v) if _is_number(v) else float("inf"), v))
         ax.scatter([order.index(v) for v in values], thr)
         ax.set_xticks(range(len(order)), order)
-        ax.set(xlabel=param.removeprefix("params."), ylabel="output throughput (tok/s)", title=f"throughput vs {param.removeprefix('params.')}")
+        ax.set(
+            xlabel=param.removeprefix("params."),
+            ylabel=label("output_throughput_tok_s"),
+            title=f"throughput vs {param.removeprefix('params.')}",
+        )
         paths.append(_save(fig, out / f"throughput_vs_{param.removeprefix('params.').replace('.', '_')}.png"))
 
     cols = [f"metrics.e2e_latency_ms_{p}" for p in LATENCY_PERCENTILES]
@@ -132,8 +146,13 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         width = 0.8 / len(cols)
         for i, (p, c) in enumerate(zip(LATENCY_PERCENTILES, cols)):
             ax.bar([x + i * width for x in range(len(runs))], runs[c], width, label=p.upper())
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(runs))], [run_label(r) for _, r in runs.iterrows()], rotation=45, ha="right")
-        ax.set(ylabel="E2E latency (ms)", title="latency percentiles per run")
+        ax.set_xticks(
+            [x + 0.4 - width / 2 for x in range(len(runs))],
+            [run_label(r) for _, r in runs.iterrows()],
+            rotation=45,
+            ha="right",
+        )
+        ax.set(ylabel=label("e2e_latency_ms"), title="latency percentiles per run")
         ax.legend()
         paths.append(_save(fig, out / "latency_percentiles.png"))
 
@@ -144,7 +163,11 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         ax.scatter(lat[~front], thr[~front], color="grey", label="dominated")
         order = lat[front].sort_values().index
         ax.plot(lat[order], thr[order], "o-", color="tab:red", label="Pareto front")
-        ax.set(xlabel="P99 E2E latency (ms)", ylabel="output throughput (tok/s)", title="throughput against P99 latency")
+        ax.set(
+            xlabel=label("e2e_latency_ms_p99"),
+            ylabel=label("output_throughput_tok_s"),
+            title="throughput against P99 latency",
+        )
         ax.legend()
         paths.append(_save(fig, out / "pareto_front.png"))
     return paths
@@ -178,9 +201,17 @@ def markdown(table: pd.DataFrame, baseline: pd.Series, best: pd.Series) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(uri: str, experiment: str, out: Path, parent_id: str | None = None, study: str | None = None,
-                 run_ids: list[str] | None = None, baseline_id: str | None = None,
-                 objective: str = "output_throughput_tok_s", direction: str = "maximize") -> dict[str, Path]:
+def build_report(
+    uri: str,
+    experiment: str,
+    out: Path,
+    parent_id: str | None = None,
+    study: str | None = None,
+    run_ids: list[str] | None = None,
+    baseline_id: str | None = None,
+    objective: str = "output_throughput_tok_s",
+    direction: str = "maximize",
+) -> dict[str, Path]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -197,7 +228,11 @@ def build_report(uri: str, experiment: str, out: Path, parent_id: str | None = N
     best = runs.loc[runs[col].idxmax() if direction == "maximize" else runs[col].idxmin()]
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(baseline, best)
-    files = {"comparison.md": out / "comparison.md", "comparison.csv": out / "comparison.csv", "runs.csv": out / "runs.csv"}
+    files = {
+        "comparison.md": out / "comparison.md",
+        "comparison.csv": out / "comparison.csv",
+        "runs.csv": out / "runs.csv",
+    }
     files["comparison.md"].write_text(markdown(table, baseline, best))
     table.to_csv(files["comparison.csv"], index=False)
     runs.to_csv(files["runs.csv"], index=False)
@@ -214,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     from trackers.mlflow_tracker import default_uri
 
     parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
+    parser.add_argument(
+        "--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)"
+    )
     parser.add_argument("--experiment", default="sweep")
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--parent", help="a sweep's parent run id")
@@ -227,9 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        files = build_report(args.uri or default_uri(), args.experiment, Path(args.out), parent_id=args.parent,
-                             study=args.study, run_ids=args.runs.split(",") if args.runs else None,
-                             baseline_id=args.baseline, objective=args.objective, direction=args.direction)
+        files = build_report(
+            args.uri or default_uri(),
+            args.experiment,
+            Path(args.out),
+            parent_id=args.parent,
+            study=args.study,
+            run_ids=args.runs.split(",") if args.runs else None,
+            baseline_id=args.baseline,
+            objective=args.objective,
+            direction=args.direction,
+        )
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 Everything that can reject the config happens before the tracker run starts, so bad input records nothing.
 From the moment the run starts, any failure ends it FAILED with the error (trackers.base.Tracker.run).
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,65 +18,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.backends import BACKENDS, Backend
 from sweep.benchmark import run_benchmark
-from sweep.config import ConfigError, validate
-from sweep.engine_cache import CacheEntry, EngineCache, engine_key
+from sweep.engine_cache import CacheEntry, engine_key
+from sweep.errors import ConfigError
 from sweep.metrics import roofline_efficiency
-from sweep.model import ModelSource, model_shape, model_sizes, resolve_model
+from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
-from sweep.telemetry import device_bandwidth, environment
-from sweep.workload import Workload, make_workload
+from sweep.sweeper_api import write_result
+from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
 
 log = logging.getLogger(__name__)
-
-
-class Prepared:
-    """Everything a run needs once the config has been accepted: the model, workload, backend and cache key."""
-
-    def __init__(self, cfg: DictConfig):
-        validate(cfg)
-        BACKENDS[cfg.backend.name].check_installed()  # before the model is fetched or generated
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (
-            cfg.model.dtype if self.device == "cuda" else "float32"
-        )
-        self.cache = EngineCache(Path(cfg.cache_dir).resolve())
-        self.model: ModelSource = resolve_model(cfg.model, self.cache.root)
-        self.shape = model_shape(self.model.path)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.model.path)
-        self.workload: Workload = make_workload(cfg.workload, tokenizer, self.shape["vocab_size"])
-        self.batch_size = 1 if cfg.workload.scenario == "latency" else (
-            cfg.workload.batch_size or cfg.engine.max_batch_size
-        )
-        self.backend: Backend = BACKENDS[cfg.backend.name](cfg, self.model, self.device, self.dtype)
-        self.backend.check(self.workload, self.shape["max_position_embeddings"])
-        self.env = environment(self.device)
-        self.sizes = model_sizes(self.model.path, self.dtype)
-        gpu_memory = self.env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in self.env else None
-        self.backend.check_memory(self.sizes["model_bytes"], self.sizes["kv_bytes_per_token"], gpu_memory)
-        self.key_inputs = {
-            "model": self.model.identity,
-            "backend": self.backend.name,
-            "libraries": self.backend.library_versions(),
-            "options": {k: cfg.engine[k] for k in self.backend.honoured_options if k != "dtype"},
-            "dtype": self.dtype,
-            "gpu": {k: self.env.get(k) for k in ("gpu_name", "gpu_compute_capability")} if self.device == "cuda" else "cpu",
-        }
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is visible; use device=auto or device=cpu")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -90,7 +43,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
     """Run one configuration end to end; return the objective's value."""
     t_start = time.perf_counter()
-    p = Prepared(cfg)
+    p = make_plan(cfg)
     tracker = make_tracker(cfg.tracker)
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
     tags = {
@@ -107,15 +60,11 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         rec.log_params(flatten(resolved) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
-        t = time.perf_counter()
-        entry = p.cache.get_or_build(p.backend.name, p.key_inputs, p.backend.build)
-        phases["phase_build_s"] = time.perf_counter() - t
+        log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
+        started = start_engine(p)
+        entry = started.entry
+        phases.update(phase_build_s=started.build_s, phase_load_s=started.load_s)
         rec.set_tags({"engine.cache_hit": entry.hit, "engine.key": engine_key(p.key_inputs)})
-
-        t = time.perf_counter()
-        log.info("loading %s on %s (%s)", p.model.name, p.device, p.dtype)
-        p.backend.load(entry.path)
-        phases["phase_load_s"] = time.perf_counter() - t
         engine_figures = p.backend.engine_figures()
         try:
             t = time.perf_counter()
@@ -135,8 +84,12 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
             figures["device_bandwidth_gb_s"] = bandwidth / 1e9
             figures.update(
                 roofline_efficiency(
-                    figures["model_bytes"], figures["kv_bytes_per_token"], p.batch_size, mean_context,
-                    bandwidth, figures["tpot_ms_p50"] / 1e3,
+                    figures["model_bytes"],
+                    figures["kv_bytes_per_token"],
+                    p.batch_size,
+                    mean_context,
+                    bandwidth,
+                    figures["tpot_ms_p50"] / 1e3,
                 )
             )
         t = time.perf_counter()
@@ -145,13 +98,16 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures.update(phases)
         rec.log_metrics(figures)
         if (out := job_output_dir()) is not None:  # a sweeper reads every figure of a job from here
-            (out / "figures.json").write_text(json.dumps(figures, indent=2))
-        title = f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · batch {p.batch_size}"
+            write_result(out, figures)
+        title = (
+            f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
+            f"batch {p.batch_size}"
+        )
         print(summary_table(title, figures))
     return figures[cfg.objective.metric]
 
 
-def record_artifacts(rec: Any, cfg: DictConfig, p: Prepared, entry: CacheEntry, figures: dict, timings: list) -> None:
+def record_artifacts(rec: Any, cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> None:
     manifest = entry.manifest
 
     rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -1,34 +1,41 @@
-"""The readable table printed at the end of a run."""
+"""The readable table printed at the end of a run: labels and units from the figure registry."""
+
 from __future__ import annotations
 
-LATENCY_ROWS = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E latency", "e2e_latency_ms"))
-SCALAR_ROWS = (
-    ("output throughput", "output_throughput_tok_s", "tok/s"),
-    ("total token throughput", "total_token_throughput_tok_s", "tok/s"),
-    ("request throughput", "request_throughput_req_s", "req/s"),
-    ("build time", "build_time_s", "s"),
-    ("compile + warm-up", "compile_and_warmup_s", "s"),
-    ("GPU utilisation (mean)", "gpu_util_pct_mean", "%"),
-    ("peak GPU memory (NVML)", "gpu_peak_memory_gb", "GB"),
-    ("torch max allocated", "torch_max_allocated_gb", "GB"),
-    ("energy", "energy_j", "J"),
-    ("tokens per joule", "tokens_per_j", "tok/J"),
-    ("roofline efficiency", "roofline_efficiency", ""),
-    ("host peak RSS", "host_peak_rss_gb", "GB"),
+from sweep.figures import FIGURES
+
+DISTRIBUTION_STATS = ("p50", "p90", "p95", "p99", "mean")
+# Per-run figures worth a line at the end of a run, in this order; the rest stay in the tracker and results.json.
+SCALAR_FIGURES = (
+    "output_throughput_tok_s",
+    "total_token_throughput_tok_s",
+    "request_throughput_req_s",
+    "build_time_s",
+    "compile_and_warmup_s",
+    "gpu_util_pct_mean",
+    "gpu_peak_memory_gb",
+    "torch_max_allocated_gb",
+    "energy_j",
+    "tokens_per_j",
+    "roofline_efficiency",
+    "host_peak_rss_gb",
 )
 
 
 def summary_table(title: str, figures: dict[str, float]) -> str:
-    lines = [title, f"{'latency (ms)':<16}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}{'mean':>10}{'n':>6}"]
-    for label, key in LATENCY_ROWS:
-        if figures.get(f"{key}_n"):
-            stats = "".join(f"{figures[f'{key}_{s}']:>10.2f}" for s in ("p50", "p90", "p95", "p99", "mean"))
-            lines.append(f"{label:<16}{stats}{int(figures[f'{key}_n']):>6}")
-    for label, key, unit in SCALAR_ROWS:
-        if key in figures:  # absent figures (GPU ones on a CPU) are left out, never shown as 0
+    by_name = {f.name: f for f in FIGURES}
+    header = f"{'latency':<16}{'unit':<6}" + "".join(f"{s:>10}" for s in DISTRIBUTION_STATS) + f"{'n':>6}"
+    lines = [title, header]
+    for f in FIGURES:
+        if f.distribution and figures.get(f"{f.name}_n"):
+            stats = "".join(f"{figures[f'{f.name}_{s}']:>10.2f}" for s in DISTRIBUTION_STATS)
+            lines.append(f"{f.label:<16}{f.unit:<6}{stats}{int(figures[f'{f.name}_n']):>6}")
+    for name in SCALAR_FIGURES:
+        if name in figures:  # absent figures (GPU ones on a CPU) are left out, never shown as 0
+            f = by_name[name]
             spread = ""
-            if f"{key}_min" in figures:
-                spread = f"   (min {figures[f'{key}_min']:.2f}, max {figures[f'{key}_max']:.2f})"
-            lines.append(f"{label:<24}{figures[key]:>12.2f} {unit}{spread}")
+            if f"{name}_min" in figures:
+                spread = f"   (min {figures[f'{name}_min']:.2f}, max {figures[f'{name}_max']:.2f})"
+            lines.append(f"{f.label:<24}{figures[name]:>12.2f} {f.unit}{spread}")
     rule = "-" * max(len(line) for line in lines)
     return "\n".join([rule, lines[0], rule, *lines[1:], rule])

@@ -2,6 +2,7 @@
 
 A GPU figure on a CPU run is absent from the results, never 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ class GPUSampler:
             self.handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
             self.idle_used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
 
-    def __enter__(self) -> "GPUSampler":
+    def __enter__(self) -> GPUSampler:
         if self.nvml:
             self._energy_start = self._energy_mj()
             self._t_start = time.perf_counter()

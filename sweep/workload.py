@@ -3,6 +3,7 @@
 Synthetic (seeded token ids; fixed or normally distributed lengths) or read from a JSONL file in
 trtllm-bench's dataset format: one object per line with task_id, prompt or input_ids, and output_tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sweep.config import ConfigError
+from sweep.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,14 @@ def read_dataset(path: Path, tokenizer: Any) -> list[Request]:
             raise ConfigError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict) or "output_tokens" not in row or not ("prompt" in row or "input_ids" in row):
             raise ConfigError(f"{where}: each line needs output_tokens and one of prompt or input_ids")
-        ids = row["input_ids"] if "input_ids" in row else tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        ids = (
+            row["input_ids"] if "input_ids" in row else tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        )
         if not ids or not isinstance(row["output_tokens"], int) or row["output_tokens"] < 1:
             raise ConfigError(f"{where}: needs a non-empty prompt and output_tokens >= 1")
-        requests.append(Request(id=str(row.get("task_id", lineno)), input_ids=list(ids), output_len=row["output_tokens"]))
+        requests.append(
+            Request(id=str(row.get("task_id", lineno)), input_ids=list(ids), output_len=row["output_tokens"])
+        )
     if not requests:
         raise ConfigError(f"workload.dataset={str(path)!r} holds no requests")
     return requests

@@ -1,4 +1,5 @@
 """Shared test helpers. Everything here is real: Hydra, MLflow on SQLite, transformers on the tiny model."""
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,7 @@
 """Bad input through the real CLI: a clear message naming key, value and what is allowed; a non-zero exit;
 no MLflow run and no engine left behind."""
-import pytest
 
+import pytest
 from conftest import mlflow_runs, run_sweep
 
 CASES = [
@@ -16,9 +16,15 @@ CASES = [
     (["engine.max_input_len=16"], "engine.max_input_len=16 cannot hold the workload's longest input (32 tokens)"),
     (["engine.max_seq_len=48"], "engine.max_seq_len=48 cannot hold the workload's longest input + output (64 tokens)"),
     (["engine.max_seq_len=8192"], "engine.max_seq_len=8192 is longer than the model supports"),
-    (["workload=throughput", "workload.batch_size=4"], "workload.batch_size=4 is not allowed; it must be <= engine.max_batch_size=1"),
-    (["objective.metric=speed"], "objective.metric='speed' is not allowed; choose one of: output_throughput_tok_s"),
-    (["model.hub_id=Qwen/Qwen2.5-0.5B-Instruct"], "the hub cannot be reached and Qwen/Qwen2.5-0.5B-Instruct@None is not in the local"),
+    (
+        ["workload=throughput", "workload.batch_size=4"],
+        "workload.batch_size=4 is not allowed; it must be <= engine.max_batch_size=1",
+    ),
+    (["objective.metric=speed"], "objective.metric='speed' is not allowed; choose a figure sweep records"),
+    (
+        ["model.hub_id=Qwen/Qwen2.5-0.5B-Instruct"],
+        "the hub cannot be reached and Qwen/Qwen2.5-0.5B-Instruct@None is not in the local",
+    ),
 ]
 
 

@@ -3,6 +3,7 @@
 CPU tests use compile_mode=none (Inductor's C++ build takes minutes on a CI runner); the static cache, masks,
 step buffers and the decode loop are the same code under every compile mode. GPU tests compile for real.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep.backends.compiled import CompiledBackend
-from sweep.backends.hf import HFBackend
-from sweep.config import ConfigError, register_configs
-from sweep.engine_cache import EngineCache
+from sweep.backends.compiled.backend import CompiledBackend
+from sweep.backends.hf.backend import HFBackend
+from sweep.compose import compose as compose_config
+from sweep.errors import ConfigError
 from sweep.model import generate_tiny_checkpoint
-from sweep.run import Prepared
+from sweep.plan import make_plan, start_engine
 from sweep.workload import Request, Workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,40 +33,45 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def compose(checkpoint: Path, cache_dir: Path, *overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
     base = [
-        f"model.path={checkpoint}", f"cache_dir={cache_dir}", "tracker=none", "device=cpu",
-        "engine.dtype=float32", "engine.max_seq_len=64", "workload.input_len=8", "workload.output_len=8",
+        f"model.path={checkpoint}",
+        f"cache_dir={cache_dir}",
+        "tracker=none",
+        "device=cpu",
+        "engine.dtype=float32",
+        "engine.max_seq_len=64",
+        "workload.input_len=8",
+        "workload.output_len=8",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=base + list(overrides))
+    return compose_config(base + list(overrides))
 
 
 def make_requests(lengths: list[int], output_len: int = 12, seed: int = 1) -> list[Request]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        Request(f"r{i}", torch.randint(3, 250, (n,), generator=gen).tolist(), output_len)
-        for i, n in enumerate(lengths)
+        Request(f"r{i}", torch.randint(3, 250, (n,), generator=gen).tolist(), output_len) for i, n in enumerate(lengths)
     ]
 
 
 def start(backend_cls, cfg, cache_dir: Path):
-    """Build (or reuse) and load a backend the way sweep.run does; return it with its cache entry."""
-    p = Prepared(cfg)
-    backend = backend_cls(cfg, p.model, p.device, p.dtype)
-    entry = EngineCache(cache_dir).get_or_build(backend.name, p.key_inputs, backend.build)
-    backend.load(entry.path)
-    return backend, entry
+    """Plan and start an engine the way sweep.run does, with `backend_cls` serving; return it with its cache entry."""
+    p = make_plan(cfg)
+    p.backend = backend_cls(cfg, p.model, p.device, p.dtype)  # hf beside compiled, on one config
+    assert p.cache.root == cache_dir.resolve()
+    return p.backend, start_engine(p).entry
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_greedy_tokens_equal_hf_on_a_padded_batch(tiny_checkpoint, tmp_path, attn):
     # Three prompts of different lengths in an engine of four rows: left padding, and a dummy row.
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none",
-                  "engine.max_batch_size=4", f"engine.attn_implementation={attn}")
+    cfg = compose(
+        tiny_checkpoint,
+        tmp_path,
+        "backend=compiled",
+        "engine.compile_mode=none",
+        "engine.max_batch_size=4",
+        f"engine.attn_implementation={attn}",
+    )
     requests = make_requests([7, 3, 5])
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled, entry = start(CompiledBackend, cfg, tmp_path)
@@ -117,12 +123,12 @@ def test_second_build_is_a_cache_hit_with_the_same_tokens(tiny_checkpoint, tmp_p
 def test_unsupported_options_fail_before_building(tiny_checkpoint, tmp_path):
     cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match="engine.attn_implementation"):
-        Prepared(cfg)
+        make_plan(cfg)
     # Left padding: a batch runs to its longest input plus its longest output, past what either request needs.
-    p = Prepared(compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16"))
+    p = make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16"))
     workload = Workload(warmup=[], measured=[Request("a", [5] * 10, 2), Request("b", [5] * 2, 10)])
     with pytest.raises(ConfigError, match="engine.max_seq_len=16"):
-        p.backend.check(workload, None)
+        p.backend.check(workload)
     assert not (tmp_path / "compiled").exists()
 
 
@@ -131,10 +137,22 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     cmd = [
-        sys.executable, "-m", "sweep", "-m", "backend=compiled", "engine.compile_mode=none",
-        f"model.path={tiny_checkpoint}", f"cache_dir={tmp_path / 'engines'}", f"tracker.uri={uri}",
-        "workload.num_requests=2", "workload.iterations=1", "workload.input_len=8", "workload.output_len=8",
-        "engine.max_seq_len=64", "device=cpu", "workload.seed=0,1",  # two jobs, one engine: a miss, then a hit
+        sys.executable,
+        "-m",
+        "sweep",
+        "-m",
+        "backend=compiled",
+        "engine.compile_mode=none",
+        f"model.path={tiny_checkpoint}",
+        f"cache_dir={tmp_path / 'engines'}",
+        f"tracker.uri={uri}",
+        "workload.num_requests=2",
+        "workload.iterations=1",
+        "workload.input_len=8",
+        "workload.output_len=8",
+        "engine.max_seq_len=64",
+        "device=cpu",
+        "workload.seed=0,1",  # two jobs, one engine: a miss, then a hit
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -150,11 +168,11 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
     assert "max_input_len" in runs[0].data.params["engine.ignored_options"]
 
 
-@pytest.mark.skipif(
-    os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores"
-)
+@pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
 def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=default", "engine.max_batch_size=2")
+    cfg = compose(
+        tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=default", "engine.max_batch_size=2"
+    )
     requests = make_requests([6, 4])
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled, entry = start(CompiledBackend, cfg, tmp_path)
@@ -172,8 +190,15 @@ def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpo
     "mode,graphs", [("reduce-overhead", True), ("default", True), ("none", True), ("default", False)]
 )
 def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, graphs):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda", f"engine.compile_mode={mode}",
-                  f"engine.cuda_graphs={graphs}", "engine.max_batch_size=4")
+    cfg = compose(
+        tiny_checkpoint,
+        tmp_path,
+        "backend=compiled",
+        "device=cuda",
+        f"engine.compile_mode={mode}",
+        f"engine.cuda_graphs={graphs}",
+        "engine.max_batch_size=4",
+    )
     requests = make_requests([7, 3, 5])
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled, entry = start(CompiledBackend, cfg, tmp_path)

@@ -1,14 +1,14 @@
 """`python -m sweep` end to end on the tiny model: real Hydra, transformers, and MLflow on SQLite."""
+
 import json
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import mlflow_runs, run_sweep
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, mlflow_runs, run_sweep
-from sweep.backends.hf import HFBackend
-from sweep.config import register_configs
+from sweep.backends.hf.backend import HFBackend
+from sweep.compose import compose
 
 
 def artifact_paths(client, run_id, path=None):
@@ -30,9 +30,20 @@ def test_main_job_records_a_complete_run_then_reuses_the_engine(tmp_path):
     assert params["engine.max_batch_size"] == "1" and params["model.name"] == "tiny"
     assert params["workload.scenario"] == "latency" and params["backend.name"] == "hf"
     assert "gemm_plugin" in params["engine.ignored_options"] and "max_seq_len" not in params["engine.ignored_options"]
-    for name in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p95", "itl_ms_mean", "e2e_latency_ms_p90",
-                 "output_throughput_tok_s", "output_throughput_tok_s_min", "request_throughput_req_s",
-                 "host_peak_rss_gb", "build_time_s", "model_bytes", "kv_bytes_per_token"):
+    for name in (
+        "ttft_ms_p50",
+        "ttft_ms_p99",
+        "tpot_ms_p95",
+        "itl_ms_mean",
+        "e2e_latency_ms_p90",
+        "output_throughput_tok_s",
+        "output_throughput_tok_s_min",
+        "request_throughput_req_s",
+        "host_peak_rss_gb",
+        "build_time_s",
+        "model_bytes",
+        "kv_bytes_per_token",
+    ):
         assert name in metrics, name
     assert metrics["output_throughput_tok_s"] > 0
     assert metrics["ttft_ms_n"] == 4 * 3  # 4 requests x 3 iterations; warm-up excluded
@@ -62,29 +73,39 @@ def test_main_job_records_a_complete_run_then_reuses_the_engine(tmp_path):
 
 def test_throughput_multirun_gives_one_run_per_job(tmp_path):
     result = run_sweep(
-        tmp_path, "-m", "workload=throughput", "workload.num_requests=4", "workload.iterations=1",
-        "workload.output_len=8", "engine.max_batch_size=1,2,4",
+        tmp_path,
+        "-m",
+        "workload=throughput",
+        "workload.num_requests=4",
+        "workload.iterations=1",
+        "workload.output_len=8",
+        "engine.max_batch_size=1,2,4",
     )
     assert result.returncode == 0, result.stderr
     runs = [r for r in mlflow_runs(tmp_path) if "engine.max_batch_size" in r.data.params]
     assert sorted(int(r.data.params["engine.max_batch_size"]) for r in runs) == [1, 2, 4]
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert {r.data.tags["engine.key"] for r in runs}.__len__() == 3  # max_batch_size is part of the hf key
+    # hf builds nothing: one cache entry per model, dtype and device, whatever max_batch_size says
+    assert len({r.data.tags["engine.key"] for r in runs}) == 1
+    assert sorted(r.data.tags["engine.cache_hit"] for r in runs) == ["False", "True", "True"]
     for r in runs:
         assert r.data.metrics["ttft_ms_n"] == 4 and r.data.metrics["output_tokens"] == 32
 
 
 def compose_config(tmp_path, *overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[f"tracker.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"cache_dir={tmp_path}/engines_cache",
-                       "workload.iterations=1", *overrides],
-        )
+    return compose(
+        [
+            f"tracker.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+            f"cache_dir={tmp_path}/engines_cache",
+            "workload.iterations=1",
+            *overrides,
+        ]
+    )
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("CUDA out of memory"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize(
+    "error, status", [(RuntimeError("CUDA out of memory"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
 def test_a_run_that_breaks_is_never_left_running(tmp_path, monkeypatch, error, status):
     from sweep.run import execute
 
@@ -102,12 +123,22 @@ def test_a_run_that_breaks_is_never_left_running(tmp_path, monkeypatch, error, s
 def test_dataset_workload_runs_with_variable_lengths(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text(
-        "\n".join(json.dumps({"task_id": i, "prompt": "benchmark " * (i + 1), "output_tokens": 3 + i}) for i in range(3))
+        "\n".join(
+            json.dumps({"task_id": i, "prompt": "benchmark " * (i + 1), "output_tokens": 3 + i}) for i in range(3)
+        )
     )
     from sweep.run import execute
 
-    value = execute(compose_config(tmp_path, "workload=throughput", f"workload.dataset={data}",
-                                   "workload.num_requests=3", "workload.warmup_requests=0", "engine.max_batch_size=2"))
+    value = execute(
+        compose_config(
+            tmp_path,
+            "workload=throughput",
+            f"workload.dataset={data}",
+            "workload.num_requests=3",
+            "workload.warmup_requests=0",
+            "engine.max_batch_size=2",
+        )
+    )
     (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "FINISHED"
     assert value == pytest.approx(run.data.metrics["output_throughput_tok_s"])
@@ -137,9 +168,24 @@ def test_runs_go_to_a_real_tracking_server(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"

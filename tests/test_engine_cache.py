@@ -1,4 +1,5 @@
 """The engine cache: stable keys, atomic builds, and one build per key across processes (real file locks)."""
+
 import json
 import multiprocessing
 import time

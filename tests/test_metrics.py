@@ -1,4 +1,5 @@
 """Figure arithmetic on synthetic timestamps, against values worked out by hand."""
+
 import numpy as np
 import pytest
 

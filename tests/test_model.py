@@ -1,9 +1,10 @@
 """Model source: the tiny checkpoint is a real, deterministic HF checkpoint; weights identity follows the files."""
+
 import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sweep.model import generate_tiny_checkpoint, model_sizes, weights_digest
+from sweep.model import ModelShape, ModelSource, generate_tiny_checkpoint, model_sizes, weights_digest
 
 
 def test_tiny_checkpoint_is_deterministic_per_seed_and_loads_like_any_checkpoint(tmp_path):
@@ -17,7 +18,7 @@ def test_tiny_checkpoint_is_deterministic_per_seed_and_loads_like_any_checkpoint
     tokenizer = AutoTokenizer.from_pretrained(a)
     ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "hello" and len(ids) == 5  # one token per byte
-    sizes = model_sizes(a, "float32")
+    sizes = model_sizes(ModelSource("tiny", a, {}, ModelShape.read(a)), "float32")
     assert sizes["model_params"] == sum(p.numel() for p in model.parameters())
     assert sizes["model_bytes"] == 4 * sizes["model_params"]
 

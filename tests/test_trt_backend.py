@@ -2,6 +2,7 @@
 tests/fixtures/trtllm_1_2_fields.json), the trtllm-build command line, the cache key, and the clean failure when the
 package is missing. Nothing here runs TensorRT-LLM; tests that stand in for parts of it say so.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,15 +17,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweep.backends import BACKENDS
-from sweep.backends import trt
-from sweep.config import ConfigError, EngineConfig
+from sweep.backends.registry import BACKENDS
+from sweep.backends.trt import options as trt  # the pure option mapping
+from sweep.backends.trt import runtime
+from sweep.backends.trt.backend import TRTBackend
+from sweep.backends.trt.config import TRTBackendConfig
+from sweep.config import EngineConfig
 from sweep.engine_cache import engine_key
+from sweep.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "trtllm_1_2_fields.json").read_text())
 
-ENGINE = {  # EngineConfig's defaults, dtype resolved as Prepared does on a GPU
+ENGINE = {  # EngineConfig's defaults, dtype resolved as make_plan does on a GPU
     "dtype": "bfloat16",
     "max_batch_size": 8,
     "max_input_len": 1024,
@@ -50,8 +55,8 @@ def flag_pairs(argv: list[str]) -> dict[str, str]:
 
 def test_every_honoured_option_is_an_engine_option():
     engine_fields = {f.name for f in fields(EngineConfig)}
-    assert set(trt.TRTBackend.honoured_options) <= engine_fields
-    assert set(trt.TRTBackend.honoured_options) == set(ENGINE)
+    assert set(TRTBackend.honoured_options) <= engine_fields
+    assert set(TRTBackend.honoured_options) == set(ENGINE)
 
 
 def test_build_config_kwargs_are_buildconfig_fields():
@@ -81,7 +86,7 @@ def test_disable_maps_to_none_as_pluginconfig_spells_it():
 def test_every_option_lands_somewhere():
     # An honoured option that reached neither BuildConfig, PluginConfig nor the LLM call would be silently dropped.
     targets = {m.option: m.target for m in trt.OPTION_MAP}
-    assert set(targets) == set(trt.TRTBackend.honoured_options)
+    assert set(targets) == set(TRTBackend.honoured_options)
     assert set(targets.values()) <= {"build_config", "plugin_config", "llm"}
     assert set(trt.mapped_kwargs(ENGINE, "llm")) <= set(FIXTURE["llm_kwargs"])
 
@@ -142,7 +147,7 @@ def test_field_names_reads_dataclasses_and_pydantic_models():
     assert trt.field_names(AsPydantic) == ["max_batch_size", "max_seq_len"]
 
 
-# -- the trtllm-build command line ----------------------------------------------------------------------------------
+# -- the trtllm-build command line ---------------------------------------------------------------------------------
 
 
 def test_trtllm_build_command_uses_flags_from_the_source():
@@ -166,8 +171,16 @@ def test_trtllm_build_command_uses_flags_from_the_source():
 
 def test_trtllm_build_values_are_allowed_choices():
     choices = FIXTURE["plugin_flag_choices"]
-    for engine in (ENGINE, {**ENGINE, "gemm_plugin": "disable", "gpt_attention_plugin": "bfloat16",
-                            "context_fmha": False, "paged_kv_cache": False}):
+    for engine in (
+        ENGINE,
+        {
+            **ENGINE,
+            "gemm_plugin": "disable",
+            "gpt_attention_plugin": "bfloat16",
+            "context_fmha": False,
+            "paged_kv_cache": False,
+        },
+    ):
         flags = flag_pairs(trt.trtllm_build_argv(engine))
         assert flags["--gemm_plugin"] in choices["gemm_plugin"]
         assert flags["--gpt_attention_plugin"] in choices["gpt_attention_plugin"]
@@ -188,7 +201,7 @@ def test_contiguous_kv_cache_and_disabled_switches():
     assert flags["--context_fmha"] == "disable"
 
 
-# -- silent overrides -----------------------------------------------------------------------------------------------
+# -- silent overrides ----------------------------------------------------------------------------------------------
 
 
 def overrides(build_changes=None, plugin_changes=None, architecture="Qwen2ForCausalLM", tp_size=1):
@@ -205,10 +218,14 @@ def test_reduce_fusion_is_forced_off_for_qwen_even_with_tensor_parallelism():
 
 
 def test_reduce_fusion_survives_for_llama_with_tensor_parallelism_only():
-    assert not any("reduce_fusion" in n for n in overrides(plugin_changes={"reduce_fusion": True},
-                                                           architecture="LlamaForCausalLM", tp_size=2))
-    assert any("reduce_fusion is forced off" in n for n in overrides(plugin_changes={"reduce_fusion": True},
-                                                                     architecture="LlamaForCausalLM", tp_size=1))
+    assert not any(
+        "reduce_fusion" in n
+        for n in overrides(plugin_changes={"reduce_fusion": True}, architecture="LlamaForCausalLM", tp_size=2)
+    )
+    assert any(
+        "reduce_fusion is forced off" in n
+        for n in overrides(plugin_changes={"reduce_fusion": True}, architecture="LlamaForCausalLM", tp_size=1)
+    )
 
 
 def test_user_buffer_follows_reduce_fusion():
@@ -247,7 +264,7 @@ def test_no_length_override_for_consistent_options():
     assert not any("max_num_tokens" in n or "clipped" in n for n in notes)
 
 
-# -- versions and the cache key -------------------------------------------------------------------------------------
+# -- versions and the cache key ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", ["1.2.0", "1.2.1", "1.2.0rc2", "1.2.0.post1"])
@@ -262,12 +279,14 @@ def test_unsupported_versions_are_refused(version):
 
 
 def test_missing_package_gives_the_install_hint():
-    with pytest.raises(ConfigError, match=r"pip install 'tensorrt-llm==1\.2\.\*' --extra-index-url https://pypi\.nvidia\.com"):
+    with pytest.raises(
+        ConfigError, match=r"pip install 'tensorrt-llm==1\.2\.\*' --extra-index-url https://pypi\.nvidia\.com"
+    ):
         trt.check_supported_version(None)
 
 
 def key_inputs(libraries):
-    """Shaped as sweep.run.Prepared builds them; only the libraries differ between the keys compared."""
+    """Shaped as sweep.plan.make_plan builds them; only the libraries differ between the keys compared."""
     return {
         "model": {"hub_id": "Qwen/Qwen2.5-7B-Instruct", "revision": "a09a35458c702b33eeacc393d103063234e8bc28"},
         "backend": "trt",
@@ -289,21 +308,21 @@ def test_cache_key_changes_with_tensorrt_llm_version_and_sm():
 def test_library_versions_reads_the_installed_packages(monkeypatch):
     # Fakes: a stand-in tensorrt_llm module and GPU capability; the real ones cannot be installed here.
     monkeypatch.setitem(sys.modules, "tensorrt_llm", SimpleNamespace(__version__="1.2.1"))
-    monkeypatch.setattr(trt, "gpu_sm", lambda: "100")
-    monkeypatch.setattr(trt, "tensorrt_version", lambda: None)
-    backend = trt.TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
+    monkeypatch.setattr(runtime, "gpu_sm", lambda: "100")
+    monkeypatch.setattr(runtime, "tensorrt_version", lambda: None)
+    backend = TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
     assert backend.library_versions() == {"tensorrt_llm": "1.2.1", "gpu_sm": "100"}
 
 
 def test_check_refuses_an_unsupported_installed_version(monkeypatch):
     # Fake: pretend tensorrt-llm 1.3.0 is installed (only its reported version; nothing is imported).
-    monkeypatch.setattr(trt, "installed_version", lambda: "1.3.0")
-    backend = trt.TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
+    monkeypatch.setattr(runtime, "installed_version", lambda: "1.3.0")
+    backend = TRTBackend(SimpleNamespace(), model=None, device="cuda", dtype="bfloat16")
     with pytest.raises(ConfigError, match="found tensorrt-llm 1.3.0"):
-        backend.check(workload=None, max_position_embeddings=None)
+        backend.check(workload=None)
 
 
-# -- streaming timestamps ---------------------------------------------------------------------------------------------
+# -- streaming timestamps ------------------------------------------------------------------------------------------
 
 
 def test_collect_stream_timestamps_each_new_token():
@@ -313,29 +332,25 @@ def test_collect_stream_timestamps_each_new_token():
             await asyncio.sleep(0.01)
             yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))])
 
-    gen = asyncio.run(trt.collect_stream(fake_stream()))
+    gen = asyncio.run(runtime.collect_stream(fake_stream()))
     assert gen.token_ids == [5, 9, 7, 3]
     assert len(gen.token_times) == 4
     assert gen.token_times[0] < gen.token_times[1] < gen.token_times[2]
     assert gen.token_times[2] == gen.token_times[3]  # two tokens in one response reached the host together
 
 
-# -- config and the CLI -------------------------------------------------------------------------------------------------
+# -- config and the CLI --------------------------------------------------------------------------------------------
 
 
 def test_trt_is_registered_and_composes():
-    from hydra import compose, initialize_config_dir
+    from sweep.compose import compose
 
-    from sweep.config import register_configs
-
-    assert BACKENDS["trt"] is trt.TRTBackend
-    register_configs()  # what `python -m sweep` does on import: puts trt_schema in Hydra's ConfigStore
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["backend=trt", "backend.free_gpu_memory_fraction=0.5"])
+    assert BACKENDS["trt"].load() is TRTBackend
+    cfg = compose(["backend=trt", "backend.free_gpu_memory_fraction=0.5"])  # trt_schema from the ConfigStore
     assert cfg.backend.name == "trt"
     assert cfg.backend.free_gpu_memory_fraction == 0.5
     assert cfg.backend.enable_block_reuse is False
-    ignored = [k for k in cfg.engine if k not in trt.TRTBackend.honoured_options]
+    ignored = [k for k in cfg.engine if k not in TRTBackend.honoured_options]
     assert sorted(ignored) == ["attn_implementation", "compile_mode", "cuda_graphs"]
 
 
@@ -345,9 +360,20 @@ def test_cli_without_tensorrt_llm_fails_before_recording_anything(tmp_path):
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
-        [sys.executable, "-m", "sweep", "backend=trt", f"tracker.uri=sqlite:///{db}", f"cache_dir={cache}",
-         f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "sweep",
+            "backend=trt",
+            f"tracker.uri=sqlite:///{db}",
+            f"cache_dir={cache}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
@@ -364,13 +390,13 @@ def test_cli_without_tensorrt_llm_fails_before_recording_anything(tmp_path):
     assert not cache.exists() or not any(cache.iterdir())
 
 
-# -- the glue around the LLM API, with a stand-in tensorrt_llm ---------------------------------------------------------
+# -- the glue around the LLM API, with a stand-in tensorrt_llm -----------------------------------------------------
 
 
 class FakeLLM:
     """Fake: records what sweep passes to tensorrt_llm._tensorrt_engine.LLM and streams made-up tokens."""
 
-    instances: list["FakeLLM"] = []
+    instances: list[FakeLLM] = []
 
     def __init__(self, model, **kwargs):
         self.model, self.kwargs, self.shut_down = model, kwargs, False
@@ -445,32 +471,49 @@ def install_fake_tensorrt_llm(monkeypatch):
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(trt, "installed_version", lambda: "1.2.1")
-    monkeypatch.setattr(trt, "gpu_sm", lambda: "90")
+    monkeypatch.setattr(runtime, "installed_version", lambda: "1.2.1")
+    monkeypatch.setattr(runtime, "gpu_sm", lambda: "90")
     import transformers
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda path: SimpleNamespace(eos_token_id=2, pad_token_id=None))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda path: SimpleNamespace(eos_token_id=2, pad_token_id=None)
+    )
 
 
 def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    from sweep.model import ModelSource
+    from sweep.model import ModelShape, ModelSource
     from sweep.workload import Request, Workload
 
     install_fake_tensorrt_llm(monkeypatch)
     FakeLLM.instances.clear()
     model_dir = tmp_path / "hf"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
-    cfg = OmegaConf.create({
-        "engine": {**{f.name: f.default for f in fields(EngineConfig)}, "max_batch_size": 4},
-        "backend": {f.name: f.default for f in fields(trt.TRTBackendConfig)},
-    })
-    backend = trt.TRTBackend(cfg, ModelSource("fake", model_dir, {}), device="cuda", dtype="bfloat16")
+    (model_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+                "num_hidden_layers": 2,
+                "hidden_size": 3584,
+                "vocab_size": 1000,
+                "max_position_embeddings": 4096,
+            }
+        )
+    )
+    cfg = OmegaConf.create(
+        {
+            "engine": {**{f.name: f.default for f in fields(EngineConfig)}, "max_batch_size": 4},
+            "backend": {f.name: f.default for f in fields(TRTBackendConfig)},
+        }
+    )
+    backend = TRTBackend(
+        cfg, ModelSource("fake", model_dir, {}, ModelShape.read(model_dir)), device="cuda", dtype="bfloat16"
+    )
     requests = [Request(f"r{i}", [1, 2, 3], output_len=5 + i) for i in range(6)]
-    backend.check(Workload(warmup=[], measured=requests), max_position_embeddings=4096)
+    backend.check(Workload(warmup=[], measured=requests))
     assert not any("max_num_tokens" in w for w in backend.warnings)  # 4 * 2048 = 8192: nothing to clamp
     assert any("use_fp8_context_fmha" in w for w in backend.warnings)
 
@@ -507,7 +550,7 @@ def test_memory_estimate_does_not_reserve_kv_for_every_slot():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"engine": {"max_batch_size": 256, "max_seq_len": 4096}})
-    backend = trt.TRTBackend(cfg, model=None, device="cuda", dtype="bfloat16")
+    backend = TRTBackend(cfg, model=None, device="cuda", dtype="bfloat16")
     assert backend.memory_estimate_bytes(model_bytes=15_000_000_000, kv_bytes_per_token=57_344) == (
         15_000_000_000 + 4096 * 57_344
     )

@@ -1,10 +1,12 @@
 """Workloads: seeded synthetic requests and trtllm-bench JSONL datasets."""
+
 import json
 
 import pytest
 from omegaconf import OmegaConf
 
-from sweep.config import ConfigError, WorkloadConfig
+from sweep.config import WorkloadConfig
+from sweep.errors import ConfigError
 from sweep.model import build_byte_tokenizer
 from sweep.workload import make_workload
 
@@ -29,9 +31,17 @@ def test_fixed_lengths_and_seeded_ids():
 
 def test_normal_lengths_vary_around_the_mean_and_stay_positive():
     w = make_workload(
-        wcfg(num_requests=400, warmup_requests=0, input_len=64, output_len=16, length_distribution="normal",
-             input_len_std=8, output_len_std=20),
-        TOKENIZER, 300,
+        wcfg(
+            num_requests=400,
+            warmup_requests=0,
+            input_len=64,
+            output_len=16,
+            length_distribution="normal",
+            input_len_std=8,
+            output_len_std=20,
+        ),
+        TOKENIZER,
+        300,
     )
     inputs = [r.input_len for r in w.measured]
     assert len(set(inputs)) > 10 and 60 < sum(inputs) / len(inputs) < 68

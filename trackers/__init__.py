@@ -1,11 +1,12 @@
 """Experiment trackers: where a run's params, metrics, tags and artifacts go."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from trackers.base import TrackedRun, Tracker
 
-# Set by the multirun callback (trackers/hydra_callback.py): every job of a sweep becomes a child of this run.
+# Set by the multirun callback (sweep/multirun.py): every job of a sweep becomes a child of this run.
 PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
 
 

@@ -1,4 +1,5 @@
 """The tracker interface: a run is a context that ends FINISHED, FAILED (with its error) or KILLED."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,6 +36,10 @@ class TrackedRun(ABC):
 class Tracker(ABC):
     @abstractmethod
     def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun: ...
+
+    @abstractmethod
+    def attach(self, run_id: str) -> TrackedRun:
+        """A run another process started (a sweep's parent), to log into."""
 
     @contextlib.contextmanager
     def run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> Iterator[TrackedRun]:

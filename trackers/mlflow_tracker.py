@@ -3,6 +3,7 @@
 The file store is deprecated and refuses to start in mlflow >= 3.13, hence SQLite. $MLFLOW_TRACKING_URI or
 `tracker.uri` points elsewhere, for example at a tracking server (`http://host:5000`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,3 +93,6 @@ class MLflowTracker(Tracker):
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         log.info("MLflow run %s in %s", run.info.run_id, self.uri)
         return MLflowRun(self.client, run.info.run_id)
+
+    def attach(self, run_id: str) -> TrackedRun:
+        return MLflowRun(self.client, run_id)

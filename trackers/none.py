@@ -1,4 +1,5 @@
 """A tracker that records nothing: for dry runs (`tracker=none`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,4 +30,7 @@ class NoRun(TrackedRun):
 
 class NoTracker(Tracker):
     def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
+        return NoRun()
+
+    def attach(self, run_id: str) -> TrackedRun:
         return NoRun()

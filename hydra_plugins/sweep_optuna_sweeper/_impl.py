@@ -1,16 +1,16 @@
 """The search loop: ask Optuna for a batch of trials, prune the infeasible ones, launch the rest, tell the results.
 
 Each trial is a Hydra job (so any launcher runs it) and an MLflow child run of the sweep's parent run, which the
-multirun callback (trackers/hydra_callback.py) opened. The study lives in an RDB storage, so a sweep that is
+multirun callback (sweep/multirun.py) opened. The study lives in an RDB storage, so a sweep that is
 interrupted and started again continues where it stopped.
 """
+
 from __future__ import annotations
 
 import itertools
 import json
 import logging
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -26,6 +26,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+
+from sweep import sweeper_api
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +129,24 @@ def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
 
 # -- the sweeper ----------------------------------------------------------------------------------------------
 class OptunaSearch:
-    def __init__(self, sampler, seed, n_trials, n_jobs, study_name, storage, objectives, constraints,
-                 max_failure_rate, params, best_config_dir):
+    def __init__(
+        self,
+        sampler,
+        seed,
+        n_trials,
+        n_jobs,
+        study_name,
+        storage,
+        objectives,
+        constraints,
+        max_failure_rate,
+        params,
+        best_config_dir,
+    ):
         if sampler not in SAMPLERS:
-            raise SearchSpaceError(f"hydra.sweeper.sampler={sampler!r} is not allowed; choose one of: {', '.join(SAMPLERS)}")
+            raise SearchSpaceError(
+                f"hydra.sweeper.sampler={sampler!r} is not allowed; choose one of: {', '.join(SAMPLERS)}"
+            )
         self.sampler_name, self.seed = sampler, seed
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.study_name, self.storage = study_name, storage
@@ -162,7 +178,8 @@ class OptunaSearch:
         study = optuna.create_study(
             storage=storage,
             sampler=self.make_sampler(),
-            study_name=self.study_name or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
+            study_name=self.study_name
+            or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
             directions=list(self.objectives.values()),
             load_if_exists=True,
         )
@@ -183,23 +200,35 @@ class OptunaSearch:
             raise SearchSpaceError("no search space: give sweeps such as 'engine.max_batch_size=choice(1,2,4)'")
         if not self.objectives:
             self.objectives = {self.config.objective.metric: self.config.objective.direction}
+        for name in self.objectives:
+            sweeper_api.check_figure(f"hydra.sweeper.objectives.{name}", name)
+        for name in self.constraints:
+            sweeper_api.check_figure(f"hydra.sweeper.constraints.{name}", name)
         study = self.open_study(space)
         n_trials = self.n_trials
         if self.sampler_name == "grid":
             n_trials = min(n_trials, math.prod(len(v) for v in grid_values(space).values()))
-        parent = ParentRun.from_environment(self.config)
+        parent = ParentRun(self.config)
         parent.log_settings(self, space, fixed, study)
 
         job_index = _finished(study)
-        log.info("study %s: %d of %d trials done, %d to run (storage %s)", study.study_name, _finished(study),
-                 n_trials, max(0, n_trials - _finished(study)), self.storage or "mlruns/optuna.db")
+        log.info(
+            "study %s: %d of %d trials done, %d to run (storage %s)",
+            study.study_name,
+            _finished(study),
+            n_trials,
+            max(0, n_trials - _finished(study)),
+            self.storage or "mlruns/optuna.db",
+        )
         results = []
         while (remaining := n_trials - _finished(study)) > 0:
             batch = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
             runnable = []
             for trial in batch:
                 trial_overrides = overrides_for(fixed, trial.params) + [
-                    f"+tracker.tags.optuna_trial={trial.number}", f"+tracker.tags.optuna_study={study.study_name}"]
+                    f"+tracker.tags.{sweeper_api.TRIAL_TAG}={trial.number}",
+                    f"+tracker.tags.{sweeper_api.STUDY_TAG}={study.study_name}",
+                ]
                 reason = self.infeasible(trial_overrides)
                 if reason:
                     log.info("trial %d pruned before building: %s", trial.number, reason)
@@ -222,14 +251,7 @@ class OptunaSearch:
 
     def infeasible(self, overrides: list[str]) -> str | None:
         """Compose the trial's config and run every check a run makes before building; return why it fails."""
-        from sweep.config import ConfigError
-        from sweep.run import Prepared
-
-        try:
-            Prepared(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
-        except ConfigError as exc:
-            return str(exc)
-        return None
+        return sweeper_api.infeasible(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, ret: Any) -> None:
         if ret.status != JobStatus.COMPLETED:
@@ -238,7 +260,7 @@ class OptunaSearch:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
             study.tell(trial, state=TrialState.FAIL)
             return
-        figures = json.loads((Path(ret.hydra_cfg.hydra.runtime.output_dir) / "figures.json").read_text())
+        figures = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir))
         missing = [name for name in self.objectives if name not in figures]
         if missing:
             trial.set_user_attr("error", f"figures {missing} were not recorded by this run")
@@ -260,7 +282,7 @@ class OptunaSearch:
                 f"{self.max_failure_rate}; last error: {failed[-1].user_attrs.get('error')}"
             )
 
-    def write_best_config(self, study: optuna.Study, fixed: list[str], parent: "ParentRun") -> None:
+    def write_best_config(self, study: optuna.Study, fixed: list[str], parent: ParentRun) -> None:
         best = best_trials(study)
         if not best:
             log.warning("no feasible completed trial: no best config written")
@@ -269,12 +291,18 @@ class OptunaSearch:
         overrides = overrides_for(fixed, trial.params)
         composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         text = best_config_yaml(study.study_name, trial, dict(composed.hydra.runtime.choices), overrides)
-        directory = Path(self.best_config_dir) if self.best_config_dir else Path(__file__).resolve().parents[2] / "conf" / "best"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{study.study_name}.yaml"
+        path = sweeper_api.best_config_path(self.best_config_dir, study.study_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         parent.log_text(text, "best_config.yaml")
-        log.info("best trial %d %s; rerun it with: python -m sweep +best=%s", trial.number, trial.values, study.study_name)
+        log.info(
+            "best trial %d %s written to %s; rerun it with: python -m sweep --config-dir %s +best=%s",
+            trial.number,
+            trial.values,
+            path,
+            path.parent.parent,
+            study.study_name,
+        )
 
 
 def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -302,8 +330,10 @@ def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: 
         if not group_choice and not key.startswith(("hydra.", "tracker.tags.")):
             OmegaConf.update(values, key, yaml.safe_load(value), force_add=True)
     body = {"defaults": defaults + ["_self_"], **OmegaConf.to_container(values)}
-    header = (f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
-              f"# Rerun: python -m sweep +best={study_name}\n")
+    header = (
+        f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
+        f"# Rerun from the directory above conf/: python -m sweep --config-dir conf +best={study_name}\n"
+    )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
@@ -315,19 +345,12 @@ def _finished(study: optuna.Study) -> int:
 class ParentRun:
     """The sweep's parent run, opened by the multirun callback; a no-op when tracking is off."""
 
-    def __init__(self, config: DictConfig, run_id: str | None):
-        self.config, self.run_id = config, run_id
-        if run_id:
-            from trackers.mlflow_tracker import MLflowRun, MLflowTracker
-
-            self.tracker = MLflowTracker(config.tracker.uri, config.tracker.experiment)
-            self.run = MLflowRun(self.tracker.client, run_id)
-
-    @classmethod
-    def from_environment(cls, config: DictConfig) -> "ParentRun":
-        from trackers import PARENT_RUN_ENV
-
-        return cls(config, os.environ.get(PARENT_RUN_ENV) if config.tracker.name == "mlflow" else None)
+    def __init__(self, config: DictConfig):
+        opened = sweeper_api.parent_run(config)
+        self.run_id = None
+        if opened:
+            self.tracker, self.run = opened
+            self.run_id = self.run.run_id
 
     def log_text(self, text: str, name: str) -> None:
         if self.run_id:
@@ -337,16 +360,18 @@ class ParentRun:
         if not self.run_id:
             return
         self.run.set_tags({"sweep.kind": "optuna", "optuna.study": study.study_name})
-        self.run.log_params({
-            "optuna.sampler": search.sampler_name,
-            "optuna.seed": search.seed,
-            "optuna.n_trials": search.n_trials,
-            "optuna.n_jobs": search.n_jobs,
-            "optuna.objectives": json.dumps(search.objectives),
-            "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in search.constraints.items()}),
-            "optuna.search_space": json.dumps({k: repr(v) for k, v in space.items()}),
-            "optuna.fixed_overrides": " ".join(fixed),
-        })
+        self.run.log_params(
+            {
+                "optuna.sampler": search.sampler_name,
+                "optuna.seed": search.seed,
+                "optuna.n_trials": search.n_trials,
+                "optuna.n_jobs": search.n_jobs,
+                "optuna.objectives": json.dumps(search.objectives),
+                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in search.constraints.items()}),
+                "optuna.search_space": json.dumps({k: repr(v) for k, v in space.items()}),
+                "optuna.fixed_overrides": " ".join(fixed),
+            }
+        )
 
     def record_pruned(self, number: int, study_name: str, params: dict, reason: str) -> None:
         """A pruned trial gets a child run too, so the UI shows what was skipped and why."""
@@ -354,7 +379,12 @@ class ParentRun:
             return
         run = self.tracker.start_run(
             f"trial-{number}-pruned",
-            {"optuna_trial": number, "optuna_study": study_name, "optuna.state": "PRUNED", "pruned_reason": reason},
+            {
+                sweeper_api.TRIAL_TAG: number,
+                sweeper_api.STUDY_TAG: study_name,
+                "optuna.state": "PRUNED",
+                "pruned_reason": reason,
+            },
             parent_run_id=self.run_id,
         )
         run.log_params(params)
@@ -396,13 +426,15 @@ def study_plots(study: optuna.Study, objectives: dict[str, str]) -> dict[str, Pa
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     makers = {
         "param_importances": lambda: ovm.plot_param_importances(
-            study, target=lambda t: sign * t.values[0], target_name=f"{'-' if sign < 0 else ''}{names[0]}"),
+            study, target=lambda t: sign * t.values[0], target_name=f"{'-' if sign < 0 else ''}{names[0]}"
+        ),
     }
     if len(names) == 1:
         makers["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=names[0])
     else:
         makers["optimization_history"] = lambda: ovm.plot_optimization_history(
-            study, target=lambda t: t.values[0], target_name=names[0])
+            study, target=lambda t: t.values[0], target_name=names[0]
+        )
         makers["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=names)
     for name, make in makers.items():
         try:

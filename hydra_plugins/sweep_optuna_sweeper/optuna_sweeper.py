@@ -3,6 +3,7 @@
 Hydra imports every module under hydra_plugins/ on start-up to discover plugins, so this module stays light:
 its config and a thin class; optuna and the search loop live in _impl.py, imported only when a sweep runs.
 """
+
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules while scanning for
 # plugins, and dataclasses cannot resolve string annotations there.
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
-"""The one small interface every backend implements (one module + one YAML in conf/backend/ per backend)."""
+"""The one small interface every backend implements (a package in sweep/backends/, registered in registry.py)."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sweep.config import BackendConfig, ConfigError
+from sweep.errors import ConfigError
 from sweep.metrics import RequestTiming
 from sweep.model import ModelSource
 from sweep.workload import Request, Workload
@@ -21,9 +22,11 @@ class Generation:
 
 class Backend(ABC):
     name: ClassVar[str]
-    config_class: ClassVar[type[BackendConfig]]
     # The engine.* options this backend uses; every other engine option is recorded as ignored.
     honoured_options: ClassVar[tuple[str, ...]]
+    # The honoured options that shape the built artifact: they, and nothing else of engine.*, go into the cache
+    # key (dtype is keyed on its own, resolved). A backend that builds nothing has none.
+    artifact_options: ClassVar[tuple[str, ...]]
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg
@@ -36,9 +39,10 @@ class Backend(ABC):
     def check_installed(cls) -> None:
         """Raise ConfigError (with the install hint) when the backend's library is missing. Must be cheap."""
 
-    def check(self, workload: Workload, max_position_embeddings: int | None) -> None:
+    def check(self, workload: Workload) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
         e = self.cfg.engine
+        max_position_embeddings = self.model.shape.max_position_embeddings
         honoured = set(self.honoured_options)
         if "max_input_len" in honoured and workload.max_input_len > e.max_input_len:
             raise ConfigError(

@@ -1,19 +1,16 @@
 """hf: eager transformers `generate`, the seed's PyTorch baseline. It builds nothing: the engine is the checkpoint."""
+
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from sweep.backends.base import Backend, Generation
-from sweep.config import BackendConfig
 from sweep.workload import Request
-
-
-@dataclass
-class HFBackendConfig(BackendConfig):
-    name: str = "hf"
 
 
 class TokenClock:
@@ -39,9 +36,6 @@ class TokenClock:
 
 
 def load_hf_model(path: Path, dtype: str, attn_implementation: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
     )
@@ -49,8 +43,6 @@ def load_hf_model(path: Path, dtype: str, attn_implementation: str, device: str)
 
 
 def left_pad(requests: list[Request], pad_id: int, device: str):
-    import torch
-
     width = max(r.input_len for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -62,14 +54,8 @@ def left_pad(requests: list[Request], pad_id: int, device: str):
 
 class HFBackend(Backend):
     name = "hf"
-    config_class = HFBackendConfig
     honoured_options = ("dtype", "max_batch_size", "max_input_len", "max_seq_len", "attn_implementation")
-
-    def library_versions(self) -> dict[str, str]:
-        import torch
-        import transformers
-
-        return {"torch": torch.__version__, "transformers": transformers.__version__}
+    artifact_options = ()  # it builds nothing: one cache entry per model, dtype and device
 
     def build(self, engine_dir: Path) -> dict[str, Any]:
         return {"artifact": "none", "note": "hf runs the checkpoint as it is; nothing is built"}
@@ -80,8 +66,6 @@ class HFBackend(Backend):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def generate(self, requests: list[Request]) -> list[Generation]:
-        import torch
-
         ids, mask = left_pad(requests, self.pad_id, self.device)
         new_tokens = max(r.output_len for r in requests)
         clock = TokenClock()

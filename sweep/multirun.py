@@ -1,8 +1,9 @@
-"""A Hydra callback that groups every multirun (a grid or a search) under one MLflow parent run.
+"""A Hydra callback that groups every multirun (a grid or a search) under one MLflow parent run, and reports it.
 
 The parent's id travels to the jobs in $SWEEP_PARENT_RUN_ID, which launchers pass on to their workers.
 A sweeper (hydra_plugins/sweep_optuna_sweeper) finds the parent the same way and logs the study into it.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -47,9 +48,14 @@ class ParentRunCallback(Callback):
         from trackers.mlflow_tracker import default_uri
 
         try:
-            build_report(config.tracker.uri or default_uri(), config.tracker.experiment,
-                         Path(config.hydra.sweep.dir) / "report", parent_id=self.run.run_id,
-                         objective=config.objective.metric, direction=config.objective.direction)
+            build_report(
+                config.tracker.uri or default_uri(),
+                config.tracker.experiment,
+                Path(config.hydra.sweep.dir) / "report",
+                parent_id=self.run.run_id,
+                objective=config.objective.metric,
+                direction=config.objective.direction,
+            )
         except ReportError as exc:  # e.g. every job failed: the sweep's own status says so
             log.warning("no report for this sweep: %s", exc)
 

@@ -1,0 +1,194 @@
+"""compiled: the backend glue of a gpt-fast-style engine on transformers' model code.
+
+The model is transformers' own (its embeddings, decoder layers, attention dispatch, rotary embedding, norm and
+head, loaded exactly as the hf backend loads them). What this backend adds around it:
+
+- decode attention over the static cache as matmul, masked softmax, matmul (static_cache_sdpa);
+- fused projections: each layer's q/k/v weights (and biases) concatenated into one Linear, and gate/up into one,
+  so decode runs two large GEMVs where it ran five, two of them small and slow (fuse_projections);
+- a static KV cache of engine.max_batch_size x engine.max_seq_len per layer, allocated once, at fixed addresses
+  (torch._dynamo.mark_static_address), that transformers' attention writes through `cache.update`;
+- the step inputs (current token, cache column, left padding of each row) in persistent device buffers, so a
+  decode step has no inputs of its own and its CUDA graph replays without being captured again;
+- prefill (dynamic prompt width) and a decode step (forward + greedy argmax, written back into the buffers)
+  compiled with torch.compile in engine.compile_mode;
+- CUDA graphs for decode (engine.cuda_graphs): Inductor's cudagraph trees for reduce-overhead / max-autotune,
+  a torch.cuda.CUDAGraph captured here for none / default;
+- the engine artifact: torch's compile caches (torch.compiler.save_cache_artifacts), hot-loaded on a cache hit
+  so that a second run skips Inductor's code generation and Triton's kernel builds.
+
+Every batch is padded to max_batch_size, the one batch size compiled and captured; the manifest says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from sweep.backends.base import Backend, Generation
+from sweep.backends.compiled.engine import (
+    StaticState,
+    capture_decode,
+    compile_plan,
+    describe,
+    left_pad_batch,
+    make_steps,
+    stream_tokens,
+    warm_up,
+)
+from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
+from sweep.backends.hf.backend import load_hf_model
+from sweep.errors import ConfigError
+from sweep.workload import Request, Workload
+
+log = logging.getLogger(__name__)
+
+COMPILE_CACHE = "compile_cache.bin"  # torch.compiler.save_cache_artifacts() bytes, inside the engine dir
+
+
+class CompiledBackend(Backend):
+    name = "compiled"
+    honoured_options = ("dtype", "max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
+    artifact_options = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.state: StaticState | None = None
+        self.graph = None  # the decode CUDA graph, when captured here (compile_mode none or default)
+
+    def check(self, workload: Workload) -> None:
+        super().check(workload)
+        e = self.cfg.engine
+        if e.attn_implementation not in ATTENTION:
+            raise ConfigError(
+                f"engine.attn_implementation={e.attn_implementation!r} is not supported by backend=compiled "
+                f"(its static cache feeds masked attention); choose one of: {', '.join(ATTENTION)}"
+            )
+        requests = workload.warmup + workload.measured
+        longest = max(r.input_len for r in requests) + max(r.output_len for r in requests)
+        if longest > e.max_seq_len:  # a batch is left-padded to its longest prompt and runs to its longest output
+            raise ConfigError(
+                f"engine.max_seq_len={e.max_seq_len} cannot hold a batch of the workload's longest input plus its "
+                f"longest output ({longest} tokens); set engine.max_seq_len >= {longest}"
+            )
+        if self.model.shape.sliding_window:
+            raise ConfigError(
+                f"model {self.model.name!r} uses sliding-window attention, which backend=compiled does not mask"
+            )
+
+    def library_versions(self) -> dict[str, str]:
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        if self.device == "cuda":
+            import triton
+
+            versions["triton"] = triton.__version__
+        return versions
+
+    # -- engine -------------------------------------------------------------------------------------------------
+    def build(self, engine_dir: Path) -> dict[str, Any]:
+        """Compile and warm up; what torch cached while doing it is the engine."""
+        start = time.perf_counter()
+        self._start_engine()
+        build_s = time.perf_counter() - start
+        e = self.cfg.engine
+        extra: dict[str, Any] = {
+            **describe(self.plan, e.compile_mode),
+            "batch_padding": "every batch is padded to max_batch_size, the one compiled and captured batch size",
+            "captured_batch_sizes": [e.max_batch_size],
+            "kv_cache": {
+                "shape_per_layer": list(self.state.keys[0].shape),
+                "layers": len(self.state.keys),
+                "dtype": self.dtype,
+                "bytes": self.state.cache_bytes,
+            },
+            "attention": ATTENTION[e.attn_implementation],
+            "compile_and_warmup_s": self.warmup_s,
+            "model_load_s": self.model_load_s,
+        }
+        lines = [f"model loaded in {self.model_load_s:.1f} s", f"compile + warm-up {self.warmup_s:.1f} s"]
+        # Everything torch's caches recorded in this process so far (hits included), so an engine built after
+        # another one in the same process also carries the first one's graphs: bigger, never incomplete.
+        saved = torch.compiler.save_cache_artifacts() if e.compile_mode != "none" else None
+        if saved is None:
+            extra["artifact"] = (
+                "none: nothing was compiled (compile_mode=none)"
+                if e.compile_mode == "none"
+                else ("none: torch recorded no compile cache artifacts")
+            )
+        else:
+            data, info = saved
+            (engine_dir / COMPILE_CACHE).write_bytes(data)
+            counts = {kind: len(keys) for kind, keys in info.artifacts.items()}
+            extra.update(
+                artifact=f"torch compile cache ({COMPILE_CACHE})",
+                compile_cache_bytes=len(data),
+                compile_cache_entries=counts,
+            )
+            lines.append(f"saved {len(data)} bytes of compile cache artifacts: {counts}")
+        lines.append(f"build {build_s:.1f} s")
+        (engine_dir / "build.log").write_text("\n".join(lines) + "\n")
+        return extra
+
+    def load(self, engine_dir: Path) -> None:
+        if self.state is not None:  # built by this process a moment ago: compiled, captured and warm
+            return
+        cache_file = engine_dir / COMPILE_CACHE
+        if cache_file.is_file():
+            info = torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+            log.info("hot-loaded torch compile caches from %s: %s", cache_file, info)
+        self._start_engine()
+        log.info("engine ready: model %.1f s, compile + warm-up %.1f s (from cache)", self.model_load_s, self.warmup_s)
+
+    def _start_engine(self) -> None:
+        e = self.cfg.engine
+        register_attention()
+        torch._dynamo.reset()  # a fresh dynamo for this engine: no guards or recompile budget left from an earlier one
+        start = time.perf_counter()
+        model, tokenizer = load_hf_model(self.model.path, self.dtype, ATTENTION[e.attn_implementation], self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        fuse_projections(model)
+        self.model_load_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.plan = compile_plan(e.compile_mode, e.cuda_graphs, self.device)
+        with torch.inference_mode():
+            self.state = StaticState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
+            self.run_prefill, self.run_decode = make_steps(self.state, self.plan)
+            if self.plan["graphs"] == "manual":
+                self.run_decode, self.graph = capture_decode(self.run_decode)
+            warm_up(self.state, self.run_prefill, self.run_decode)
+        self.warmup_s = time.perf_counter() - start
+
+    def engine_figures(self) -> dict[str, float]:
+        """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""
+        return {"compile_and_warmup_s": self.warmup_s, "model_load_s": self.model_load_s}
+
+    # -- serving ------------------------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        state = self.state
+        ids, pad_len = left_pad_batch(requests, state.batch, self.pad_id)
+        count = max(r.output_len for r in requests)
+        with torch.inference_mode():
+            state.pad_len.copy_(pad_len)
+            first = self.run_prefill(ids.to(state.device))
+            state.token.copy_(first[:, None])
+            state.input_pos.fill_(ids.shape[1])
+            tokens, times = stream_tokens(state, self.run_decode, count)
+        rows = tokens.T.tolist()
+        return [
+            Generation(token_ids=rows[row][: req.output_len], token_times=times[: req.output_len])
+            for row, req in enumerate(requests)
+        ]
+
+    def close(self) -> None:
+        self.state = self.run_prefill = self.run_decode = self.graph = None
+        torch._dynamo.reset()  # drops compiled code and cudagraph trees, which hold the weights and their pools
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""hf: eager transformers `generate`, the seed's PyTorch baseline (config.py: settings; backend.py: the Backend)."""

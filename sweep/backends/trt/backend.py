@@ -1,0 +1,217 @@
+"""trt: TensorRT-LLM engines through the TensorRT-engine path of tensorrt-llm 1.2.x.
+
+`tensorrt_llm.LLM` is the PyTorch backend in 1.2 and rejects `build_config`; the engine path is
+`tensorrt_llm._tensorrt_engine.LLM`. Upstream removed that path after 1.2, so only 1.2.x is accepted.
+
+Build: HF checkpoint dir in, `LLM(model=hf_dir, build_config=...)` converts and builds, `llm.save(dir)` writes
+config.json + rank0.engine. Load: `LLM(model=engine_dir)`. Serve: requests are submitted at once with
+`generate_async(streaming=True)` and the runtime's in-flight batcher schedules them.
+
+tensorrt_llm is imported through runtime.import_tensorrt_llm(), after its version has been checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from sweep.backends.base import Backend, Generation
+from sweep.backends.trt import runtime
+from sweep.backends.trt.options import (
+    LOG_LEVELS,
+    OPTION_MAP,
+    build_config_kwargs,
+    cache_key_libraries,
+    check_fields,
+    convert_checkpoint_note,
+    effective_max_num_tokens,
+    field_names,
+    kv_cache_kwargs,
+    mapped_kwargs,
+    plugin_config_kwargs,
+    predicted_overrides,
+    sampling_kwargs,
+    trtllm_build_argv,
+)
+from sweep.errors import ConfigError
+from sweep.metrics import RequestTiming
+from sweep.workload import Request, Workload
+
+log = logging.getLogger(__name__)
+
+
+class TRTBackend(Backend):
+    name = "trt"
+    honoured_options = tuple(m.option for m in OPTION_MAP)
+    artifact_options = tuple(m.option for m in OPTION_MAP if m.option != "dtype")
+
+    def __init__(self, cfg: Any, model: Any, device: str, dtype: str):
+        super().__init__(cfg, model, device, dtype)
+        self.llm: Any = None
+        self.warnings: list[str] = []
+
+    # -- before anything is built ---------------------------------------------------------------------------
+    @classmethod
+    def check_installed(cls) -> None:
+        """Cheap (no import): is a supported tensorrt-llm there? For callers that want to fail before any work."""
+        runtime.check_supported_version(runtime.installed_version())
+
+    def engine_options(self) -> dict[str, Any]:
+        """The honoured engine.* options, with dtype resolved (engine.dtype may say auto)."""
+        engine = {m.option: self.cfg.engine[m.option] for m in OPTION_MAP}
+        engine["dtype"] = self.dtype
+        return engine
+
+    def check(self, workload: Workload) -> None:
+        version = runtime.import_tensorrt_llm().__version__  # first: without it nothing else here can be checked
+        if self.device != "cuda":
+            raise ConfigError(f"backend=trt needs a CUDA GPU, but device resolved to {self.device!r}")
+        self.check_runtime_settings()
+        super().check(workload)
+        build_kw, plugin_kw, plugin_defaults = self.check_against_installed(version)
+        self.check_prompt_fits(workload, build_kw, {**plugin_defaults, **plugin_kw})
+        architecture = self.model.shape.architecture
+        self.warnings = predicted_overrides(build_kw, plugin_kw, plugin_defaults, architecture)
+        for note in self.warnings:
+            log.warning("tensorrt_llm will override: %s", note)
+
+    def check_against_installed(self, version: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """BuildConfig and PluginConfig keywords, checked against the installed classes; PluginConfig's defaults."""
+        from tensorrt_llm.builder import BuildConfig
+        from tensorrt_llm.plugin import PluginConfig
+
+        engine = self.engine_options()
+        build_kw, plugin_kw = build_config_kwargs(engine), plugin_config_kwargs(engine)
+        check_fields(build_kw, field_names(BuildConfig), "BuildConfig", version)
+        check_fields(plugin_kw, field_names(PluginConfig), "PluginConfig", version)
+        return build_kw, plugin_kw, runtime.plugin_field_defaults(PluginConfig)
+
+    def check_runtime_settings(self) -> None:
+        b = self.cfg.backend
+        if not 0 < b.free_gpu_memory_fraction <= 1:
+            raise ConfigError(
+                f"backend.free_gpu_memory_fraction={b.free_gpu_memory_fraction!r} is not allowed; it must be in (0, 1]"
+            )
+        if b.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"backend.log_level={b.log_level!r} is not allowed; choose one of: {', '.join(LOG_LEVELS)}"
+            )
+
+    def check_prompt_fits(self, workload: Workload, build_kw: Mapping[str, Any], plugin: Mapping[str, Any]) -> None:
+        # check_max_num_tokens warns that a context longer than max_num_tokens needs chunked context at runtime.
+        limit = effective_max_num_tokens(build_kw, plugin)
+        if workload.max_input_len > limit and not self.cfg.backend.enable_chunked_prefill:
+            raise ConfigError(
+                f"the workload's longest input ({workload.max_input_len} tokens) exceeds the engine's max_num_tokens "
+                f"({limit} after the builder's adjustment); raise engine.max_num_tokens or set "
+                "backend.enable_chunked_prefill=true"
+            )
+
+    def memory_estimate_bytes(self, model_bytes: int, kv_bytes_per_token: int) -> int:
+        """Weights plus one full-length sequence of KV cache.
+
+        The runtime does not reserve KV cache for every batch slot: it takes free_gpu_memory_fraction of what is free
+        after loading and the in-flight batcher admits as many requests as fit, so only one sequence must fit.
+        """
+        return model_bytes + self.cfg.engine.max_seq_len * kv_bytes_per_token
+
+    def library_versions(self) -> dict[str, str]:
+        import tensorrt_llm
+
+        return cache_key_libraries(tensorrt_llm.__version__, runtime.gpu_sm(), runtime.tensorrt_version())
+
+    # -- engine ---------------------------------------------------------------------------------------------
+    def build(self, engine_dir: Path) -> dict[str, Any]:
+        import tensorrt_llm
+        from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm.builder import BuildConfig
+        from tensorrt_llm.plugin import PluginConfig
+
+        engine = self.engine_options()
+        build_kw, plugin_kw = build_config_kwargs(engine), plugin_config_kwargs(engine)
+        build_config = BuildConfig(**build_kw, plugin_config=PluginConfig(**plugin_kw))
+        log_path = engine_dir / "build.log"
+        log.info("building a TensorRT-LLM engine from %s; build log: %s", self.model.path, log_path)
+        self.set_log_level()
+        try:
+            with runtime.output_to(log_path):
+                llm = LLM(model=str(self.model.path), dtype=self.dtype, build_config=build_config)
+                try:
+                    llm.save(str(engine_dir))
+                finally:
+                    llm.shutdown()
+        except BaseException:
+            log.error("TensorRT-LLM engine build failed; last lines of its log:\n%s", runtime.log_tail(log_path))
+            raise
+        return {
+            "artifact": "tensorrt-llm engine (TensorRT-engine path)",
+            "tensorrt_llm_version": tensorrt_llm.__version__,
+            "gpu_sm": runtime.gpu_sm(),
+            "llm_kwargs": mapped_kwargs(engine, "llm"),
+            "build_config": build_kw,
+            "plugin_config": plugin_kw,
+            "trtllm_build_command": shlex.join(trtllm_build_argv(engine)),
+            "convert_checkpoint": convert_checkpoint_note(self.dtype),
+            "warnings": self.warnings,
+            "engine_files": sorted(p.name for p in engine_dir.iterdir()),
+        }
+
+    def set_log_level(self) -> None:
+        from tensorrt_llm.logger import logger
+
+        logger.set_level(self.cfg.backend.log_level)
+
+    def load(self, engine_dir: Path) -> None:
+        from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm.llmapi.llm_args import KvCacheConfig
+        from transformers import AutoTokenizer
+
+        self.set_log_level()
+        tokenizer = AutoTokenizer.from_pretrained(self.model.path)
+        self.end_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+        self.llm = LLM(
+            model=str(engine_dir),
+            tokenizer=str(self.model.path),  # the saved engine directory holds no tokenizer files
+            kv_cache_config=KvCacheConfig(**kv_cache_kwargs(self.cfg.backend)),
+            enable_chunked_prefill=self.cfg.backend.enable_chunked_prefill,
+        )
+
+    # -- serving --------------------------------------------------------------------------------------------
+    def sampling_params(self, request: Request) -> Any:
+        from tensorrt_llm.sampling_params import SamplingParams
+
+        return SamplingParams(**sampling_kwargs(request.output_len, self.end_id, self.pad_id))
+
+    async def stream_one(self, request: Request, slots: asyncio.Semaphore) -> Generation:
+        async with slots:
+            # Called inside the event loop, so the result gets an asyncio queue and can be awaited token by token.
+            stream = self.llm.generate_async(
+                request.input_ids, sampling_params=self.sampling_params(request), streaming=True
+            )
+            return await runtime.collect_stream(stream)
+
+    async def stream_all(self, requests: list[Request], in_flight: int) -> list[Generation]:
+        slots = asyncio.Semaphore(in_flight)
+        return list(await asyncio.gather(*(self.stream_one(r, slots) for r in requests)))
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        return asyncio.run(self.stream_all(requests, in_flight=len(requests)))
+
+    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
+        """All requests arrive at t0; up to batch_size are in flight; the runtime batches them as they come and go."""
+        t0 = time.perf_counter()
+        generations = asyncio.run(self.stream_all(requests, in_flight=batch_size))
+        return [
+            RequestTiming(r.id, r.input_len, r.output_len, t0, g.token_times, iteration)
+            for r, g in zip(requests, generations)
+        ]
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

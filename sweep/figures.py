@@ -1,0 +1,144 @@
+"""The one registry of figures: name, label, unit, which way is better, and what it means.
+
+The run summary, the report, `objective.metric` validation, the sweeper's objectives and constraints, and
+`--help` all read it. Definitions follow ../shared/metrics.md (repeated in the README).
+A distribution figure (per request) is recorded as `<name>_<stat>` for every stat in STATS, plus `<name>_n`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATS = ("p50", "p90", "p95", "p99", "mean", "stdev", "min", "max")
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    label: str
+    unit: str
+    better: str  # "higher", "lower", or "" for a fact that is neither (model bytes, sample counts)
+    meaning: str
+    distribution: bool = False  # per request: recorded as <name>_<stat>
+    spread: bool = False  # per iteration: the median, with <name>_min and <name>_max
+
+
+FIGURES: tuple[Figure, ...] = (
+    # per request
+    Figure("ttft_ms", "TTFT", "ms", "lower", "first output token on the host - arrival", distribution=True),
+    Figure(
+        "tpot_ms", "TPOT", "ms", "lower", "(E2E - TTFT) / (OSL - 1); requests with OSL 1 left out", distribution=True
+    ),
+    Figure("itl_ms", "ITL", "ms", "lower", "every gap between consecutive output tokens, pooled", distribution=True),
+    Figure(
+        "e2e_latency_ms", "E2E latency", "ms", "lower", "last output token on the host - arrival", distribution=True
+    ),
+    # per run
+    Figure(
+        "output_throughput_tok_s",
+        "output throughput",
+        "tok/s",
+        "higher",
+        "output tokens / (last token - first arrival), median over iterations",
+        spread=True,
+    ),
+    Figure(
+        "total_token_throughput_tok_s",
+        "total token throughput",
+        "tok/s",
+        "higher",
+        "(input + output tokens) / the same duration",
+        spread=True,
+    ),
+    Figure(
+        "request_throughput_req_s",
+        "request throughput",
+        "req/s",
+        "higher",
+        "completed requests / the same duration",
+        spread=True,
+    ),
+    Figure("build_time_s", "build time", "s", "lower", "engine build or compile; 0 on a cache hit"),
+    Figure("compile_and_warmup_s", "compile + warm-up", "s", "lower", "compiling the engine's steps at load"),
+    Figure("model_load_s", "model load", "s", "lower", "reading the weights onto the device"),
+    Figure("gpu_util_pct_mean", "GPU utilisation (mean)", "%", "higher", "NVML utilization.gpu every 100 ms"),
+    Figure("gpu_util_pct_max", "GPU utilisation (max)", "%", "higher", "NVML utilization.gpu every 100 ms"),
+    Figure(
+        "gpu_peak_memory_gb",
+        "peak GPU memory (NVML)",
+        "GB",
+        "lower",
+        "this process's device memory (else device used - idle), max over the window",
+    ),
+    Figure("gpu_sm_clock_mhz_mean", "SM clock (mean)", "MHz", "", "NVML SM clock over the window"),
+    Figure("gpu_power_w_mean", "GPU power (mean)", "W", "lower", "NVML power over the window"),
+    Figure("gpu_samples", "NVML samples", "", "", "samples taken over the window"),
+    Figure("energy_j", "energy", "J", "lower", "NVML total energy counter, end - start of the window"),
+    Figure("tokens_per_j", "tokens per joule", "tok/J", "higher", "output tokens / energy"),
+    Figure("torch_max_allocated_gb", "torch max allocated", "GB", "lower", "torch.cuda.max_memory_allocated"),
+    Figure("torch_max_reserved_gb", "torch max reserved", "GB", "lower", "torch.cuda.max_memory_reserved"),
+    Figure("host_peak_rss_gb", "host peak RSS", "GB", "lower", "peak resident memory of the process"),
+    Figure("roofline_efficiency", "roofline efficiency", "", "higher", "decode floor per step / TPOT P50"),
+    Figure("decode_floor_ms", "decode floor per step", "ms", "", "(weight + KV bytes read per step) / bandwidth"),
+    Figure("roofline_floor_tok_s", "roofline throughput", "tok/s", "", "batch / decode floor"),
+    Figure("device_bandwidth_gb_s", "device bandwidth", "GB/s", "", "large device-to-device copy, read + write"),
+    Figure("model_params", "parameters", "", "", "parameters in the checkpoint"),
+    Figure("model_bytes", "model bytes", "B", "", "parameters x bytes per parameter in the run's dtype"),
+    Figure("kv_bytes_per_token", "KV bytes per token", "B", "", "2 x layers x KV heads x head dim x bytes"),
+    Figure("iterations", "iterations", "", "", "measured passes over the workload"),
+    Figure("output_tokens", "output tokens", "tok", "", "output tokens over all measured iterations"),
+    Figure("engine_cache_hit", "engine cache hit", "", "", "1 when the engine came from the cache"),
+    Figure("phase_prepare_s", "prepare", "s", "lower", "config checks, model and workload"),
+    Figure("phase_build_s", "build or reuse", "s", "lower", "engine cache look-up and build"),
+    Figure("phase_load_s", "load", "s", "lower", "making the engine ready"),
+    Figure("phase_benchmark_s", "benchmark", "s", "lower", "warm-up and measured iterations"),
+    Figure("phase_record_s", "record", "s", "lower", "artifacts into the tracker"),
+)
+
+BY_NAME = {f.name: f for f in FIGURES}
+
+
+def metric_names() -> dict[str, Figure]:
+    """Every metric name a run can record, with the figure it belongs to."""
+    names: dict[str, Figure] = {}
+    for f in FIGURES:
+        if f.distribution:
+            names.update({f"{f.name}_{stat}": f for stat in (*STATS, "n")})
+        else:
+            names[f.name] = f
+            if f.spread:
+                names.update({f"{f.name}_min": f, f"{f.name}_max": f})
+    return names
+
+
+def objective_names() -> list[str]:
+    """The metrics a sweep may optimise or constrain: every one that has a better direction."""
+    return [name for name, f in metric_names().items() if f.better and not name.endswith("_n")]
+
+
+def lookup(metric: str) -> Figure:
+    """The figure of a recorded metric name (`ttft_ms_p99` -> TTFT)."""
+    return metric_names()[metric]
+
+
+def label(metric: str, with_unit: bool = True) -> str:
+    """`ttft_ms_p99` -> 'TTFT P99 (ms)'; a metric outside the registry keeps its name."""
+    f = metric_names().get(metric)
+    if f is None:
+        return metric
+    text = f.label
+    if metric != f.name:
+        text += " " + metric.removeprefix(f.name + "_").upper()
+    return f"{text} ({f.unit})" if with_unit and f.unit else text
+
+
+def unknown_figure_message(key: str, value: str) -> str:
+    """One line for a name that is no figure with a direction: the closest names, and where the list is."""
+    import difflib
+
+    close = difflib.get_close_matches(value, objective_names(), n=3, cutoff=0.5)
+    examples = close or ["output_throughput_tok_s", "ttft_ms_p99", "tpot_ms_p50", "gpu_peak_memory_gb"]
+    return (
+        f"{key}={value!r} is not allowed; choose a figure sweep records, "
+        f"{'did you mean' if close else 'e.g.'} {', '.join(examples)} (`python -m sweep --help` lists them all)"
+    )

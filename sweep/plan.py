@@ -1,0 +1,96 @@
+"""Planning a run: config -> model, workload, backend and cache key, with every check made before anything is built.
+
+One planning step and one start-engine step, shared by the CLI (sweep/run.py), the sweeper's feasibility check
+(sweep/sweeper_api.py), the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoTokenizer
+
+from sweep.backends.base import Backend
+from sweep.backends.registry import BACKENDS
+from sweep.engine_cache import CacheEntry, EngineCache
+from sweep.errors import ConfigError
+from sweep.model import ModelSource, model_sizes, resolve_model
+from sweep.telemetry import environment
+from sweep.validate import validate
+from sweep.workload import Workload, make_workload
+
+
+@dataclass
+class Plan:
+    cfg: DictConfig
+    device: str  # resolved: cpu or cuda
+    dtype: str  # resolved: float32, float16 or bfloat16
+    cache: EngineCache
+    model: ModelSource
+    workload: Workload
+    batch_size: int  # requests in flight at once
+    backend: Backend
+    env: dict[str, Any]
+    sizes: dict[str, int]  # model_params, model_bytes, kv_bytes_per_token
+    key_inputs: dict[str, Any]  # everything that shapes the built engine
+
+
+@dataclass
+class StartedEngine:
+    entry: CacheEntry
+    build_s: float  # cache look-up plus the build on a miss
+    load_s: float
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is visible; use device=auto or device=cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_plan(cfg: DictConfig) -> Plan:
+    """Every check a run makes before it builds or records anything; a ConfigError says what to change."""
+    validate(cfg)
+    backend_cls = BACKENDS[cfg.backend.name].load()
+    backend_cls.check_installed()  # before the model is fetched or generated
+    device = resolve_device(cfg.device)
+    dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
+    cache = EngineCache(Path(cfg.cache_dir).resolve())
+    model = resolve_model(cfg.model, cache.root)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
+    w = cfg.workload
+    batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
+    backend = backend_cls(cfg, model, device, dtype)
+    backend.check(workload)
+    env = environment(device)
+    sizes = model_sizes(model, dtype)
+    gpu_memory = env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in env else None
+    backend.check_memory(sizes["model_bytes"], sizes["kv_bytes_per_token"], gpu_memory)
+    gpu = {k: env.get(k) for k in ("gpu_name", "gpu_compute_capability")} if device == "cuda" else "cpu"
+    key_inputs = {
+        "model": model.identity,
+        "backend": backend.name,
+        "libraries": backend.library_versions(),
+        "options": {k: cfg.engine[k] for k in backend.artifact_options},
+        "dtype": dtype,
+        "gpu": gpu,
+    }
+    return Plan(cfg, device, dtype, cache, model, workload, batch_size, backend, env, sizes, key_inputs)
+
+
+def start_engine(plan: Plan) -> StartedEngine:
+    """Reuse the cached engine or build it, then load it: the backend is ready to serve."""
+    t = time.perf_counter()
+    entry = plan.cache.get_or_build(plan.backend.name, plan.key_inputs, plan.backend.build)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plan.backend.load(entry.path)
+    return StartedEngine(entry, build_s, time.perf_counter() - t)

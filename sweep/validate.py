@@ -1,0 +1,72 @@
+"""Value ranges and choices that the schema's types alone do not express, checked before anything is loaded.
+
+Reads the backend registry and the figure registry; imports no backend library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sweep.backends.registry import BACKENDS
+from sweep.config import (
+    ATTN_IMPLEMENTATIONS,
+    COMPILE_MODES,
+    DEVICES,
+    DIRECTIONS,
+    DTYPES,
+    LENGTH_DISTRIBUTIONS,
+    PLUGIN_DTYPES,
+    SCENARIOS,
+)
+from sweep.errors import ConfigError
+from sweep.figures import objective_names, unknown_figure_message
+
+
+def choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def at_least(key: str, value: Any, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
+
+
+def check_figure(key: str, name: str) -> None:
+    """A figure named as an objective or a constraint must be one a run records, with a direction."""
+    if name not in objective_names():
+        raise ConfigError(unknown_figure_message(key, name))
+
+
+def validate(cfg: Any) -> None:
+    m, e, w = cfg.model, cfg.engine, cfg.workload
+    if not (m.path or m.hub_id or m.generate):
+        raise ConfigError(f"model={m.name!r} has no source; set model.path, model.hub_id or model.generate")
+    if m.generate and not (m.path or m.hub_id):
+        choice("model.generate", m.generate, ("tiny",))
+    choice("model.dtype", m.dtype, DTYPES[1:])
+    choice("backend.name", cfg.backend.name, tuple(BACKENDS))
+    choice("device", cfg.device, DEVICES)
+    choice("engine.dtype", e.dtype, DTYPES)
+    choice("engine.attn_implementation", e.attn_implementation, ATTN_IMPLEMENTATIONS)
+    choice("engine.compile_mode", e.compile_mode, COMPILE_MODES)
+    choice("engine.gemm_plugin", e.gemm_plugin, PLUGIN_DTYPES)
+    choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
+    for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
+        at_least(f"engine.{key}", e[key], 1)
+    choice("workload.scenario", w.scenario, SCENARIOS)
+    choice("workload.length_distribution", w.length_distribution, LENGTH_DISTRIBUTIONS)
+    for key in ("num_requests", "iterations", "input_len", "output_len"):
+        at_least(f"workload.{key}", w[key], 1)
+    for key in ("warmup_requests", "input_len_std", "output_len_std"):
+        at_least(f"workload.{key}", w[key], 0)
+    if w.batch_size is not None:
+        at_least("workload.batch_size", w.batch_size, 1)
+        if w.batch_size > e.max_batch_size:
+            raise ConfigError(
+                f"workload.batch_size={w.batch_size} is not allowed; "
+                f"it must be <= engine.max_batch_size={e.max_batch_size}"
+            )
+    check_figure("objective.metric", cfg.objective.metric)
+    choice("objective.direction", cfg.objective.direction, DIRECTIONS)
+    choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))
