@@ -33,6 +33,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure(
         "e2e_latency_ms", "E2E latency", "ms", "lower", "last output token on the host - arrival", distribution=True
     ),
+    Figure("queue_ms", "queue time", "ms", "lower", "admitted (prefill starts) - arrival", distribution=True),
     # per run
     Figure(
         "output_throughput_tok_s",
@@ -57,6 +58,24 @@ FIGURES: tuple[Figure, ...] = (
         "higher",
         "completed requests / the same duration",
         spread=True,
+    ),
+    Figure("goodput_req_s", "goodput", "req/s", "higher", "requests meeting every SLO set / duration (slo.*)"),
+    Figure("goodput_tok_s", "goodput tokens", "tok/s", "higher", "output tokens of good requests / duration"),
+    Figure("slo_attainment_pct", "SLO attainment", "%", "higher", "good requests / all requests"),
+    Figure("offered_rate_req_s", "offered rate", "req/s", "", "rate scenario: (n - 1) / arrival window"),
+    Figure(
+        "achieved_rate_req_s",
+        "achieved rate",
+        "req/s",
+        "higher",
+        "rate scenario: (n - 1) / admission window; below 95% of offered = saturated",
+    ),
+    Figure(
+        "max_sustainable_rate_req_s",
+        "max sustainable rate",
+        "req/s",
+        "higher",
+        "max-rate search: highest offered rate whose SLO attainment met the target",
     ),
     Figure("build_time_s", "build time", "s", "lower", "engine build or compile; 0 on a cache hit"),
     Figure("compile_and_warmup_s", "compile + warm-up", "s", "lower", "compiling the engine's steps at load"),

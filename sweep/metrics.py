@@ -19,7 +19,8 @@ THROUGHPUT_FIGURES = tuple(f.name for f in FIGURES if f.spread)  # per iteration
 
 @dataclass
 class RequestTiming:
-    """One request's clock: arrival, and the time each output token became available on the host."""
+    """One request's clock (perf_counter seconds): arrival (offered), admitted (its prefill starts), and the time
+    each output token became available on the host. `t0` is its iteration's start, for relative times."""
 
     request_id: str
     input_len: int
@@ -27,6 +28,12 @@ class RequestTiming:
     arrival: float
     token_times: list[float]
     iteration: int = 0
+    admitted: float | None = None
+    t0: float = 0.0
+
+    @property
+    def queue(self) -> float | None:
+        return None if self.admitted is None else self.admitted - self.arrival
 
     @property
     def ttft(self) -> float:
@@ -80,14 +87,62 @@ def check_output_counts(timings: list[RequestTiming]) -> None:
         )
 
 
-def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
-    """Every per-request and per-run figure, flattened to `<figure>_<stat>` names."""
+def meets_slo(t: RequestTiming, slo: dict[str, float]) -> bool:
+    """vLLM's goodput: a request is good when it meets every SLO that is set (ttft_ms, tpot_ms, e2e_ms)."""
+    if "ttft_ms" in slo and t.ttft * 1e3 > slo["ttft_ms"]:
+        return False
+    if "tpot_ms" in slo and t.tpot is not None and t.tpot * 1e3 > slo["tpot_ms"]:
+        return False
+    return not ("e2e_ms" in slo and t.e2e * 1e3 > slo["e2e_ms"])
+
+
+def iteration_goodput(timings: list[RequestTiming], slo: dict[str, float]) -> dict[str, float]:
+    """Good requests and their output tokens per second over the iteration's duration, and the share good."""
+    good = [t for t in timings if meets_slo(t, slo)]
+    duration = iteration_throughput(timings)["duration_s"]
+    return {
+        "goodput_req_s": len(good) / duration,
+        "goodput_tok_s": sum(len(t.token_times) for t in good) / duration,
+        "slo_attainment_pct": 100.0 * len(good) / len(timings),
+    }
+
+
+def per_second(times: list[float]) -> float | None:
+    """Events per second over their own window: (n - 1) / (last - first); None for fewer than two or no spread."""
+    if len(times) < 2 or max(times) == min(times):
+        return None
+    return (len(times) - 1) / (max(times) - min(times))
+
+
+def load_figures(timings: list[RequestTiming]) -> dict[str, float]:
+    """Offered and achieved request rates of an open-loop run, per iteration, median over iterations.
+
+    Offered: arrivals per second over the arrival window. Achieved: admissions per second over the admission
+    window. An engine that keeps up admits at the rate requests arrive; one that does not falls behind.
+    """
+    offered, achieved = [], []
+    for i in sorted({t.iteration for t in timings}):
+        batch = [t for t in timings if t.iteration == i]
+        o = per_second([t.arrival for t in batch])
+        a = per_second([t.admitted for t in batch if t.admitted is not None])
+        if o is not None and a is not None:
+            offered.append(o)
+            achieved.append(a)
+    if not offered:
+        return {}
+    return {"offered_rate_req_s": statistics.median(offered), "achieved_rate_req_s": statistics.median(achieved)}
+
+
+def benchmark_figures(timings: list[RequestTiming], slo: dict[str, float] | None = None) -> dict[str, float]:
+    """Every per-request and per-run figure, flattened to `<figure>_<stat>` names. `slo` (any of ttft_ms, tpot_ms,
+    e2e_ms) adds goodput."""
     check_output_counts(timings)
     per_request = {
         "ttft_ms": [t.ttft * 1e3 for t in timings],
         "tpot_ms": [t.tpot * 1e3 for t in timings if t.tpot is not None],
         "itl_ms": [gap * 1e3 for t in timings for gap in t.itls],
         "e2e_latency_ms": [t.e2e * 1e3 for t in timings],
+        "queue_ms": [t.queue * 1e3 for t in timings if t.queue is not None],
     }
     figures: dict[str, float] = {}
     for name, values in per_request.items():
@@ -100,6 +155,10 @@ def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
         figures[name] = statistics.median(values)
         figures[f"{name}_min"] = min(values)
         figures[f"{name}_max"] = max(values)
+    if slo:
+        per_goodput = [iteration_goodput([t for t in timings if t.iteration == i], slo) for i in iterations]
+        for name in per_goodput[0]:
+            figures[name] = statistics.median(it[name] for it in per_goodput)
     figures["iterations"] = len(iterations)
     figures["output_tokens"] = sum(len(t.token_times) for t in timings)
     return figures

@@ -19,9 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.benchmark import run_benchmark
+from sweep.config import SLO_KEYS
 from sweep.engine_cache import CacheEntry, engine_key
 from sweep.errors import ConfigError
-from sweep.metrics import roofline_efficiency
+from sweep.metrics import RequestTiming, roofline_efficiency
 from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
 from sweep.sweeper_api import write_result
@@ -68,7 +69,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         engine_figures = p.backend.engine_figures()
         try:
             t = time.perf_counter()
-            result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size)
+            result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
             phases["phase_benchmark_s"] = time.perf_counter() - t
         finally:
             p.backend.close()
@@ -92,6 +93,9 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
                     figures["tpot_ms_p50"] / 1e3,
                 )
             )
+        saturated = is_saturated(figures)
+        if saturated is not None:
+            rec.set_tags({"saturated": saturated})
         t = time.perf_counter()
         record_artifacts(rec, cfg, p, entry, figures, result.timings)
         phases["phase_record_s"] = time.perf_counter() - t
@@ -104,7 +108,26 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
             f"batch {p.batch_size}"
         )
         print(summary_table(title, figures))
+        if saturated:
+            print(
+                f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
+                f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
+            )
     return figures[cfg.objective.metric]
+
+
+SATURATION = 0.95  # an open-loop run whose achieved rate falls below this share of the offered rate is saturated
+
+
+def is_saturated(figures: dict[str, float]) -> bool | None:
+    """None where the run had no offered rate (closed loop, or everything at t0)."""
+    if "offered_rate_req_s" not in figures:
+        return None
+    return figures["achieved_rate_req_s"] < SATURATION * figures["offered_rate_req_s"]
+
+
+def slo_targets(cfg: DictConfig) -> dict[str, float]:
+    return {key: float(cfg.slo[key]) for key in SLO_KEYS if cfg.slo[key] is not None}
 
 
 def record_artifacts(rec: Any, cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> None:
@@ -120,6 +143,7 @@ def record_artifacts(rec: Any, cfg: DictConfig, p: Plan, entry: CacheEntry, figu
     }
     rec.log_text(json.dumps(results, indent=2, sort_keys=True, default=str), "results.json")
     rec.log_text(requests_csv(timings), "requests.csv")
+    rec.log_text(token_times_jsonl(timings), "token_times.jsonl")
     log_file = hydra_log_file()
     if log_file and log_file.is_file():
         rec.log_artifact(log_file, "logs")
@@ -127,15 +151,84 @@ def record_artifacts(rec: Any, cfg: DictConfig, p: Plan, entry: CacheEntry, figu
         rec.log_artifact(entry.path / "build.log", "engine")
 
 
-def requests_csv(timings: list) -> str:
-    """The per-request table (pandas would cost most of a second to import, for one CSV)."""
+REQUEST_COLUMNS = (
+    "iteration",
+    "request_id",
+    "input_len",
+    "output_len",
+    "arrival_s",
+    "admitted_s",
+    "first_token_s",
+    "finish_s",
+    "queue_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_latency_ms",
+)
+
+
+def requests_csv(timings: list[RequestTiming]) -> str:
+    """The per-request table; times in seconds from the iteration's start (pandas would cost most of a second to
+    import, for one CSV)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["iteration", "request_id", "input_len", "output_len", "ttft_ms", "tpot_ms", "e2e_latency_ms"])
+    writer.writerow(REQUEST_COLUMNS)
     for t in timings:
+        admitted = "" if t.admitted is None else t.admitted - t.t0
+        queue = "" if t.queue is None else t.queue * 1e3
         tpot = "" if t.tpot is None else t.tpot * 1e3
-        writer.writerow([t.iteration, t.request_id, t.input_len, len(t.token_times), t.ttft * 1e3, tpot, t.e2e * 1e3])
+        writer.writerow(
+            [
+                t.iteration,
+                t.request_id,
+                t.input_len,
+                len(t.token_times),
+                t.arrival - t.t0,
+                admitted,
+                t.token_times[0] - t.t0,
+                t.token_times[-1] - t.t0,
+                queue,
+                t.ttft * 1e3,
+                tpot,
+                t.e2e * 1e3,
+            ]
+        )
     return out.getvalue()
+
+
+def token_times_jsonl(timings: list[RequestTiming]) -> str:
+    """Every output token's host time, in seconds from its iteration's start, one request per line."""
+    return "".join(
+        json.dumps(
+            {"iteration": t.iteration, "request_id": t.request_id, "token_times_s": [x - t.t0 for x in t.token_times]}
+        )
+        + "\n"
+        for t in timings
+    )
+
+
+def timings_from_artifacts(requests_text: str, token_times_text: str) -> list[RequestTiming]:
+    """The run's requests rebuilt from its two artifacts (each iteration's start at 0): every figure the run
+    logged can be recomputed from these with sweep.metrics."""
+    tokens = {}
+    for line in token_times_text.splitlines():
+        row = json.loads(line)
+        tokens[(row["iteration"], row["request_id"])] = row["token_times_s"]
+    timings = []
+    for row in csv.DictReader(io.StringIO(requests_text)):
+        iteration = int(row["iteration"])
+        timings.append(
+            RequestTiming(
+                row["request_id"],
+                int(row["input_len"]),
+                int(row["output_len"]),
+                float(row["arrival_s"]),
+                tokens[(iteration, row["request_id"])],
+                iteration,
+                admitted=float(row["admitted_s"]) if row["admitted_s"] else None,
+            )
+        )
+    return timings
 
 
 def job_output_dir() -> Path | None:

@@ -5,6 +5,7 @@ Reads the backend registry and the figure registry; imports no backend library.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sweep.backends.registry import BACKENDS
@@ -17,6 +18,7 @@ from sweep.config import (
     LENGTH_DISTRIBUTIONS,
     PLUGIN_DTYPES,
     SCENARIOS,
+    SLO_KEYS,
 )
 from sweep.errors import ConfigError
 from sweep.figures import objective_names, unknown_figure_message
@@ -28,8 +30,13 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def at_least(key: str, value: Any, minimum: float) -> None:
-    if value < minimum:
+    if math.isnan(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
+
+
+def positive(key: str, value: Any) -> None:
+    if math.isnan(value) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be > 0")
 
 
 def check_figure(key: str, name: str) -> None:
@@ -67,6 +74,14 @@ def validate(cfg: Any) -> None:
                 f"workload.batch_size={w.batch_size} is not allowed; "
                 f"it must be <= engine.max_batch_size={e.max_batch_size}"
             )
+    at_least("workload.concurrency", w.concurrency, 1)
+    positive("workload.request_rate", w.request_rate)  # inf is allowed: every request at t0
+    positive("workload.burstiness", w.burstiness)
+    if math.isinf(w.burstiness):
+        raise ConfigError(f"workload.burstiness={w.burstiness!r} is not allowed; it must be a finite number > 0")
+    for key in SLO_KEYS:
+        if cfg.slo[key] is not None:
+            positive(f"slo.{key}", cfg.slo[key])
     check_figure("objective.metric", cfg.objective.metric)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))

@@ -25,6 +25,7 @@ from sweep.backends.trt.config import TRTBackendConfig
 from sweep.config import EngineConfig
 from sweep.engine_cache import engine_key
 from sweep.errors import ConfigError
+from sweep.serving import RequestStream
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "trtllm_1_2_fields.json").read_text())
@@ -536,10 +537,21 @@ def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_pat
     assert loaded.model == str(engine_dir)
     assert loaded.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": False}
 
-    timings = backend.serve(requests, batch_size=2, iteration=0)
+    stream = RequestStream(requests, offsets=[0.0] * len(requests))  # all arrive at t0
+    stream.start()
+    backend.serve(stream, max_batch=2)
+    timings = stream.results()
     assert [len(t.token_times) for t in timings] == [r.output_len for r in requests]
-    assert len({t.arrival for t in timings}) == 1  # all arrive at t0
-    assert loaded.max_in_flight == 2  # no more than batch_size requests in flight
+    assert len({t.arrival for t in timings}) == 1
+    assert all(t.admitted >= t.arrival for t in timings)
+    assert loaded.max_in_flight == 2  # no more than max_batch requests in flight
+
+    # Arrivals over time: the runtime gets each request when it arrives, not before.
+    stream = RequestStream(requests[:3], offsets=[0.0, 0.05, 0.1])
+    stream.start()
+    backend.serve(stream, max_batch=2)
+    late = stream.results()[2]
+    assert late.admitted - stream.t0 >= 0.1 and late.admitted >= late.arrival
     (single,) = backend.generate([requests[0]])
     assert single.token_ids == list(range(5))
     backend.close()

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming
 from sweep.model import ModelSource
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 
@@ -99,15 +99,22 @@ class Backend(ABC):
     def generate(self, requests: list[Request]) -> list[Generation]:
         """Greedy generation of exactly request.output_len tokens for each request, as one batch."""
 
-    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
-        """All requests arrive at t0; static batches of `batch_size` run in waves. In-flight batchers override."""
-        t0 = time.perf_counter()
-        timings = []
-        for start in range(0, len(requests), batch_size):
-            wave = requests[start : start + batch_size]
-            for req, gen in zip(wave, self.generate(wave)):
-                timings.append(RequestTiming(req.id, req.input_len, req.output_len, t0, gen.token_times, iteration))
-        return timings
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        """Serve requests as they arrive, until the stream is exhausted; report each one's admission, tokens and
+        finish to the stream (its clock stamps them).
+
+        Static batching, for engines that run one batch to its end: whenever the engine is free it takes up to
+        `max_batch` requests that have arrived and generates them as one batch; requests that arrive meanwhile
+        wait, and their queue time shows it. In-flight batchers override this and admit requests between steps.
+        """
+        while batch := stream.take(max_batch, wait=True):
+            admitted = time.perf_counter()
+            for req in batch:
+                stream.admitted(req.id, admitted)
+            for req, gen in zip(batch, self.generate(batch)):
+                for t in gen.token_times:
+                    stream.tokens(req.id, 1, at=t)
+                stream.finished(req.id, at=gen.token_times[-1])
 
     def engine_figures(self) -> dict[str, float]:
         """Figures of the engine itself (e.g. compile time, which a cache hit still pays in part), as metrics."""

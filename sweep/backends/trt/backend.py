@@ -38,7 +38,7 @@ from sweep.backends.trt.options import (
     trtllm_build_argv,
 )
 from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 log = logging.getLogger(__name__)
@@ -187,29 +187,54 @@ class TRTBackend(Backend):
 
         return SamplingParams(**sampling_kwargs(request.output_len, self.end_id, self.pad_id))
 
-    async def stream_one(self, request: Request, slots: asyncio.Semaphore) -> Generation:
-        async with slots:
-            # Called inside the event loop, so the result gets an asyncio queue and can be awaited token by token.
-            stream = self.llm.generate_async(
-                request.input_ids, sampling_params=self.sampling_params(request), streaming=True
-            )
-            return await runtime.collect_stream(stream)
-
-    async def stream_all(self, requests: list[Request], in_flight: int) -> list[Generation]:
-        slots = asyncio.Semaphore(in_flight)
-        return list(await asyncio.gather(*(self.stream_one(r, slots) for r in requests)))
+    async def stream_one(self, request: Request) -> Generation:
+        # Called inside the event loop, so the result gets an asyncio queue and can be awaited token by token.
+        stream = self.llm.generate_async(
+            request.input_ids, sampling_params=self.sampling_params(request), streaming=True
+        )
+        return await runtime.collect_stream(stream)
 
     def generate(self, requests: list[Request]) -> list[Generation]:
-        return asyncio.run(self.stream_all(requests, in_flight=len(requests)))
+        async def all_at_once() -> list[Generation]:
+            return list(await asyncio.gather(*(self.stream_one(r) for r in requests)))
 
-    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
-        """All requests arrive at t0; up to batch_size are in flight; the runtime batches them as they come and go."""
-        t0 = time.perf_counter()
-        generations = asyncio.run(self.stream_all(requests, in_flight=batch_size))
-        return [
-            RequestTiming(r.id, r.input_len, r.output_len, t0, g.token_times, iteration)
-            for r, g in zip(requests, generations)
-        ]
+        return asyncio.run(all_at_once())
+
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        """Requests go to the runtime as they arrive (up to `max_batch` in flight); its in-flight batcher admits
+        them between steps. `admitted` is when a request was handed to the runtime: its own queue is not visible."""
+        asyncio.run(self.serve_async(stream, max_batch))
+
+    async def serve_async(self, stream: RequestStream, max_in_flight: int) -> None:
+        async def relay(request: Request) -> None:
+            stream.admitted(request.id)
+            responses = self.llm.generate_async(
+                request.input_ids, sampling_params=self.sampling_params(request), streaming=True
+            )
+            seen = 0
+            async for step in responses:
+                new = len(step.outputs[0].token_ids) - seen
+                seen += new
+                stream.tokens(request.id, new)
+            stream.finished(request.id)
+
+        in_flight: set[asyncio.Task] = set()
+        while not stream.exhausted:
+            for request in stream.take(max_in_flight - len(in_flight)):
+                in_flight.add(asyncio.create_task(relay(request)))
+            next_arrival = stream.next_arrival()
+            full = len(in_flight) >= max_in_flight
+            # Wake for the next arrival, unless every slot is taken (or none is due): then for the next finish.
+            timeout = None if next_arrival is None or full else max(next_arrival - time.perf_counter(), 0.0)
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                failed = [task for task in done if task.exception() is not None]
+                if failed:  # one failed request fails the iteration; the others are cancelled, not left bound
+                    for task in in_flight:
+                        task.cancel()
+                    raise failed[0].exception()
+            elif timeout is not None:
+                await asyncio.sleep(timeout)
 
     def close(self) -> None:
         if self.llm is not None:
