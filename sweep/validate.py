@@ -85,3 +85,13 @@ def validate(cfg: Any) -> None:
     check_figure("objective.metric", cfg.objective.metric)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))
+
+
+def check_sweep(config: Any) -> None:
+    """What a multirun needs before its parent run opens: a max-rate search judges rates by an SLO."""
+    sweeper = str(config.hydra.sweeper.get("_target_", ""))
+    if sweeper.endswith("MaxRateSweeper") and all(config.slo[key] is None for key in SLO_KEYS):
+        raise ConfigError(
+            f"slo={config.slo.name!r} sets no objective, and search=max_rate judges each rate by one; "
+            "set slo=interactive or slo=batch, or slo.ttft_ms / slo.tpot_ms / slo.e2e_ms"
+        )

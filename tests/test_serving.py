@@ -179,3 +179,71 @@ def test_a_rate_run_records_arrivals_and_every_figure_can_be_recomputed_from_its
     assert np.allclose(arrivals, open_loop_offsets(6, 30.0, 1.0, seed=0 + 1000), atol=1e-9)
     results = json.loads(open(f"{local}/results.json").read())
     assert results["figures"]["goodput_req_s"] == pytest.approx(metrics["goodput_req_s"])
+
+
+# -- load sweeps and the max-rate search ----------------------------------------------------------------------------
+def test_a_load_sweep_gives_one_parent_with_the_latency_throughput_curve(tmp_path):
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "workload=rate",
+        "workload.request_rate=5,20,80",
+        "workload.num_requests=4",
+        "workload.iterations=1",
+        "workload.output_len=4",
+        "slo=batch",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.kind")]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(float(r.data.params["workload.request_rate"]) for r in children) == [5.0, 20.0, 80.0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert "report/load_curve.png" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+
+
+def capacity_stand_in(capacity: float):
+    """A stand-in backend of known capacity (stated: no engine runs): SLO attainment is 100% up to `capacity`
+    req/s; past it the queue grows without bound and at most half the requests meet the SLO."""
+    return lambda rate: 100.0 if rate <= capacity else 50.0 * capacity / rate
+
+
+@pytest.mark.parametrize("capacity, start", [(13.0, 1.0), (0.3, 4.0), (700.0, 1.0)])
+def test_the_max_rate_search_finds_a_known_capacity_within_its_tolerance_and_budget(capacity, start):
+    from hydra_plugins.sweep_max_rate_sweeper._impl import Probe, max_sustainable, next_rate
+
+    attainment = capacity_stand_in(capacity)
+    probes, budget, tolerance = [], 16, 0.05
+    while len(probes) < budget and (rate := next_rate(probes, start, tolerance, max_rate=1024)) is not None:
+        probes.append(Probe(rate, attainment(rate), attainment(rate) >= 99.0))
+    answer = max_sustainable(probes)
+    assert capacity * (1 - tolerance) <= answer <= capacity
+    assert len(probes) <= budget
+
+
+def test_max_rate_search_end_to_end_logs_the_answer_on_the_parent(tmp_path):
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "search=max_rate",
+        "slo.e2e_ms=60000",
+        "workload.num_requests=3",
+        "workload.iterations=1",
+        "workload.output_len=4",
+        "hydra.sweeper.start_rate=50",
+        "hydra.sweeper.max_rate=200",
+        "hydra.sweeper.max_probes=3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "max_rate"]
+    probes = sorted(float(r.data.params["workload.request_rate"]) for r in runs if r is not parent)
+    assert probes == [50.0, 100.0, 200.0]  # every rate held under a 60 s SLO: doubling up to max_rate
+    assert parent.data.metrics["max_sustainable_rate_req_s"] == 200.0
+
+
+def test_max_rate_search_without_an_slo_is_refused_before_anything_is_recorded(tmp_path):
+    result = run_sweep(tmp_path, "-m", "search=max_rate")
+    assert result.returncode != 0
+    assert "search=max_rate judges each rate by one; set slo=interactive" in result.stderr
+    assert mlflow_runs(tmp_path) == []
