@@ -29,7 +29,22 @@ FIGURES: tuple[Figure, ...] = (
     Figure(
         "tpot_ms", "TPOT", "ms", "lower", "(E2E - TTFT) / (OSL - 1); requests with OSL 1 left out", distribution=True
     ),
-    Figure("itl_ms", "ITL", "ms", "lower", "every gap between consecutive output tokens, pooled", distribution=True),
+    Figure(
+        "itl_ms",
+        "ITL",
+        "ms",
+        "lower",
+        "every gap between consecutive streamed chunks (tokens when one per chunk), pooled",
+        distribution=True,
+    ),
+    Figure(
+        "tokens_per_chunk",
+        "tokens per chunk",
+        "tok",
+        "",
+        "output tokens that reached the host together in one response",
+        distribution=True,
+    ),
     Figure(
         "e2e_latency_ms", "E2E latency", "ms", "lower", "last output token on the host - arrival", distribution=True
     ),

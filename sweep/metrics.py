@@ -43,7 +43,30 @@ class RequestTiming:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return chunk_gaps(self.token_times)
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return chunk_sizes(self.token_times)
+
+
+def chunk_sizes(token_times: list[float]) -> list[int]:
+    """Tokens per streamed chunk: tokens that reached the host in one response carry the same timestamp."""
+    sizes: list[int] = []
+    for i, t in enumerate(token_times):
+        if i and t == token_times[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def chunk_gaps(token_times: list[float]) -> list[float]:
+    """ITL per chunk, as vLLM's benchmark and AIPerf's inter-chunk latency count it: the gap between consecutive
+    responses. With one token per response this is every gap between tokens; a response carrying several tokens
+    adds one gap, not one gap plus zeros for the tokens that shared its timestamp."""
+    starts = [t for i, t in enumerate(token_times) if i == 0 or t != token_times[i - 1]]
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -87,6 +110,7 @@ def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
         "ttft_ms": [t.ttft * 1e3 for t in timings],
         "tpot_ms": [t.tpot * 1e3 for t in timings if t.tpot is not None],
         "itl_ms": [gap * 1e3 for t in timings for gap in t.itls],
+        "tokens_per_chunk": [n for t in timings for n in t.chunk_sizes],
         "e2e_latency_ms": [t.e2e * 1e3 for t in timings],
     }
     figures: dict[str, float] = {}

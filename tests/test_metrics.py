@@ -18,6 +18,18 @@ def test_request_figures_follow_the_definitions():
     assert t.itls == pytest.approx([0.1, 0.2, 0.3])
 
 
+def test_itl_is_per_chunk_when_a_response_carries_several_tokens():
+    # Tokens that reached the host in one streamed response share its timestamp: chunks of 1, 3, 1 and 2 tokens.
+    t = timing("a", 0.0, [0.5, 0.6, 0.6, 0.6, 0.9, 1.0, 1.0])
+    assert t.chunk_sizes == [1, 3, 1, 2]
+    assert t.itls == pytest.approx([0.1, 0.3, 0.1])  # one gap per chunk, as vLLM and AIPerf count it; no zeros
+    assert t.tpot == pytest.approx(0.5 / 6)  # TPOT still counts tokens
+    figures = benchmark_figures([t, timing("b", 0.0, [0.2, 0.4])])
+    assert figures["itl_ms_n"] == 4 and figures["itl_ms_min"] == pytest.approx(100.0)
+    assert figures["tokens_per_chunk_n"] == 6 and figures["tokens_per_chunk_max"] == 3
+    assert figures["tokens_per_chunk_mean"] == pytest.approx(9 / 6)
+
+
 def test_tpot_is_undefined_for_one_output_token():
     figures = benchmark_figures([timing("a", 0.0, [0.2]), timing("b", 0.0, [0.4])])
     assert figures["tpot_ms_n"] == 0 and "tpot_ms_p50" not in figures
