@@ -218,7 +218,8 @@ def build_byte_tokenizer():
 
 
 def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
-    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token."""
+    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token, and
+    the bytes of the input embedding table that a decode step does not read whole."""
     from safetensors import safe_open
 
     numel = 0
@@ -235,4 +236,7 @@ def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
         "model_params": numel,
         "model_bytes": numel * itemsize,
         "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * itemsize,
+        # A decode step reads one row of the input embedding table per sequence, not the table; a tied table is
+        # also the LM head, which reads all of it, so then nothing is left out of the decode floor.
+        "input_embedding_bytes": 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size * itemsize,
     }
