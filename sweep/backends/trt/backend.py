@@ -1,7 +1,8 @@
 """trt: TensorRT-LLM engines through the TensorRT-engine path of tensorrt-llm 1.2.x.
 
 `tensorrt_llm.LLM` is the PyTorch backend in 1.2 and rejects `build_config`; the engine path is
-`tensorrt_llm._tensorrt_engine.LLM`. Upstream removed that path after 1.2, so only 1.2.x is accepted.
+`tensorrt_llm._tensorrt_engine.LLM`. Upstream removed that path in July 2026, so only the releases that still ship
+it are accepted (options.has_engine_path: 1.2.x and 1.3.0rc0 to rc15).
 
 Build: HF checkpoint dir in, `LLM(model=hf_dir, build_config=...)` converts and builds, then starts its executor
 (worker, engine load, KV cache); `llm.save(dir)` writes config.json + rank0.engine. That LLM then serves the run, so
