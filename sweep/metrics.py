@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -50,7 +50,30 @@ class RequestTiming:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return chunk_gaps(self.token_times)
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return chunk_sizes(self.token_times)
+
+
+def chunk_sizes(token_times: list[float]) -> list[int]:
+    """Tokens per streamed chunk: tokens that reached the host in one response carry the same timestamp."""
+    sizes: list[int] = []
+    for i, t in enumerate(token_times):
+        if i and t == token_times[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def chunk_gaps(token_times: list[float]) -> list[float]:
+    """ITL per chunk, as vLLM's benchmark and AIPerf's inter-chunk latency count it: the gap between consecutive
+    responses. With one token per response this is every gap between tokens; a response carrying several tokens
+    adds one gap, not one gap plus zeros for the tokens that shared its timestamp."""
+    starts = [t for i, t in enumerate(token_times) if i == 0 or t != token_times[i - 1]]
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -141,6 +164,7 @@ def benchmark_figures(timings: list[RequestTiming], slo: dict[str, float] | None
         "ttft_ms": [t.ttft * 1e3 for t in timings],
         "tpot_ms": [t.tpot * 1e3 for t in timings if t.tpot is not None],
         "itl_ms": [gap * 1e3 for t in timings for gap in t.itls],
+        "tokens_per_chunk": [n for t in timings for n in t.chunk_sizes],
         "e2e_latency_ms": [t.e2e * 1e3 for t in timings],
         "queue_ms": [t.queue * 1e3 for t in timings if t.queue is not None],
     }
@@ -164,14 +188,31 @@ def benchmark_figures(timings: list[RequestTiming], slo: dict[str, float] | None
     return figures
 
 
-def roofline_efficiency(
-    weight_bytes: int, kv_bytes_per_token: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
+def decode_step_bytes(
+    sizes: Mapping[str, float], vocab_size: int, batch_size: int, mean_context: float
+) -> tuple[float, float]:
+    """Bytes one decode step must read (the floor's numerator), and the same with every weight counted.
+
+    A step reads every weight but the input embedding table, one row of that table per sequence, and each
+    sequence's KV cache at its context length. gpt-fast's "bandwidth achieved" counts every weight instead; that
+    count is kept beside it by name (sizes: sweep.model.model_sizes).
+    """
+    kv = batch_size * mean_context * sizes["kv_bytes_per_token"]
+    table = sizes["input_embedding_bytes"]
+    rows = batch_size * table / vocab_size
+    return sizes["model_bytes"] - table + rows + kv, sizes["model_bytes"] + kv
+
+
+def roofline_figures(
+    sizes: Mapping[str, float], vocab_size: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
 ) -> dict[str, float]:
-    """Decode is memory-bound: a step must read the weights once and every sequence's KV cache once."""
-    step_bytes = weight_bytes + batch_size * mean_context * kv_bytes_per_token
-    floor_s = step_bytes / bandwidth
+    """Decode is memory-bound: its floor per step is the bytes it must read over the device bandwidth."""
+    read, all_weights = decode_step_bytes(sizes, vocab_size, batch_size, mean_context)
+    floor_s = read / bandwidth
     return {
+        "decode_bytes_per_step": read,
         "decode_floor_ms": floor_s * 1e3,
         "roofline_efficiency": floor_s / tpot_s,
+        "roofline_efficiency_all_weights": all_weights / bandwidth / tpot_s,
         "roofline_floor_tok_s": batch_size / floor_s,
     }

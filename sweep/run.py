@@ -22,7 +22,7 @@ from sweep.benchmark import run_benchmark
 from sweep.config import SLO_KEYS
 from sweep.engine_cache import CacheEntry, engine_key
 from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming, roofline_efficiency
+from sweep.metrics import RequestTiming, roofline_figures
 from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
 from sweep.sweeper_api import write_result
@@ -61,6 +61,10 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         rec.log_params(flatten(resolved) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
+        # Measured (once per board) before any engine is loaded: one resident skews it (sweep/telemetry.py).
+        bandwidth = device_bandwidth(p.cache.root, p.env) if p.device == "cuda" else None
+        if bandwidth:
+            rec.set_tags({"device_bandwidth.method": bandwidth["method"]})
         log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
         started = start_engine(p)
         entry = started.entry
@@ -79,17 +83,17 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures["engine_cache_hit"] = float(entry.hit)
         figures.update(engine_figures)
         figures.update(p.sizes)
-        if p.device == "cuda" and "tpot_ms_p50" in figures:
+        if bandwidth and "tpot_ms_p50" in figures:
             mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)
-            bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
-            figures["device_bandwidth_gb_s"] = bandwidth / 1e9
+            figures["device_bandwidth_gb_s"] = bandwidth["bytes_per_s"] / 1e9
+            figures["device_bandwidth_spread_pct"] = bandwidth["spread_pct"]
             figures.update(
-                roofline_efficiency(
-                    figures["model_bytes"],
-                    figures["kv_bytes_per_token"],
+                roofline_figures(
+                    p.sizes,
+                    p.model.shape.vocab_size,
                     p.batch_size,
                     mean_context,
-                    bandwidth,
+                    bandwidth["bytes_per_s"],
                     figures["tpot_ms_p50"] / 1e3,
                 )
             )

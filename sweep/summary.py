@@ -23,6 +23,7 @@ SCALAR_FIGURES = (
     "energy_j",
     "tokens_per_j",
     "roofline_efficiency",
+    "roofline_efficiency_all_weights",
     "host_peak_rss_gb",
 )
 

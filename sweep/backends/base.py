@@ -27,6 +27,8 @@ class Backend(ABC):
     # The honoured options that shape the built artifact: they, and nothing else of engine.*, go into the cache
     # key (dtype is keyed on its own, resolved). A backend that builds nothing has none.
     artifact_options: ClassVar[tuple[str, ...]]
+    # The attention head sizes the engine's kernels support; None: any (eager and SDPA attention in torch).
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg
@@ -41,6 +43,7 @@ class Backend(ABC):
 
     def check(self, workload: Workload) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
+        self.check_head_size()
         e = self.cfg.engine
         max_position_embeddings = self.model.shape.max_position_embeddings
         honoured = set(self.honoured_options)
@@ -60,6 +63,14 @@ class Backend(ABC):
                     f"engine.max_seq_len={e.max_seq_len} is longer than the model supports "
                     f"(max_position_embeddings={max_position_embeddings})"
                 )
+
+    def check_head_size(self) -> None:
+        allowed, head_dim = self.supported_head_sizes, self.model.shape.head_dim
+        if allowed is not None and head_dim not in allowed:
+            raise ConfigError(
+                f"model {self.model.name!r} has attention head size {head_dim}, which backend={self.name} does not "
+                f"support; supported head sizes: {', '.join(map(str, allowed))}"
+            )
 
     def memory_estimate_bytes(self, model_bytes: int, kv_bytes_per_token: int) -> int:
         """Device memory the engine needs at its limits: weights plus a full KV cache for every slot."""
