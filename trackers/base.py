@@ -51,7 +51,8 @@ class Tracker(ABC):
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
             try:
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-            finally:
                 run.end(status)
+            except Exception as end_exc:  # the store is what failed: say so, and keep the run's own error
+                log.error("run %s could not be ended %s in the tracker: %s", run.run_id, status, end_exc)
             raise
         run.end("FINISHED")
