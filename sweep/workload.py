@@ -102,7 +102,7 @@ def read_dataset(path: Path, tokenizer: Any, vocab_size: int) -> list[Request]:
         else:
             raise ConfigError(f"{where}: prompt must be a string, not {type(row['prompt']).__name__}")
         if not ids or type(row["output_tokens"]) is not int or row["output_tokens"] < 1:
-            raise ConfigError(f"{where}: needs a non-empty prompt and output_tokens, an integer >= 1")
+            raise ConfigError(f"{where}: needs a non-empty prompt and output_tokens >= 1, an integer")
         requests.append(
             Request(id=str(row.get("task_id", lineno)), input_ids=list(ids), output_len=row["output_tokens"])
         )

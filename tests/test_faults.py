@@ -84,7 +84,7 @@ BAD_INPUTS = {
     ),
     "output_tokens true": (
         lambda t, c: [dataset(t, [{"prompt": "hello", "output_tokens": True}])],
-        "output_tokens, an integer >= 1",
+        "output_tokens >= 1, an integer",
     ),
     "config.json not JSON": (
         lambda t, c: [damaged_checkpoint(t, c, lambda d: (d / "config.json").write_text("{not json"))],
