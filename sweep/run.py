@@ -225,7 +225,8 @@ def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     write_result(out, {})  # a sweeper finds no figure, so the trial fails too
     try:
         tracker = make_tracker(cfg.tracker)
-        with tracker.run(cfg.tracker.run_name, {"config_error": "true"}, os.environ.get(PARENT_RUN_ENV)) as rec:
+        tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}
+        with tracker.run(cfg.tracker.run_name, tags, os.environ.get(PARENT_RUN_ENV)) as rec:
             rec.log_params(config_params(cfg))
             raise exc
     except ConfigError:
