@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.run import JOB_ERROR_FILE
 from trackers import PARENT_RUN_ENV, make_tracker
-from trackers.store import redact
+from trackers.store import redact, redact_file
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,3 @@ def failed_jobs(sweep_dir: Path) -> tuple[list[str], int]:
         f"job {d.name}: {(d / JOB_ERROR_FILE).read_text().strip()}" for d in jobs if (d / JOB_ERROR_FILE).is_file()
     ]
     return sorted(failed), len(jobs)
-
-
-def redact_file(path: Path) -> None:
-    """Hydra writes the sweep's config (multirun.yaml) itself: take user info out of its URIs."""
-    if path.is_file() and redact(text := path.read_text()) != text:
-        path.write_text(redact(text))

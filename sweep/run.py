@@ -27,7 +27,7 @@ from sweep.summary import summary_table
 from sweep.sweeper_api import write_result
 from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
-from trackers.store import redact
+from trackers.store import redact, redact_file
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,11 @@ def in_multirun() -> bool:
 
 
 def redact_hydra_files() -> None:
-    """Hydra wrote the job's config and overrides (.hydra/) before the task started: take user info out of URIs."""
+    """Hydra wrote the job's config and overrides (.hydra/), and a sweep's multirun.yaml, before the task started:
+    take user info out of their URIs."""
     out = job_output_dir()
-    for file in (out / ".hydra").glob("*.yaml") if out else ():
-        text = file.read_text()
-        if redact(text) != text:
-            file.write_text(redact(text))
+    for file in [*(out / ".hydra").glob("*.yaml"), out.parent / "multirun.yaml"] if out else ():
+        redact_file(file)
 
 
 def main(cfg: DictConfig) -> float:

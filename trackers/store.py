@@ -37,6 +37,12 @@ def redact(text: str) -> str:
     return USER_INFO.sub(r"\g<scheme>***@", text)
 
 
+def redact_file(path: Path) -> None:
+    """Rewrite a text file (Hydra's own config files) without user info in its URIs."""
+    if path.is_file() and redact(text := path.read_text()) != text:
+        path.write_text(redact(text))
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
 
