@@ -1,9 +1,13 @@
 """`python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
 
+import logging
+import signal
+
 import hydra
 from omegaconf import DictConfig
 
 from sweep.compose import register_configs
+from trackers.store import redact
 
 register_configs()
 
@@ -15,5 +19,28 @@ def main(cfg: DictConfig) -> float:
     return run_main(cfg)
 
 
+def terminate(signum: int, frame: object) -> None:
+    """SIGTERM (timeout, Docker, SLURM, Kubernetes) ends the process the way Ctrl-C does: the run KILLED with
+    the reason, temporary build directories removed."""
+    raise KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+
+
+def redact_log_records() -> None:
+    """No log line, ours, Hydra's or a library's, carries a password from a URI. A record factory survives
+    Hydra's logging set-up, which replaces every handler."""
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = redact(message), ()
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
+    redact_log_records()
     main()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Iterable
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sweep.backends.registry import BACKENDS
 from sweep.config import SweepConfig
@@ -16,6 +17,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def register_configs() -> None:
+    # ${sweep_id:} in hydra.run.dir and hydra.sweep.dir: two commands started in the same second get their own
+    # output directories. Cached, like ${now:}, so every job of a sweep sees the same value.
+    OmegaConf.register_new_resolver("sweep_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=SweepConfig)  # types model, engine, workload, tracker and objective
     # The backend node's type depends on the backend chosen: each backend YAML pulls in its own schema.

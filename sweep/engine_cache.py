@@ -22,6 +22,45 @@ from filelock import FileLock
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FILES = "files"  # in the manifest: every file of the engine, as relative path -> {"size", "sha256"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(engine_dir: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(f.relative_to(engine_dir)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(engine_dir.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+
+
+def read_verified(entry: Path) -> tuple[dict[str, Any], str | None]:
+    """The entry's manifest and, when the entry cannot be trusted, why: the manifest is not JSON or not a
+    manifest, or a recorded file is missing or differs from its recorded checksum."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{MANIFEST} is unreadable: {exc}"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get(FILES), dict):
+        return {}, f"{MANIFEST} has no '{FILES}' table (written by an older sweep, or damaged)"
+    recorded = manifest[FILES]
+    present = {str(f.relative_to(entry)) for f in entry.rglob("*") if f.is_file() and f.name != MANIFEST}
+    if missing := sorted(set(recorded) - present):
+        return manifest, f"missing {', '.join(missing[:3])}"
+    for name, expected in recorded.items():
+        file = entry / name
+        if not isinstance(expected, dict) or file.stat().st_size != expected.get("size"):
+            return manifest, f"{name} has changed size"
+        if sha256_file(file) != expected.get("sha256"):
+            return manifest, f"{name} does not match its checksum"
+    return manifest, None
 
 
 def engine_key(key_inputs: dict[str, Any]) -> str:
@@ -56,9 +95,11 @@ class EngineCache:
         with FileLock(str(backend_dir / f"{key}.lock")):
             start = time.perf_counter()
             if (final / MANIFEST).is_file():
-                manifest = json.loads((final / MANIFEST).read_text())
-                log.info("engine cache hit: %s", final)
-                return CacheEntry(final, manifest, hit=True, build_time_s=time.perf_counter() - start)
+                manifest, problem = read_verified(final)
+                if problem is None:
+                    log.info("engine cache hit: %s", final)
+                    return CacheEntry(final, manifest, hit=True, build_time_s=time.perf_counter() - start)
+                log.warning("engine cache entry %s is damaged (%s): rebuilding it", final, problem)
             self._remove_stale(backend_dir, key)
             tmp = Path(tempfile.mkdtemp(dir=backend_dir, prefix=f".tmp-{key}-"))
             try:
@@ -72,6 +113,7 @@ class EngineCache:
                     "build_time_s": build_time,
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     **extra,
+                    FILES: checksums(tmp),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
                 os.rename(tmp, final)

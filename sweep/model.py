@@ -76,7 +76,7 @@ class ModelShape:
                 sliding_window=bool(cfg.get("use_sliding_window"))
                 or any(t != "full_attention" for t in cfg.get("layer_types") or []),
             )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             reason = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
             raise ConfigError(f"{where} is not a usable Hugging Face model config ({reason})") from None
 
@@ -224,12 +224,15 @@ def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
 
     numel = 0
     for file in model.path.glob("*.safetensors"):
-        with safe_open(file, framework="np") as f:
-            for name in f.keys():
-                n = 1
-                for dim in f.get_slice(name).get_shape():
-                    n *= dim
-                numel += n
+        try:
+            with safe_open(file, framework="np") as f:
+                for name in f.keys():
+                    n = 1
+                    for dim in f.get_slice(name).get_shape():
+                        n *= dim
+                    numel += n
+        except Exception as exc:  # safetensors raises its own error types for a damaged header or a short file
+            raise ConfigError(f"{file} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
     itemsize = 4 if dtype == "float32" else 2
     s = model.shape
     return {

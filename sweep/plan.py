@@ -6,6 +6,7 @@ One planning step and one start-engine step, shared by the CLI (sweep/run.py), t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from sweep.model import ModelSource, model_sizes, resolve_model
 from sweep.telemetry import environment
 from sweep.validate import validate
 from sweep.workload import Workload, make_workload
+from trackers.mlflow_tracker import TrackerUnreachable, check_reachable, default_uri
 
 
 @dataclass
@@ -55,9 +57,30 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# Figures a run records only with at least one measured request of two or more output tokens, or only on a GPU.
+NEEDS_TWO_OUTPUT_TOKENS = ("tpot_ms", "itl_ms", "roofline_efficiency")
+NEEDS_GPU = ("gpu_", "energy_j", "tokens_per_j", "torch_max_", "roofline_", "decode_floor_ms", "device_bandwidth")
+
+
+def check_objective_recordable(metric: str, workload: Workload, device: str) -> None:
+    """The objective must be a figure this run will record, or the run would end without its value."""
+    if metric.startswith(NEEDS_TWO_OUTPUT_TOKENS) and max(r.output_len for r in workload.measured) < 2:
+        raise ConfigError(
+            f"objective.metric={metric!r} needs a measured request with at least 2 output tokens (TPOT and ITL are "
+            "gaps between output tokens), and every request of this workload has 1; raise workload.output_len"
+        )
+    if metric.startswith(NEEDS_GPU) and device != "cuda":
+        raise ConfigError(f"objective.metric={metric!r} is recorded on a GPU only, and this run is on {device}")
+
+
 def make_plan(cfg: DictConfig) -> Plan:
     """Every check a run makes before it builds or records anything; a ConfigError says what to change."""
     validate(cfg)
+    if cfg.tracker.name == "mlflow":  # before anything is prepared: a dead server would only fail at the end
+        try:
+            check_reachable(cfg.tracker.uri or default_uri())
+        except TrackerUnreachable as exc:
+            raise ConfigError(str(exc)) from None
     backend_cls = BACKENDS[cfg.backend.name].load()
     backend_cls.check_installed()  # before the model is fetched or generated
     device = resolve_device(cfg.device)
@@ -66,14 +89,18 @@ def make_plan(cfg: DictConfig) -> Plan:
     model = resolve_model(cfg.model, cache.root)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
+    check_objective_recordable(cfg.objective.metric, workload, device)
     w = cfg.workload
     batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
     backend = backend_cls(cfg, model, device, dtype)
     backend.check(workload)
     env = environment(device)
     sizes = model_sizes(model, dtype)
-    gpu_memory = env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in env else None
-    backend.check_memory(sizes["model_bytes"], sizes["kv_bytes_per_token"], gpu_memory)
+    if device == "cuda":
+        memory = ("GPU", env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in env else None)
+    else:
+        memory = ("host", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    backend.check_memory(sizes["model_bytes"], sizes["kv_bytes_per_token"], *memory)
     gpu = {k: env.get(k) for k in ("gpu_name", "gpu_compute_capability")} if device == "cuda" else "cpu"
     key_inputs = {
         "model": model.identity,

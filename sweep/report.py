@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from sweep.figures import label, lookup
+from trackers.store import owner_alive
 
 log = logging.getLogger("sweep.report")
 
@@ -63,10 +64,14 @@ def selection_filter(run_ids: list[str] | None, study: str | None, parent_id: st
 
 def find_parent(client, experiment_ids: list[str], study: str | None) -> str:
     filter_string = "tags.`sweep.kind` != ''" + (f" and tags.`optuna.study` = '{study}'" if study else "")
-    parents = client.search_runs(experiment_ids, filter_string, order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
+    parents = client.search_runs(experiment_ids, filter_string, order_by=["attributes.start_time DESC"], max_results=50)
+    # A dead sweep (killed, or RUNNING while its process is gone) is not the latest sweep worth reporting.
+    alive = [
+        r for r in parents if r.info.status != "KILLED" and (r.info.status != "RUNNING" or owner_alive(r.data.tags))
+    ]
+    if not alive:
         raise ReportError(f"no sweep found{f' for study {study!r}' if study else ''}")
-    return parents[0].info.run_id
+    return alive[0].info.run_id
 
 
 def pick_baseline(runs: pd.DataFrame, baseline_id: str | None) -> pd.Series:

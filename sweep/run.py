@@ -28,8 +28,15 @@ from sweep.summary import summary_table
 from sweep.sweeper_api import write_result
 from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
+from trackers.store import redact, redact_file
 
 log = logging.getLogger(__name__)
+
+JOB_ERROR_FILE = "error.txt"  # in a multirun job's output directory: why the job failed (counted by sweep/multirun.py)
+
+
+class RecordError(RuntimeError):
+    """The tracker refused the finished run's figures; they are safe in the run's output directory."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -39,6 +46,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def config_params(cfg: DictConfig) -> dict[str, Any]:
+    """The flattened config as run params, with user info taken out of any URI."""
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}
 
 
 def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
@@ -54,11 +67,10 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         "gpu": p.env.get("gpu_name", "none"),
         "scenario": cfg.workload.scenario,
         "sweep.git_commit": p.env.get("sweep_git_commit"),
-        **cfg.tracker.tags,
+        **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()},
     }
     with tracker.run(cfg.tracker.run_name, tags, parent_run_id) as rec:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        rec.log_params(flatten(resolved) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
+        rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
         # Measured (once per board) before any engine is loaded: one resident skews it (sweep/telemetry.py).
@@ -97,15 +109,27 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
                     figures["tpot_ms_p50"] / 1e3,
                 )
             )
+        if cfg.objective.metric not in figures:  # make_plan refuses what it can foresee; never record without it
+            raise RuntimeError(f"objective.metric={cfg.objective.metric!r} was not recorded by this run")
         saturated = is_saturated(figures)
         if saturated is not None:
             rec.set_tags({"saturated": saturated})
         t = time.perf_counter()
-        record_artifacts(rec, cfg, p, entry, figures, result.timings)
-        phases["phase_record_s"] = time.perf_counter() - t
-        figures.update(phases)
-        rec.log_metrics(figures)
-        if (out := job_output_dir()) is not None:  # a sweeper reads every figure of a job from here
+        out = job_output_dir()
+        artifacts = run_artifacts(cfg, p, entry, figures, result.timings)
+        if out is not None:  # first on local disk, so a tracker that fails now loses nothing
+            save_locally(out, artifacts, figures)
+        try:
+            record_artifacts(rec, artifacts, entry)
+            phases["phase_record_s"] = time.perf_counter() - t
+            figures.update(phases)
+            rec.log_metrics(figures)
+        except Exception as exc:
+            if out is None:  # no output directory (an in-process run): the figures survive on the console
+                print(summary_table("not recorded", figures))
+            where = f"its figures and artifacts are in {out}" if out else "its figures are printed above"
+            raise RecordError(f"the tracker refused the finished run ({type(exc).__name__}: {exc}); {where}") from exc
+        if out is not None:  # a sweeper reads every figure of a job from here
             write_result(out, figures)
         title = (
             f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
@@ -134,20 +158,34 @@ def slo_targets(cfg: DictConfig) -> dict[str, float]:
     return {key: float(cfg.slo[key]) for key in SLO_KEYS if cfg.slo[key] is not None}
 
 
-def record_artifacts(rec: Any, cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> None:
+def run_artifacts(cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> dict[str, str]:
+    """The run's text artifacts by their path in the run: config.yaml, engine/manifest.json, results.json, ..."""
     manifest = entry.manifest
-
-    rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    rec.log_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), "engine/manifest.json")
     results = {
         "figures": figures,
         "environment": p.env,
         "engine": {"key": manifest.get("key"), "ignored_options": p.backend.ignored_options()},
         "model": {"name": p.model.name, "path": str(p.model.path), **p.model.identity},
     }
-    rec.log_text(json.dumps(results, indent=2, sort_keys=True, default=str), "results.json")
-    rec.log_text(requests_csv(timings), "requests.csv")
-    rec.log_text(token_times_jsonl(timings), "token_times.jsonl")
+    return {
+        "config.yaml": redact(OmegaConf.to_yaml(cfg, resolve=True)),
+        "engine/manifest.json": json.dumps(manifest, indent=2, sort_keys=True, default=str),
+        "results.json": json.dumps(results, indent=2, sort_keys=True, default=str),
+        "requests.csv": requests_csv(timings),
+        "token_times.jsonl": token_times_jsonl(timings),
+    }
+
+
+def save_locally(out: Path, artifacts: dict[str, str], figures: dict) -> None:
+    for name, text in artifacts.items():
+        (out / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / "artifacts" / name).write_text(text)
+    write_result(out, figures)
+
+
+def record_artifacts(rec: Any, artifacts: dict[str, str], entry: CacheEntry) -> None:
+    for name, text in artifacts.items():
+        rec.log_text(text, name)
     log_file = hydra_log_file()
     if log_file and log_file.is_file():
         rec.log_artifact(log_file, "logs")
@@ -248,10 +286,46 @@ def hydra_log_file() -> Path | None:
     return out / f"{HydraConfig.get().job.name}.log" if out else None
 
 
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def redact_hydra_files() -> None:
+    """Hydra wrote the job's config and overrides (.hydra/), and a sweep's multirun.yaml, before the task started:
+    take user info out of their URIs."""
+    out = job_output_dir()
+    for file in [*(out / ".hydra").glob("*.yaml"), out.parent / "multirun.yaml"] if out else ():
+        redact_file(file)
+
+
 def main(cfg: DictConfig) -> float:
-    """The Hydra task: a config error prints its message and exits 2, with nothing built or recorded."""
+    """The Hydra task. A config error prints its message and exits 2, with nothing built or recorded; in a
+    multirun it fails that job only (a FAILED run with the error), and the sweep exits non-zero at its end."""
+    redact_hydra_files()
     try:
         return execute(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
     except ConfigError as exc:
         log.error("%s", exc)
-        sys.exit(2)
+        if not in_multirun():
+            sys.exit(2)
+        record_failed_job(cfg, exc)
+        return float("nan")
+
+
+def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
+    out = job_output_dir()
+    (out / JOB_ERROR_FILE).write_text(f"{exc}\n")
+    write_result(out, {})  # a sweeper finds no figure, so the trial fails too
+    try:
+        tracker = make_tracker(cfg.tracker)
+        tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}
+        with tracker.run(cfg.tracker.run_name, tags, os.environ.get(PARENT_RUN_ENV)) as rec:
+            rec.log_params(config_params(cfg))
+            raise exc
+    except ConfigError:
+        pass  # recorded FAILED with the error
+    except Exception as record_exc:  # the tracker itself is what is wrong: the job's error file says why
+        log.error("this job's failure could not be recorded: %s", record_exc)

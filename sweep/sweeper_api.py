@@ -4,6 +4,7 @@
 - `write_result` / `read_result`: where a finished job leaves its figures for the sweeper to read;
 - tag names a trial's run carries, and the sweep's parent run;
 - the figure names objectives and constraints may use;
+- `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
 - where best configs are written: under the user's working directory, never outside it.
 """
 
@@ -20,6 +21,7 @@ from sweep.errors import ConfigError
 from sweep.plan import make_plan
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
+from trackers.store import store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
 TRIAL_TAG = "optuna_trial"
@@ -38,6 +40,7 @@ __all__ = [
     "infeasible",
     "parent_run",
     "read_result",
+    "store_lock",
     "write_result",
 ]
 

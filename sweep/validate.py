@@ -6,7 +6,9 @@ Reads the backend registry and the figure registry; imports no backend library.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from sweep.backends.registry import BACKENDS
 from sweep.config import (
@@ -22,6 +24,13 @@ from sweep.config import (
 )
 from sweep.errors import ConfigError
 from sweep.figures import objective_names, unknown_figure_message
+from trackers.store import redact
+
+# sqlite, a tracking server, or a database MLflow can use; the file store refuses to start in mlflow >= 3.13.
+TRACKER_URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+MAX_REQUESTS = 100_000  # per iteration: more would spend minutes making the workload before anything shows
+MAX_ITERATIONS = 1000
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
 
 
 def choice(key: str, value: Any, allowed: tuple) -> None:
@@ -39,6 +48,32 @@ def positive(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be > 0")
 
 
+def at_most(key: str, value: Any, maximum: float, why: str) -> None:
+    if value > maximum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be <= {maximum} ({why})")
+
+
+def finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
+
+
+def check_tracker(t: Any) -> None:
+    if not str(t.experiment).strip():
+        raise ConfigError(f"tracker.experiment={t.experiment!r} is not allowed; name the MLflow experiment")
+    if t.name != "mlflow":
+        return
+    key, uri = ("tracker.uri", t.uri) if t.uri else ("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri:
+        return  # the default store, sqlite under the working directory
+    parts = urlsplit(uri)
+    if parts.scheme not in TRACKER_URI_SCHEMES or not (parts.netloc or parts.path.strip("/")):
+        raise ConfigError(
+            f"{key}={redact(uri)!r} is not allowed; use sqlite:///<path to a .db file> or the URL of a tracking "
+            f"server or database ({', '.join(s + '://' for s in TRACKER_URI_SCHEMES[1:])})"
+        )
+
+
 def check_figure(key: str, name: str) -> None:
     """A figure named as an objective or a constraint must be one a run records, with a direction."""
     if name not in objective_names():
@@ -52,6 +87,9 @@ def validate(cfg: Any) -> None:
     if m.generate and not (m.path or m.hub_id):
         choice("model.generate", m.generate, ("tiny",))
     choice("model.dtype", m.dtype, DTYPES[1:])
+    for key, seed in (("model.seed", m.seed), ("workload.seed", cfg.workload.seed)):
+        at_least(key, seed, 0)
+        at_most(key, seed, MAX_SEED, "a 32-bit seed")
     choice("backend.name", cfg.backend.name, tuple(BACKENDS))
     choice("device", cfg.device, DEVICES)
     choice("engine.dtype", e.dtype, DTYPES)
@@ -65,8 +103,13 @@ def validate(cfg: Any) -> None:
     choice("workload.length_distribution", w.length_distribution, LENGTH_DISTRIBUTIONS)
     for key in ("num_requests", "iterations", "input_len", "output_len"):
         at_least(f"workload.{key}", w[key], 1)
+    for key in ("input_len_std", "output_len_std"):
+        finite(f"workload.{key}", w[key])
     for key in ("warmup_requests", "input_len_std", "output_len_std"):
         at_least(f"workload.{key}", w[key], 0)
+    for key in ("num_requests", "warmup_requests"):
+        at_most(f"workload.{key}", w[key], MAX_REQUESTS, "a larger workload takes minutes just to make")
+    at_most("workload.iterations", w.iterations, MAX_ITERATIONS, "repeat the run instead")
     if w.batch_size is not None:
         at_least("workload.batch_size", w.batch_size, 1)
         if w.batch_size > e.max_batch_size:
@@ -85,6 +128,7 @@ def validate(cfg: Any) -> None:
     check_figure("objective.metric", cfg.objective.metric)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))
+    check_tracker(cfg.tracker)
 
 
 def check_sweep(config: Any) -> None:

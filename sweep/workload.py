@@ -44,7 +44,7 @@ class Workload:
 def make_workload(wcfg: Any, tokenizer: Any, vocab_size: int) -> Workload:
     n_total = wcfg.warmup_requests + wcfg.num_requests
     if wcfg.dataset:
-        requests = read_dataset(Path(wcfg.dataset), tokenizer)
+        requests = read_dataset(Path(wcfg.dataset), tokenizer, vocab_size)
         if len(requests) < n_total:  # cycle the file so warm-up and measured requests are all there
             requests = [requests[i % len(requests)] for i in range(n_total)]
         requests = requests[:n_total]
@@ -72,11 +72,15 @@ def synthetic_requests(wcfg: Any, vocab_size: int, special_ids: list[int]) -> li
     ]
 
 
-def read_dataset(path: Path, tokenizer: Any) -> list[Request]:
+def read_dataset(path: Path, tokenizer: Any, vocab_size: int) -> list[Request]:
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError(f"workload.dataset={str(path)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"workload.dataset={str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     requests = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -88,11 +92,17 @@ def read_dataset(path: Path, tokenizer: Any) -> list[Request]:
             raise ConfigError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict) or "output_tokens" not in row or not ("prompt" in row or "input_ids" in row):
             raise ConfigError(f"{where}: each line needs output_tokens and one of prompt or input_ids")
-        ids = (
-            row["input_ids"] if "input_ids" in row else tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        )
-        if not ids or not isinstance(row["output_tokens"], int) or row["output_tokens"] < 1:
-            raise ConfigError(f"{where}: needs a non-empty prompt and output_tokens >= 1")
+        if "input_ids" in row:
+            ids = row["input_ids"]
+            # bool is an int in Python: true would be read as token 1
+            if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
+                raise ConfigError(f"{where}: input_ids must be a list of token ids, integers in [0, {vocab_size})")
+        elif isinstance(row["prompt"], str):
+            ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        else:
+            raise ConfigError(f"{where}: prompt must be a string, not {type(row['prompt']).__name__}")
+        if not ids or type(row["output_tokens"]) is not int or row["output_tokens"] < 1:
+            raise ConfigError(f"{where}: needs a non-empty prompt and output_tokens >= 1, an integer")
         requests.append(
             Request(id=str(row.get("task_id", lineno)), input_ids=list(ids), output_len=row["output_tokens"])
         )

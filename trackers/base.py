@@ -49,9 +49,14 @@ class Tracker(ABC):
             yield run
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            # When the store itself is what failed, these may fail too: say so, and keep the run's own error.
             try:
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-            finally:
+            except Exception as tag_exc:
+                log.error("run %s: its error could not be recorded: %s", run.run_id, tag_exc)
+            try:
                 run.end(status)
+            except Exception as end_exc:
+                log.error("run %s could not be ended %s in the tracker: %s", run.run_id, status, end_exc)
             raise
         run.end("FINISHED")

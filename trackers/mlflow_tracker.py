@@ -13,15 +13,48 @@ from pathlib import Path
 from typing import Any
 
 from trackers.base import TrackedRun, Tracker
+from trackers.store import (
+    OWNER_HOST,
+    owner_alive,
+    owner_tags,
+    redact,
+    retry_when_locked,
+    sqlite_path,
+    store_lock,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
+REACH_TIMEOUT_S = 3.0
 
 
 def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """A tracking server that does not answer fails in seconds with one line, before anything is prepared
+    (MLflow itself retries for minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TrackerUnreachable(
+            f"tracker.uri={redact(uri)!r} cannot be reached ({exc.strerror or exc}); start the tracking server, "
+            "point tracker.uri (or $MLFLOW_TRACKING_URI) at one that runs, or use tracker=none"
+        ) from None
+
+
+class TrackerUnreachable(ValueError):
+    """The tracking server does not answer (a ConfigError for sweep, which trackers cannot import)."""
 
 
 class MLflowRun(TrackedRun):
@@ -34,7 +67,7 @@ class MLflowRun(TrackedRun):
 
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + BATCH])
+            retry_when_locked(self.client.log_batch, self.run_id, params=items[i : i + BATCH])
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -42,23 +75,23 @@ class MLflowRun(TrackedRun):
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+            retry_when_locked(self.client.log_batch, self.run_id, metrics=items[i : i + BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + BATCH])
+            retry_when_locked(self.client.log_batch, self.run_id, tags=items[i : i + BATCH])
 
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        retry_when_locked(self.client.log_artifact, self.run_id, str(path), artifact_dir)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        retry_when_locked(self.client.log_text, self.run_id, text, artifact_file)
 
     def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        retry_when_locked(self.client.set_terminated, self.run_id, status)
 
 
 class MLflowTracker(Tracker):
@@ -66,18 +99,19 @@ class MLflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or default_uri()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment_id(experiment)
+        check_reachable(self.uri)
+        with store_lock(self.uri):  # the first client on a store creates or migrates its schema
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment_id(experiment)
+        self.end_orphaned_runs()
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found:
             return found.experiment_id
         artifact_location = None
-        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the working directory
-            artifact_location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        if db := sqlite_path(self.uri):  # keep artifacts beside the database, not in the working directory
+            artifact_location = (db.parent / "artifacts").as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location)
         except Exception:  # another process created it between our look-up and create
@@ -87,12 +121,30 @@ class MLflowTracker(Tracker):
             return found.experiment_id
 
     def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
-        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        tags = {k: str(v) for k, v in tags.items() if v is not None} | owner_tags()
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        log.info("MLflow run %s in %s", run.info.run_id, self.uri)
+        run = retry_when_locked(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
+        log.info("MLflow run %s in %s", run.info.run_id, redact(self.uri))
         return MLflowRun(self.client, run.info.run_id)
+
+    def end_orphaned_runs(self) -> None:
+        """Runs of this experiment left RUNNING by a process of this host that is gone (kill -9, a lost node):
+        end them KILLED, saying so, so that no run stays RUNNING for good."""
+        import socket
+
+        running = self.client.search_runs(
+            [self.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{socket.gethostname()}'",
+        )
+        for run in running:
+            if owner_alive(run.data.tags):
+                continue
+            reason = f"its process (pid {run.data.tags.get('sweep.owner.pid')} on this host) is gone"
+            log.warning("run %s was left RUNNING: %s; ending it KILLED", run.info.run_id, reason)
+            orphan = MLflowRun(self.client, run.info.run_id)
+            orphan.set_tags({"error": f"ended KILLED by a later start: {reason}", "sweep.orphaned": "true"})
+            orphan.end("KILLED")
 
     def attach(self, run_id: str) -> TrackedRun:
         return MLflowRun(self.client, run_id)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,14 +176,15 @@ class OptunaSearch:
         storage = self.storage or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
         if storage.startswith("sqlite:///"):
             Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(
-            storage=storage,
-            sampler=self.make_sampler(),
-            study_name=self.study_name
-            or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
-            directions=list(self.objectives.values()),
-            load_if_exists=True,
-        )
+        with sweeper_api.store_lock(storage):  # two sweeps creating optuna.db at once would both migrate it
+            study = optuna.create_study(
+                storage=storage,
+                sampler=self.make_sampler(),
+                study_name=self.study_name
+                or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
+                directions=list(self.objectives.values()),
+                load_if_exists=True,
+            )
         if self.sampler_name == "grid":
             enqueue_grid(study, space, self.seed)
         # Trials an interrupted invocation left RUNNING never report: close them so the study stays sound.
@@ -403,14 +405,13 @@ class ParentRun:
             self.run.log_params({f"best.{k}": v for k, v in best[0].params.items()} | {"best.trial": best[0].number})
         counts = {state.name: sum(t.state == state for t in study.trials) for state in TrialState}
         self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()})
-        for path in study_plots(study, search.objectives).values():
-            self.run.log_artifact(path, "plots")
+        with tempfile.TemporaryDirectory(prefix="optuna-plots-") as out:  # the tracker keeps its own copies
+            for path in study_plots(study, search.objectives, Path(out)).values():
+                self.run.log_artifact(path, "plots")
 
 
-def study_plots(study: optuna.Study, objectives: dict[str, str]) -> dict[str, Path]:
+def study_plots(study: optuna.Study, objectives: dict[str, str], out: Path) -> dict[str, Path]:
     """Optimisation history, parameter importance and (for several objectives) the Pareto front, as PNG files."""
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,7 +420,6 @@ def study_plots(study: optuna.Study, objectives: dict[str, str]) -> dict[str, Pa
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
-    out = Path(tempfile.mkdtemp(prefix="optuna-plots-"))
     names = list(objectives)
     plots = {}
     # PED-ANOVA ranks parameters by how they reach *low* targets: flip the sign of a maximised objective.

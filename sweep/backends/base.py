@@ -77,16 +77,17 @@ class Backend(ABC):
         e = self.cfg.engine
         return model_bytes + e.max_batch_size * e.max_seq_len * kv_bytes_per_token
 
-    def check_memory(self, model_bytes: int, kv_bytes_per_token: int, gpu_memory_bytes: float | None) -> None:
-        if gpu_memory_bytes is None:
+    def check_memory(self, model_bytes: int, kv_bytes_per_token: int, where: str, memory_bytes: float | None) -> None:
+        """Refuse an engine larger than the device's memory (`where`: GPU, or host for a CPU run)."""
+        if memory_bytes is None:
             return
         need = self.memory_estimate_bytes(model_bytes, kv_bytes_per_token)
-        if need > gpu_memory_bytes:
+        if need > memory_bytes:
             e = self.cfg.engine
             raise ConfigError(
                 f"engine.max_batch_size={e.max_batch_size} x engine.max_seq_len={e.max_seq_len} needs about "
                 f"{need / 1e9:.1f} GB (weights + KV cache) by the {self.name} backend's estimate, more than the "
-                f"GPU's {gpu_memory_bytes / 1e9:.1f} GB; lower either"
+                f"{where}'s {memory_bytes / 1e9:.1f} GB; lower either"
             )
 
     def ignored_options(self) -> list[str]:

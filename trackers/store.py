@@ -1,0 +1,96 @@
+"""Safety around a tracking store: serialised creation, retries on a locked SQLite file, run ownership, redaction.
+
+- Two processes creating or migrating the same SQLite store at once corrupt it (MLflow's and Optuna's alembic
+  migrations are not safe to run concurrently): `store_lock` serialises them with a file lock beside the store.
+- A writer holding a SQLite database longer than MLflow's busy timeout makes a call fail with "database is
+  locked": `retry_when_locked` tries again with backoff.
+- A run records the process that owns it (`owner_tags`); a later start on the same host ends the runs whose
+  process is gone (`owner_alive`), so kill -9 never leaves a run RUNNING for good.
+- User info in a URI (`user:password@`) is never logged, stored or printed (`redact`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SQLITE_PREFIX = "sqlite:///"
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
+USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`, anywhere in a text."""
+    return USER_INFO.sub(r"\g<scheme>***@", text)
+
+
+def redact_file(path: Path) -> None:
+    """Rewrite a text file (Hydra's own config files) without user info in its URIs."""
+    if path.is_file() and redact(text := path.read_text()) != text:
+        path.write_text(redact(text))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold a file lock beside a SQLite store (creating its directory); nothing for a server."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
+
+
+def retry_when_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not is_locked_error(exc):
+                raise
+            log.warning("the tracking store is locked by another writer: retrying in %.0f s", delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def process_started(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), which tells a reused pid apart; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(pid), OWNER_STARTED: str(process_started(pid))}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """False only when the run's owner was on this host and its process is gone (or its pid was reused)."""
+    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
+        return True  # another host's process, or a run from before owners were recorded: we cannot tell
+    return process_started(int(tags[OWNER_PID])) == tags.get(OWNER_STARTED)
