@@ -9,11 +9,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from sweep.errors import ConfigError
 from trackers import PARENT_RUN_ENV, make_tracker
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,14 @@ class ParentRunCallback(Callback):
         self.run: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A sweeper that can check its settings does so now, so that a set-up error records nothing.
+        check = getattr(get_class(config.hydra.sweeper._target_), "check_config", None)
+        if check is not None:
+            try:
+                check(config)
+            except ConfigError as exc:
+                log.error("%s", exc)
+                sys.exit(2)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         overrides = list(config.hydra.overrides.task)

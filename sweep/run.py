@@ -24,7 +24,7 @@ from sweep.errors import ConfigError
 from sweep.metrics import roofline_efficiency
 from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
-from sweep.sweeper_api import write_result
+from sweep.sweeper_api import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun, write_result
 from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
 
@@ -98,12 +98,15 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures.update(phases)
         rec.log_metrics(figures)
         if (out := job_output_dir()) is not None:  # a sweeper reads every figure of a job from here
-            write_result(out, figures)
+            write_result(out, figures, rec.run_id)
         title = (
             f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
             f"batch {p.batch_size}"
         )
-        print(summary_table(title, figures))
+        if os.environ.get(SUMMARY_TO_LOG_ENV):  # in a search: the sweeper prints one line per trial instead
+            log.info("%s", summary_table(title, figures))
+        else:
+            print(summary_table(title, figures))
     return figures[cfg.objective.metric]
 
 
@@ -154,6 +157,7 @@ def hydra_log_file() -> Path | None:
 def main(cfg: DictConfig) -> float:
     """The Hydra task: a config error prints its message and exits 2, with nothing built or recorded."""
     try:
+        refuse_search_without_multirun()
         return execute(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
     except ConfigError as exc:
         log.error("%s", exc)
