@@ -382,7 +382,10 @@ class OptunaSearch:
             return
         if not any(key in s.space for key in WARM_START_KEYS):
             return
-        inputs = sweeper_api.memory_for_warm_start(self.compose(s.fixed))
+        try:
+            inputs = sweeper_api.memory_for_warm_start(self.compose(s.fixed))
+        except Exception as exc:  # a hint, never a reason to stop: the trials report their own errors
+            inputs = f"{type(exc).__name__}: {exc}"
         if isinstance(inputs, str):
             log.info("warm start skipped: %s", inputs)
             return
@@ -435,7 +438,7 @@ class OptunaSearch:
                     progress.line(study, trial)
                 heartbeat.stop_beating_for(batch)
                 self.check_failure_rate(study, s.n_trials)
-        job_index = self.confirm_top_k(study, s, job_index)
+        self.confirm_top_k(study, s, job_index, budget)
         parent.log_summary(self, study, budget)
         self.write_best_config(study, s.fixed, parent)
         return results
@@ -529,7 +532,7 @@ class OptunaSearch:
         return sweeper_api.infeasible(self.compose(overrides))
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, ret: Any) -> None:
-        state = study.trials[trial.number].state
+        state = study.get_trials(deepcopy=False)[trial.number].state
         if state != TrialState.RUNNING:  # another sweep failed it: its heartbeat lapsed beyond the grace period
             log.warning(
                 "trial %d was marked %s meanwhile (by another sweep on the study): not told", trial.number, state.name
@@ -560,21 +563,28 @@ class OptunaSearch:
                 log.warning("constraint on %s not applied to trial %d: the figure is absent", figure, trial.number)
         study.tell(trial, [figures[name] for name in self.s.objectives])
 
-    def confirm_top_k(self, study: optuna.Study, s: SearchSettings, job_index: int) -> int:
+    def confirm_top_k(self, study: optuna.Study, s: SearchSettings, job_index: int, budget: Budget) -> None:
         """Measure the best k points again; the best is then chosen on the mean of both measurements."""
         k = self.settings["confirm_top_k"]
         if not k:
-            return job_index
+            return
+        if budget.stopped:
+            log.info("confirm_top_k skipped: the budget is spent")
+            return
         if len(s.objectives) > 1:
             log.info("confirm_top_k skipped: it ranks one objective, this study has %d", len(s.objectives))
-            return job_index
+            return
         (name,) = s.objectives
         sign = -1 if s.objectives[name] == "maximize" else 1
-        measured = [t for t in study.trials if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs]
+        measured = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "reused_from" not in t.user_attrs and all(v <= 0 for v in t.constraints.values())  # feasible only
+        ]
         confirmed = dict(study.user_attrs.get("confirmed", {}))
         top = [t for t in sorted(measured, key=lambda t: sign * t.value)[:k] if str(t.number) not in confirmed]
         if not top:
-            return job_index
+            return
         jobs = [
             self.job_overrides(study, s, t.params, {"optuna_confirm_of": t.number}, f"confirm trial {t.number}")
             for t in top
@@ -595,7 +605,6 @@ class OptunaSearch:
                 100 * (again / trial.value - 1) if trial.value else 0.0,
             )
         study.set_user_attr("confirmed", confirmed)
-        return job_index + len(jobs)
 
     def check_failure_rate(self, study: optuna.Study, n_trials: int) -> None:
         """Stop once more than max_failure_rate of the planned trials crashed: the rest would likely crash too."""
@@ -686,6 +695,7 @@ class Budget:
         self.started = time.monotonic()
         self.job_s = 0.0  # wall time of the launched batches: builds, loads and benchmarks
         self.batches = 0
+        self.stopped = False
 
     def spent(self, seconds: float) -> None:
         self.job_s += seconds
@@ -698,6 +708,7 @@ class Budget:
         next_batch = self.job_s / self.batches
         if elapsed + next_batch <= self.limit_s:
             return True
+        self.stopped = True
         log.info(
             "budget: stopping after %.1f of %.1f minutes; the next batch would take about %.1f more",
             elapsed / 60,
@@ -736,7 +747,7 @@ class Progress:
 
     def line(self, study: optuna.Study, trial: optuna.Trial) -> None:
         self.count += 1
-        frozen = study.trials[trial.number]
+        frozen = study.get_trials(deepcopy=False)[trial.number]
         attrs = frozen.user_attrs
         if frozen.state == TrialState.COMPLETE:
             outcome = self.value_text(frozen.values, attrs.get("spread"))

@@ -60,7 +60,9 @@ class OptunaSweeper(Sweeper):
         """
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
 
-        settings = {k: v for k, v in OmegaConf.to_container(config.hydra.sweeper).items() if k != "_target_"}
+        settings = {
+            k: v for k, v in OmegaConf.to_container(config.hydra.sweeper, resolve=True).items() if k != "_target_"
+        }
         OptunaSearch(**settings).prepare(config, list(config.hydra.overrides.task))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
