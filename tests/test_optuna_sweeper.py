@@ -20,6 +20,7 @@ from hydra_plugins.sweep_optuna_sweeper._impl import (
     Progress,
     SearchSettings,
     best_config_yaml,
+    best_trials,
     grid_values,
     split_overrides,
     trtllm_bench_setting,
@@ -304,6 +305,7 @@ def test_a_bad_sweep_names_its_key(sweep, message):
         ({"sampler": "annealing"}, ["engine.max_batch_size=choice(1,2)"], "hydra.sweeper.sampler='annealing'"),
         ({"objectives": {"tok_s": "maximize"}}, ["engine.max_batch_size=choice(1,2)"], "objectives.tok_s='tok_s'"),
         ({"constraints": {"ttft": "<=5"}}, ["engine.max_batch_size=choice(1,2)"], "constraints.ttft='ttft'"),
+        ({"grace_period": 0}, ["engine.max_batch_size=choice(1,2)"], "hydra.sweeper.grace_period=0"),
         (
             {"sampler": "cmaes", "objectives": {"output_throughput_tok_s": "maximize", "ttft_ms_p99": "minimize"}},
             ["engine.max_batch_size=choice(1,2)"],
@@ -408,6 +410,15 @@ def test_a_failure_while_preparing_one_trial_fails_that_trial_only(tmp_path):
     trials = {t.params["workload.dataset"]: t for t in trials_of(tmp_path, "data")}
     assert trials[str(good)].state == TrialState.COMPLETE
     assert trials[str(bad)].state in (TrialState.FAIL, TrialState.PRUNED)  # PRUNED once the workload says why
+
+
+def test_the_best_is_chosen_on_the_confirmed_figure():
+    study = optuna.create_study(direction="maximize")
+    for value in (100.0, 90.0, 50.0):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    assert best_trials(study)[0].number == 0
+    study.set_user_attr("confirmed", {"0": {"mean": 80.0}, "1": {"mean": 95.0}})  # trial 0 was a lucky measurement
+    assert best_trials(study)[0].number == 1
 
 
 def test_budget_stops_asking_once_the_next_batch_would_pass_it():

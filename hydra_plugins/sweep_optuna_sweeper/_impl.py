@@ -229,6 +229,19 @@ def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStar
     return point
 
 
+def check_numbers(st: dict[str, Any]) -> None:
+    """The sweeper's numeric settings, each within what it can mean."""
+    for key in ("n_trials", "n_jobs", "heartbeat_interval"):
+        if st[key] < 1:
+            raise ConfigError(f"hydra.sweeper.{key}={st[key]} is not allowed; it must be 1 or more")
+    if st["grace_period"] is not None and st["grace_period"] < 1:
+        raise ConfigError(f"hydra.sweeper.grace_period={st['grace_period']} is not allowed; 1 or more seconds")
+    if st["confirm_top_k"] < 0:
+        raise ConfigError(f"hydra.sweeper.confirm_top_k={st['confirm_top_k']} is not allowed; 0 or more")
+    if st["budget_minutes"] is not None and st["budget_minutes"] <= 0:
+        raise ConfigError(f"hydra.sweeper.budget_minutes={st['budget_minutes']} is not allowed; above 0")
+
+
 # -- set-up: every check before the parent run ----------------------------------------------------------------
 @dataclass
 class SearchSettings:
@@ -294,13 +307,7 @@ class OptunaSearch:
         n_trials = st["n_trials"]
         if self.sampler_name == "grid":
             n_trials = min(n_trials, math.prod(len(v) for v in grid_values(space).values()))
-        for key in ("n_trials", "n_jobs", "heartbeat_interval"):
-            if st[key] < 1:
-                raise ConfigError(f"hydra.sweeper.{key}={st[key]} is not allowed; it must be 1 or more")
-        if st["confirm_top_k"] < 0:
-            raise ConfigError(f"hydra.sweeper.confirm_top_k={st['confirm_top_k']} is not allowed; 0 or more")
-        if st["budget_minutes"] is not None and st["budget_minutes"] <= 0:
-            raise ConfigError(f"hydra.sweeper.budget_minutes={st['budget_minutes']} is not allowed; above 0")
+        check_numbers(st)
         model_name, model_id = sweeper_api.model_identity(config.model)
         study_name = st["study_name"]
         if not study_name:
