@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ DEFAULT_BEST_CONFIG_DIR = Path("conf") / "best"
 # Set by the sweeper for its jobs: a job then logs its summary table (to the job's log file) instead of printing
 # it, so that the console shows the sweeper's one progress line per trial.
 SUMMARY_TO_LOG_ENV = "SWEEP_SUMMARY_TO_LOG"
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "RESULT_FILE",
