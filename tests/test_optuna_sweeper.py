@@ -146,7 +146,7 @@ def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_pat
         "engine.max_batch_size=choice(1,2,4)",
         "engine.attn_implementation=choice(eager,sdpa)",
     ]
-    assert run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=2").returncode == 0
+    assert run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=1").returncode == 0
     db = tmp_path / "mlruns" / "optuna.db"
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=60)
     study = optuna.load_study(study_name="resume", storage=storage)
@@ -161,7 +161,7 @@ def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_pat
         con.execute(
             "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?", (dead._trial_id,)
         )
-    result = run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=5")
+    result = run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=4")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = trials_of(tmp_path, "resume")
     assert trials[dead.number].state == TrialState.FAIL
