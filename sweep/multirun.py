@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.errors import ConfigError
 from sweep.run import JOB_ERROR_FILE
-from sweep.validate import check_sweep
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
@@ -30,10 +30,14 @@ class ParentRunCallback(Callback):
         self.run: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_sweep(config)
-        except ConfigError:
-            return  # no parent for a sweep that cannot run; its sweeper raises the error (Hydra swallows ours)
+        # A sweeper that can check its settings does so now, so that a set-up error records nothing.
+        check = getattr(get_class(config.hydra.sweeper._target_), "check_config", None)
+        if check is not None:
+            try:
+                check(config)
+            except ConfigError as exc:
+                log.error("%s", exc)
+                sys.exit(2)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         overrides = list(config.hydra.overrides.task)

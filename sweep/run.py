@@ -25,7 +25,7 @@ from sweep.errors import ConfigError
 from sweep.metrics import RequestTiming, roofline_figures
 from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
-from sweep.sweeper_api import write_result
+from sweep.sweeper_api import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun, write_result
 from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -129,15 +129,18 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
                 print(summary_table("not recorded", figures))
             where = f"its figures and artifacts are in {out}" if out else "its figures are printed above"
             raise RecordError(f"the tracker refused the finished run ({type(exc).__name__}: {exc}); {where}") from exc
-        if out is not None:  # a sweeper reads every figure of a job from here
-            write_result(out, figures)
+        if out is not None:  # a sweeper reads every figure of a job from here, with its run's id
+            write_result(out, figures, rec.run_id)
         title = (
             f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
             f"batch {p.batch_size}"
         )
-        print(summary_table(title, figures))
+        if os.environ.get(SUMMARY_TO_LOG_ENV):  # in a search: the sweeper prints one line per trial instead
+            log.info("%s", summary_table(title, figures))
+        else:
+            print(summary_table(title, figures))
         if saturated:
-            print(
+            log.warning(
                 f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
                 f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
             )
@@ -306,6 +309,7 @@ def main(cfg: DictConfig) -> float:
     multirun it fails that job only (a FAILED run with the error), and the sweep exits non-zero at its end."""
     redact_hydra_files()
     try:
+        refuse_search_without_multirun()
         return execute(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
     except ConfigError as exc:
         log.error("%s", exc)

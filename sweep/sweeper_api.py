@@ -1,11 +1,14 @@
 """What a sweeper plugin (hydra_plugins/sweep_optuna_sweeper) may use of sweep: this module and nothing else.
 
 - `infeasible(cfg)`: every check a run makes before building, without building or recording anything;
-- `write_result` / `read_result`: where a finished job leaves its figures for the sweeper to read;
+- `write_result` / `read_result`: where a finished job leaves its figures (and run id) for the sweeper to read;
 - tag names a trial's run carries, and the sweep's parent run;
 - the figure names objectives and constraints may use;
 - `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
-- where best configs are written: under the user's working directory, never outside it.
+- `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
+- `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
+- where best configs are written: under the user's working directory, never outside it;
+- `refuse_search_without_multirun`: a search preset given without `-m` is an error, not a single run.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from sweep.errors import ConfigError
-from sweep.plan import make_plan
+from sweep.figures import metric_names
+from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.store import store_lock
@@ -28,19 +34,30 @@ TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 DEFAULT_BEST_CONFIG_DIR = Path("conf") / "best"
+# Set by the sweeper for its jobs: a job then logs its summary table (to the job's log file) instead of printing
+# it, so that the console shows the sweeper's one progress line per trial.
+SUMMARY_TO_LOG_ENV = "SWEEP_SUMMARY_TO_LOG"
 
 __all__ = [
     "RESULT_FILE",
     "STUDY_TAG",
     "TRIAL_TAG",
+    "SUMMARY_TO_LOG_ENV",
     "ConfigError",
+    "JobResult",
+    "WarmStartInputs",
     "best_config_path",
     "check_figure",
     "check_sweep",
+    "figure_unit",
     "infeasible",
+    "memory_for_warm_start",
+    "model_identity",
     "parent_run",
     "read_result",
     "store_lock",
+    "refuse_search_without_multirun",
+    "resolve_device",
     "write_result",
 ]
 
@@ -54,12 +71,88 @@ def infeasible(cfg: DictConfig) -> str | None:
     return None
 
 
-def write_result(output_dir: Path, figures: dict[str, float]) -> None:
-    (output_dir / RESULT_FILE).write_text(json.dumps(figures, indent=2))
+@dataclass
+class JobResult:
+    figures: dict[str, float]
+    run_id: str | None  # the job's tracker run; None when tracking is off
 
 
-def read_result(output_dir: Path) -> dict[str, float]:
-    return json.loads((Path(output_dir) / RESULT_FILE).read_text())
+def figure_unit(metric: str) -> str:
+    figure = metric_names().get(metric)
+    return figure.unit if figure else ""
+
+
+def write_result(output_dir: Path, figures: dict[str, float], run_id: str | None = None) -> None:
+    (output_dir / RESULT_FILE).write_text(json.dumps({"run_id": run_id, "figures": figures}, indent=2))
+
+
+def read_result(output_dir: Path) -> JobResult:
+    data = json.loads((Path(output_dir) / RESULT_FILE).read_text())
+    return JobResult(data["figures"], data["run_id"])
+
+
+def model_identity(model_cfg: Any) -> tuple[str, str]:
+    """(short name, full identity) of a model config, read from the config alone: nothing is fetched or hashed.
+
+    A local checkpoint is named after its directory (not the preset it overrides), a hub model after its id at its
+    revision, a generated one after its seed.
+    """
+    if model_cfg.path:
+        path = Path(model_cfg.path).expanduser().resolve()
+        return path.name, f"path:{path}"
+    if model_cfg.hub_id:
+        return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
+    return model_cfg.name, f"generated:{model_cfg.generate}:seed={model_cfg.seed}"
+
+
+@dataclass
+class WarmStartInputs:
+    free_bytes: float  # memory the engine may use for weights and KV cache
+    memory_source: str  # where free_bytes came from, for the log
+    model_bytes: int
+    kv_bytes_per_token: int
+    input_len: int
+    output_len: int
+
+
+def memory_for_warm_start(cfg: DictConfig) -> WarmStartInputs | str:
+    """What a memory model needs to predict a good first point; a string says why there is none.
+
+    On a GPU: the device's free memory now. On a CPU the KV cache lives in host memory, so the host's available
+    memory stands in; the log line names which one was used.
+    """
+    try:
+        plan = make_plan(cfg)
+    except ConfigError as exc:
+        return f"the base config is not runnable ({exc})"
+    if plan.device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        source = f"free GPU memory of {plan.env.get('gpu_name', 'the GPU')}"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        source = "available host memory (CPU run)"
+    w = cfg.workload
+    return WarmStartInputs(
+        free, source, plan.sizes["model_bytes"], plan.sizes["kv_bytes_per_token"], w.input_len, w.output_len
+    )
+
+
+def refuse_search_without_multirun() -> None:
+    """`python -m sweep search=throughput` without -m would run one job and exit 0: say what was meant."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
+        preset = hydra_cfg.runtime.choices.get("search")
+        given = f"search={preset}" if preset else "hydra/sweeper=optuna"
+        raise ConfigError(
+            f"{given} sets up a search, which runs only in multirun mode; add -m: python -m sweep -m {given} ..."
+        )
 
 
 def parent_run(config: DictConfig) -> tuple[Tracker, TrackedRun] | None:

@@ -2,6 +2,9 @@
 transformers on the tiny model. Nothing is faked."""
 
 import json
+import re
+import sqlite3
+from dataclasses import asdict
 
 import optuna
 import pytest
@@ -10,7 +13,23 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper._impl import best_config_yaml, split_overrides
+from hydra_plugins.sweep_optuna_sweeper._impl import (
+    Budget,
+    OptunaSearch,
+    ParentRun,
+    Progress,
+    SearchSettings,
+    best_config_yaml,
+    best_trials,
+    grid_values,
+    split_overrides,
+    trtllm_bench_setting,
+    warm_start_point,
+)
+from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
+from sweep.compose import compose
+from sweep.errors import ConfigError
+from sweep.sweeper_api import WarmStartInputs
 
 QUICK = [
     "workload=throughput",
@@ -25,6 +44,12 @@ QUICK = [
 
 def parse(*overrides):
     return split_overrides(OverridesParser.create().parse_overrides(list(overrides)))
+
+
+def make_search(**settings) -> OptunaSearch:
+    """The sweeper's search with its config's defaults, as Hydra would instantiate it."""
+    defaults = {k: v for k, v in asdict(OptunaSweeperConf()).items() if k != "_target_"}
+    return OptunaSearch(**defaults | settings)
 
 
 def test_search_space_translation_gets_hydra_bounds_right():
@@ -71,15 +96,17 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
     runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "optuna"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
-    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == list(range(6))
+    trials = trials_of(tmp_path, "tpe6")
+    measured = [t for t in trials if "reused_from" not in t.user_attrs]
+    assert len(trials) == 6 and len(children) == len(measured)  # a point measured once is reused, not run again
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [t.number for t in measured]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["optuna.sampler"] == "tpe" and parent.data.params["optuna.n_jobs"] == "2"
     assert "engine.max_batch_size" in parent.data.params["optuna.search_space"]
     assert parent.data.metrics["trials.complete"] == 6
     best_value = max(r.data.metrics["output_throughput_tok_s"] for r in children)
     assert parent.data.metrics["best.output_throughput_tok_s"] == pytest.approx(best_value)
-    trials = trials_of(tmp_path, "tpe6")
     assert all(t.constraints == {"ttft_ms_p99": pytest.approx(t.constraints["ttft_ms_p99"])} for t in trials)
     assert all(t.constraints["ttft_ms_p99"] < 0 for t in trials)  # feasible: far under the bound
 
@@ -107,7 +134,8 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
     assert f"batch {best_child.data.params['engine.max_batch_size']}" in rerun.stdout
 
 
-def test_interrupted_sweep_resumes_the_same_study(tmp_path):
+def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_path):
+    """Defect 8: only a trial whose sweep died (its heartbeat stopped) is failed, and retried; a live one is left."""
     common = [
         "-m",
         "hydra/sweeper=optuna",
@@ -116,17 +144,40 @@ def test_interrupted_sweep_resumes_the_same_study(tmp_path):
         f"hydra.sweeper.best_config_dir={tmp_path}",
         *QUICK,
         "engine.max_batch_size=choice(1,2,4)",
+        "engine.attn_implementation=choice(eager,sdpa)",
     ]
-    assert run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=2").returncode == 0
-    # An interruption leaves a trial RUNNING in the storage: make one exactly as Optuna would.
-    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
-    study.ask()
+    assert run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=1").returncode == 0
+    db = tmp_path / "mlruns" / "optuna.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=60)
+    study = optuna.load_study(study_name="resume", storage=storage)
+    space = {
+        "engine.max_batch_size": CategoricalDistribution([1, 2, 4]),
+        "engine.attn_implementation": CategoricalDistribution(["eager", "sdpa"]),
+    }
+    dead, live = study.ask(space), study.ask(space)
+    storage.record_heartbeat(dead._trial_id)
+    storage.record_heartbeat(live._trial_id)
+    with sqlite3.connect(db) as con:  # the dead sweep's last heartbeat, long ago (the grace period is 2 minutes)
+        con.execute(
+            "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?", (dead._trial_id,)
+        )
     result = run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=4")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = trials_of(tmp_path, "resume")
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE]
-    children = [r for r in mlflow_runs(tmp_path) if "optuna_trial" in r.data.tags]
-    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 3]
+    assert trials[dead.number].state == TrialState.FAIL
+    assert trials[live.number].state == TrialState.RUNNING  # still the other sweep's
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == dead.params
+    study.tell(live, 1.0)  # the live sweep finishes its trial: nothing else marked it
+
+
+def test_telling_a_trial_another_sweep_failed_is_a_warning_not_a_crash(caplog):
+    search = make_search()
+    study = optuna.create_study()
+    trial = study.ask({"x": CategoricalDistribution([1])})
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # as another sweep's fail_stale_trials
+    search.tell(study, trial, ret=None)
+    assert "marked FAIL meanwhile" in caplog.text
 
 
 def test_infeasible_trial_is_pruned_without_a_build_and_crashing_trial_fails(tmp_path):
@@ -192,7 +243,7 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
         tmp_path,
         "-m",
         "hydra/sweeper=optuna",
-        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.sampler=nsgaii",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.study_name=pareto",
         f"hydra.sweeper.best_config_dir={tmp_path}",
@@ -204,9 +255,237 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    assert study.metric_names == ["output_throughput_tok_s", "e2e_latency_ms_p99"]
     (parent,) = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("sweep.kind") == "optuna"]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"best.output_throughput_tok_s", "best.e2e_latency_ms_p99"} <= set(parent.data.metrics)
+
+
+# -- defects found trying the sweeper as a new user (issue 11) -------------------------------------------------
+def test_a_value_fixed_on_the_command_line_wins_over_the_presets_sweep():
+    preset = ["engine.max_batch_size=choice(1,2,4,8,16)", "engine.attn_implementation=choice(eager,sdpa)"]
+    space, fixed = parse(*preset, "engine.max_batch_size=4")
+    assert list(space) == ["engine.attn_implementation"] and fixed == ["engine.max_batch_size=4"]
+    space, fixed = parse("engine.dtype=float32", "engine.dtype=choice(float32,bfloat16)")  # and the other way round
+    assert list(space) == ["engine.dtype"] and fixed == []
+
+
+def test_hydra_int_interval_forms_and_float_ranges():
+    space, _ = parse(
+        "engine.max_batch_size=int(interval(1,8))",
+        "engine.max_num_tokens=tag(log, int(interval(256,8192)))",
+        "workload.input_len_std=range(0,1,0.3)",
+    )
+    assert space["engine.max_batch_size"] == IntDistribution(1, 8)
+    assert space["engine.max_num_tokens"] == IntDistribution(256, 8192, log=True)
+    assert space["workload.input_len_std"] == FloatDistribution(0.0, 0.9, step=0.3)
+    assert grid_values({"w": space["workload.input_len_std"]}) == {"w": [0.0, 0.3, 0.6, 0.9]}
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ("engine.max_batch_size=interval(5,1)", "engine.max_batch_size=interval(5,1): `low <= high`"),
+        ("workload.input_len_std=tag(log, interval(0,1))", "workload.input_len_std=tag(log, interval(0,1)): `low > 0`"),
+        ("engine.max_batch_size=range(5,1)", "engine.max_batch_size=range(5,1) holds no value"),
+    ],
+)
+def test_a_bad_sweep_names_its_key(sweep, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(sweep)
+
+
+@pytest.mark.parametrize(
+    "settings, arguments, message",
+    [
+        ({}, ["engine.max_seq_len=64"], "no search space"),
+        ({"sampler": "annealing"}, ["engine.max_batch_size=choice(1,2)"], "hydra.sweeper.sampler='annealing'"),
+        ({"objectives": {"tok_s": "maximize"}}, ["engine.max_batch_size=choice(1,2)"], "objectives.tok_s='tok_s'"),
+        ({"constraints": {"ttft": "<=5"}}, ["engine.max_batch_size=choice(1,2)"], "constraints.ttft='ttft'"),
+        ({"grace_period": 0}, ["engine.max_batch_size=choice(1,2)"], "hydra.sweeper.grace_period=0"),
+        (
+            {"sampler": "cmaes", "objectives": {"output_throughput_tok_s": "maximize", "ttft_ms_p99": "minimize"}},
+            ["engine.max_batch_size=choice(1,2)"],
+            "optimises one objective",
+        ),
+    ],
+)
+def test_set_up_errors_are_found_before_anything_runs(tmp_path, settings, arguments, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_search(storage=f"sqlite:///{tmp_path / 'o.db'}", **settings).prepare(compose(), arguments)
+
+
+def test_a_set_up_error_exits_2_with_one_line_and_records_nothing(tmp_path):
+    result = run_sweep(tmp_path, "-m", "hydra/sweeper=optuna", "engine.max_batch_size=range(5,1)")
+    assert result.returncode == 2
+    assert "engine.max_batch_size=range(5,1) holds no value" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr and mlflow_runs(tmp_path) == []
+
+
+def test_a_search_preset_without_multirun_is_refused(tmp_path):
+    result = run_sweep(tmp_path, "search=throughput", *QUICK[:-1])
+    assert result.returncode == 2
+    assert "add -m: python -m sweep -m search=throughput" in result.stderr + result.stdout
+    assert mlflow_runs(tmp_path) == []
+
+
+def test_default_study_name_holds_the_model_and_the_space(tmp_path):
+    search = make_search(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    llama = compose(["model=llama-3.1-8b", "model.path=/ckpt/Llama-3.1-8B-local"])
+    a = search.prepare(llama, ["engine.max_batch_size=choice(1,2)"]).study_name
+    b = search.prepare(llama, ["engine.max_batch_size=choice(1,2,4)"]).study_name
+    c = search.prepare(compose(["model=llama-3.1-8b"]), ["engine.max_batch_size=choice(1,2)"]).study_name
+    assert a.startswith("sweep-Llama-3.1-8B-local-hf-") and c.startswith("sweep-llama-3.1-8b-hf-")
+    assert len({a, b, c}) == 3
+    assert search.prepare(llama, ["engine.max_batch_size=choice(1,2)"]).study_name == a  # the same search resumes
+
+
+def test_resuming_a_named_study_with_another_space_is_refused_unless_asked(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    first = make_search(storage=storage, study_name="mine")
+    first.open_study(first.prepare(compose(), ["engine.max_batch_size=choice(1,2)"]))
+    wider = ["engine.max_batch_size=choice(1,2,4)"]
+    with pytest.raises(ConfigError, match="holds a study of another search_space.*resume_mismatched=true"):
+        make_search(storage=storage, study_name="mine").prepare(compose(), wider)
+    assert make_search(storage=storage, study_name="mine", resume_mismatched=True).prepare(compose(), wider)
+
+
+def test_best_config_of_a_search_with_a_deletion():
+    trial = optuna.trial.create_trial(params={}, distributions={}, value=1.0)
+    text = best_config_yaml("s", trial, {"model": "tiny"}, ["~engine.max_input_len", "engine.max_batch_size=4"])
+    assert "+best=s '~engine.max_input_len'" in text and "max_batch_size: 4" in text
+
+
+def children_of(runs, parent):
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def settings_for(space) -> SearchSettings:
+    return SearchSettings(space, [], {"output_throughput_tok_s": "maximize"}, {}, "s", "sqlite://", 10)
+
+
+def test_a_point_already_measured_is_reused_not_run_again():
+    search = make_search()
+    space = {"engine.max_batch_size": CategoricalDistribution([1, 2])}
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"engine.max_batch_size": 2})
+    first = study.ask(space)
+    first.set_constraint("ttft_ms_p99", -5.0)
+    study.tell(first, 100.0)
+    study.enqueue_trial({"engine.max_batch_size": 2})
+    again = study.ask(space)
+    runnable, twins = search.triage(
+        study,
+        settings_for(space),
+        [again],
+        ParentRun(compose(["tracker=none"])),
+        Progress(10, {"output_throughput_tok_s": "maximize"}),
+    )
+    assert runnable == [] and twins == []
+    reused = study.trials[again.number]
+    assert (
+        reused.value == 100.0 and reused.user_attrs["reused_from"] == 0 and reused.constraints == {"ttft_ms_p99": -5.0}
+    )
+
+
+def test_a_failure_while_preparing_one_trial_fails_that_trial_only(tmp_path):
+    """Defect 7, through the real CLI: one choice's dataset is not UTF-8, so reading it raises while checking."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"task_id": 0, "input_ids": [1, 2, 3], "output_tokens": 2}) + "\n")
+    bad.write_bytes(b"\xff\xfe not utf-8\n")
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.study_name=data",
+        f"hydra.sweeper.best_config_dir={tmp_path}",
+        *QUICK,
+        f"workload.dataset=choice({good},{bad})",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = {t.params["workload.dataset"]: t for t in trials_of(tmp_path, "data")}
+    assert trials[str(good)].state == TrialState.COMPLETE
+    assert trials[str(bad)].state in (TrialState.FAIL, TrialState.PRUNED)  # PRUNED once the workload says why
+
+
+def test_the_best_is_chosen_on_the_confirmed_figure():
+    study = optuna.create_study(direction="maximize")
+    for value in (100.0, 90.0, 50.0):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    assert best_trials(study)[0].number == 0
+    study.set_user_attr("confirmed", {"0": {"mean": 80.0}, "1": {"mean": 95.0}})  # trial 0 was a lucky measurement
+    assert best_trials(study)[0].number == 1
+
+
+def test_budget_stops_asking_once_the_next_batch_would_pass_it():
+    budget = Budget(0.0001, "cuda")
+    assert budget.allows_another_batch()  # nothing measured yet: the first batch runs
+    budget.spent(60.0)
+    assert not budget.allows_another_batch() and budget.stopped
+    assert budget.figures()["sweep.gpu_minutes"] == budget.figures()["sweep.job_minutes"] == 1.0
+    assert Budget(None, "cpu").allows_another_batch() and Budget(None, "cpu").figures()["sweep.gpu_minutes"] == 0.0
+
+
+def test_warm_start_follows_trtllm_bench_for_an_8b_model_on_an_h200():
+    llama_8b = WarmStartInputs(140e9, "free GPU memory", 16e9, 131072, input_len=1024, output_len=1024)
+    assert trtllm_bench_setting(llama_8b) == {"engine.max_batch_size": 512, "engine.max_num_tokens": 1024}
+    space, _ = parse("engine.max_batch_size=choice(64,128,256,384,1024)", "engine.max_num_tokens=range(256,8193,256)")
+    assert warm_start_point(space, llama_8b) == {"engine.max_batch_size": 384, "engine.max_num_tokens": 1024}
+    too_small = WarmStartInputs(17e9, "free GPU memory", 16e9, 131072, input_len=4096, output_len=4096)
+    assert warm_start_point(space, too_small) == {}
+
+
+def test_samplers_fit_what_they_are_for():
+    samplers = optuna.samplers
+    expected = {
+        "tpe": samplers.TPESampler,
+        "random": samplers.RandomSampler,
+        "gp": samplers.GPSampler,
+        "nsgaii": samplers.NSGAIISampler,
+        "qmc": samplers.QMCSampler,
+    }
+    for name, cls in expected.items():
+        assert isinstance(make_search(sampler=name).make_sampler(), cls)
+
+
+def test_a_search_prints_one_progress_line_per_trial_and_names_its_runs(tmp_path):
+    """Progress, run names, warm start, noise (spread, confirm_top_k), budget figures and the dashboard's links."""
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.study_name=progress",
+        "hydra.sweeper.confirm_top_k=1",
+        f"hydra.sweeper.best_config_dir={tmp_path}",
+        *QUICK,
+        "engine.max_batch_size=choice(1,2)",
+        "engine.attn_implementation=choice(eager,sdpa)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    lines = re.findall(r"trial \d+ · (\d)/4 · max_batch_size=\d attn_implementation=\w+ · .* left", console)
+    assert lines == ["1", "2", "3", "4"]
+    assert "tiny · hf · cpu" not in console  # no run's summary table on the console
+    trials = trials_of(tmp_path, "progress")
+    assert trials[0].params["engine.max_batch_size"] == 2 and "host memory" in trials[0].user_attrs["warm_start"]
+    study = optuna.load_study(study_name="progress", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    assert study.metric_names == ["output_throughput_tok_s"] and len(study.user_attrs["confirmed"]) == 1
+
+    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "optuna"]
+    assert parent.info.run_name == "progress"
+    assert parent.data.metrics["sweep.gpu_minutes"] == 0.0 and parent.data.metrics["sweep.wall_minutes"] > 0
+    by_id = {r.info.run_id: r for r in runs}
+    for trial in trials:
+        child = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert child.info.run_name.startswith(f"trial {trial.user_attrs.get('reused_from', trial.number)}: ")
+        low, high = trial.user_attrs["spread"]["output_throughput_tok_s"]
+        assert low <= child.data.metrics["output_throughput_tok_s"] <= high
+    assert sum(r.info.run_name.startswith("confirm trial ") for r in runs) == 1
+    job_logs = [log.read_text() for log in (tmp_path / "multirun").rglob("sweep.log")]
+    assert sum("tiny · hf · cpu" in text for text in job_logs) == len(children_of(runs, parent))  # tables: in logs

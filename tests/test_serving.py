@@ -244,6 +244,6 @@ def test_max_rate_search_end_to_end_logs_the_answer_on_the_parent(tmp_path):
 
 def test_max_rate_search_without_an_slo_is_refused_before_anything_is_recorded(tmp_path):
     result = run_sweep(tmp_path, "-m", "search=max_rate")
-    assert result.returncode != 0
-    assert "search=max_rate judges each rate by one; set slo=interactive" in result.stderr
+    assert result.returncode == 2
+    assert "search=max_rate judges each rate by one; set slo=interactive" in result.stdout + result.stderr
     assert mlflow_runs(tmp_path) == []

@@ -67,10 +67,6 @@ class MaxRateSearch:
         self.max_probes, self.max_rate = max_probes, max_rate
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        try:
-            sweeper_api.check_sweep(config)
-        except sweeper_api.ConfigError as exc:  # Hydra prints a compact exception as one line
-            raise CompactHydraException(str(exc)) from None
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -93,7 +89,7 @@ class MaxRateSearch:
             returns.append(ret)
             if ret.status != JobStatus.COMPLETED:
                 raise RuntimeError(f"the probe at {rate:.6g} req/s failed: {ret._return_value}")
-            figures = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir))
+            figures = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir)).figures
             probe = Probe(rate, figures["slo_attainment_pct"], figures["slo_attainment_pct"] >= self.attainment)
             probes.append(probe)
             log.info(

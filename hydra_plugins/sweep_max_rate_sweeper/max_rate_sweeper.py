@@ -34,6 +34,13 @@ class MaxRateSweeper(Sweeper):
 
         self.search = MaxRateSearch(**settings)
 
+    @staticmethod
+    def check_config(config: DictConfig) -> None:
+        """Set-up errors before the multirun records anything (the multirun callback calls it; raises ConfigError)."""
+        from sweep import sweeper_api
+
+        sweeper_api.check_sweep(config)
+
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 

@@ -1,19 +1,25 @@
 """The search loop: ask Optuna for a batch of trials, prune the infeasible ones, launch the rest, tell the results.
 
 Each trial is a Hydra job (so any launcher runs it) and an MLflow child run of the sweep's parent run, which the
-multirun callback (sweep/multirun.py) opened. The study lives in an RDB storage, so a sweep that is
-interrupted and started again continues where it stopped.
+multirun callback (sweep/multirun.py) opened. Everything the sweep could refuse is checked by `prepare`, which the
+callback calls before it opens the parent run. The study lives in an RDB storage with Optuna's heartbeat, so a
+sweep that is interrupted and started again continues where it stopped, and two sweeps on one study cooperate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import re
 import tempfile
+import threading
+import time
 import warnings
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,57 +28,86 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobStatus, configure_log
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from sweep import sweeper_api
+from sweep.sweeper_api import ConfigError
 
 log = logging.getLogger(__name__)
+# The heartbeat, metric names and several samplers are "experimental" in Optuna 5: used on purpose, so no warning
+# per use. This sweeper drives the study with ask/tell and beats the heartbeat itself (class Heartbeat).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
-SAMPLERS = ("tpe", "random", "grid", "gp")
+# sampler -> what it fits (the README's table says the same)
+SAMPLERS = ("tpe", "random", "grid", "gp", "nsgaii", "qmc", "cmaes")
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 CONFIG_GROUPS = ("model", "backend", "workload", "tracker")
-
-
-class SearchSpaceError(ValueError):
-    pass
+WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
+# Hydra's basic launcher logs every job's full override list: the progress line replaces it on the console.
+LAUNCHER_LOGGER = "hydra._internal.core_plugins.basic_launcher"
 
 
 # -- search space ---------------------------------------------------------------------------------------------
+def float_range(start: float, stop: float, step: float) -> list[float]:
+    """Hydra's range() on floats, without its rounding error: range(0,1,0.3) is 0, 0.3, 0.6, 0.9 (not 0.8999…)."""
+    d_start, d_stop, d_step = (Decimal(str(v)) for v in (start, stop, step))
+    count = max(0, math.ceil((d_stop - d_start) / d_step))
+    return [float(d_start + i * d_step) for i in range(count)]
+
+
 def distribution_for(override: Override) -> BaseDistribution:
     """Hydra sweep syntax → an Optuna distribution. Hydra's range() excludes its stop, like Python's."""
     sweep = override.value()
     key = override.get_key_element()
     log_scale = "log" in sweep.tags
-    if isinstance(sweep, ChoiceSweep):
-        return CategoricalDistribution([v for v in sweep.list])
-    if isinstance(sweep, RangeSweep):
-        values = list(sweep.range())
-        if not values:
-            raise SearchSpaceError(f"{key}: range({sweep.start}, {sweep.stop}, {sweep.step}) holds no value")
-        if all(isinstance(v, int) for v in values):
-            return IntDistribution(values[0], values[-1], step=int(sweep.step), log=False)
-        return FloatDistribution(float(values[0]), float(values[-1]), step=float(sweep.step))
-    if isinstance(sweep, IntervalSweep):  # Hydra parses interval bounds as floats: tag(int, ...) asks for ints
-        if "int" in sweep.tags:
-            return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
-        return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
-    raise SearchSpaceError(f"{key}: unsupported sweep {override.input_line!r}")
+    try:
+        if isinstance(sweep, ChoiceSweep):
+            return CategoricalDistribution([v for v in sweep.list])
+        if isinstance(sweep, RangeSweep):
+            if all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
+                values: list = list(range(sweep.start, sweep.stop, sweep.step))
+            else:
+                values = float_range(sweep.start, sweep.stop, sweep.step)
+            if not values:
+                raise ConfigError(f"{override.input_line} holds no value; the stop is exclusive, as in Python")
+            low, high, step = min(values), max(values), abs(sweep.step)  # a negative step counts down
+            if isinstance(low, int):
+                return IntDistribution(low, high, step=step)
+            return FloatDistribution(low, high, step=step)
+        if isinstance(sweep, IntervalSweep):
+            # int(interval(a,b)) gives int bounds; tag(int, interval(a,b)) the project's older spelling
+            if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
+                return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
+            return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # Optuna's own check (low > high, log of a bound <= 0): name the key
+        raise ConfigError(f"{override.input_line}: {exc}") from None
+    raise ConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range() or interval()")
 
 
 def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistribution], list[str]]:
-    """Sweeps become the search space; every other override stays fixed for all trials."""
+    """Sweeps become the search space; every other override stays fixed for all trials.
+
+    The last override of a key wins: a value fixed on the command line takes the key out of a preset's space.
+    """
     space: dict[str, BaseDistribution] = {}
-    fixed: list[str] = []
+    fixed: dict[str, str] = {}
     for override in overrides:
+        key = override.key_or_group
         if override.is_sweep_override():
-            space[override.get_key_element()] = distribution_for(override)
+            fixed.pop(key, None)
+            space[key] = distribution_for(override)
         else:
-            fixed.append(override.input_line)  # exactly as given, with any +/~ prefix
-    return space, fixed
+            space.pop(key, None)
+            fixed[key] = override.input_line  # exactly as given, with any +/~ prefix
+    return space, list(fixed.values())
 
 
 def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
@@ -82,8 +117,12 @@ def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
             grid[name] = list(dist.choices)
         elif isinstance(dist, IntDistribution) and not dist.log:
             grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            grid[name] = float_range(dist.low, dist.high + dist.step / 2, dist.step)
         else:
-            raise SearchSpaceError(f"sampler=grid needs choice() or range() for every parameter; {name} is {dist}")
+            raise ConfigError(
+                f"hydra.sweeper.sampler=grid needs choice() or range() for every parameter; {name} is {dist}"
+            )
     return grid
 
 
@@ -109,7 +148,9 @@ def parse_constraints(constraints: dict[str, str]) -> dict[str, tuple[str, float
     for figure, rule in constraints.items():
         match = CONSTRAINT.match(str(rule))
         if not match:
-            raise SearchSpaceError(f"hydra.sweeper.constraints.{figure}={rule!r}: write '<=value' or '>=value'")
+            raise ConfigError(
+                f"hydra.sweeper.constraints.{figure}={rule!r} is not allowed; write '<=value' or '>=value'"
+            )
         parsed[figure] = (match.group(1), float(match.group(2)))
     return parsed
 
@@ -128,34 +169,100 @@ def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
     return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
 
 
-# -- the sweeper ----------------------------------------------------------------------------------------------
+def settings_text(params: dict[str, Any]) -> str:
+    """`max_batch_size=8 attn_implementation=sdpa`: a trial's settings, by the last part of each key."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+
+
+def space_digest(space: dict[str, BaseDistribution], objectives: dict[str, str], model: str) -> str:
+    text = json.dumps({"model": model, "space": space_identity(space), "objectives": objectives}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def space_identity(space: dict[str, BaseDistribution]) -> dict[str, str]:
+    return {k: repr(v) for k, v in sorted(space.items())}
+
+
+# -- warm start -----------------------------------------------------------------------------------------------
+def trtllm_bench_setting(w: sweeper_api.WarmStartInputs, kv_fraction: float = 0.9) -> dict[str, int] | None:
+    """max_batch_size and max_num_tokens from free memory, after trtllm-bench's build heuristic.
+
+    The KV cache gets kv_fraction of what the weights leave free; the batch is the number of requests of the
+    workload's input + output length it holds (capped at 4096), the token budget that batch times
+    (1 + input/output) (capped at 32768), both rounded up to trtllm-bench's steps. None when not one request fits.
+    """
+    kv_bytes = (w.free_bytes - w.model_bytes) * kv_fraction
+    requests = kv_bytes / (w.kv_bytes_per_token * (w.input_len + w.output_len))
+    if requests < 1:
+        return None
+    raw_batch = min(requests, 4096)
+    raw_tokens = min(raw_batch * (1 + w.input_len / max(w.output_len, 1)), 32768)
+    batch_step = 32 if raw_batch < 256 else 128 if raw_batch < 1024 else 256
+    token_step = 512 if raw_tokens < 2048 else 1024 if raw_tokens < 8192 else 2048
+    return {
+        "engine.max_batch_size": batch_step * math.ceil(raw_batch / batch_step),
+        "engine.max_num_tokens": token_step * math.ceil(raw_tokens / token_step),
+    }
+
+
+def nearest_allowed(dist: BaseDistribution, target: int) -> Any | None:
+    """The largest value of `dist` at or under target (else its smallest); None for a non-numeric choice."""
+    if isinstance(dist, CategoricalDistribution):
+        values = [v for v in dist.choices if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    elif isinstance(dist, IntDistribution):
+        values = list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else [dist.low, dist.high]
+    else:
+        return None
+    if not values:
+        return None
+    under = [v for v in values if v <= target]
+    return max(under) if under else min(values)
+
+
+def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs) -> dict[str, Any]:
+    predicted = trtllm_bench_setting(w)
+    if predicted is None:
+        return {}
+    point = {}
+    for key in WARM_START_KEYS:
+        if key in space and (value := nearest_allowed(space[key], predicted[key])) is not None:
+            point[key] = value
+    return point
+
+
+def check_numbers(st: dict[str, Any]) -> None:
+    """The sweeper's numeric settings, each within what it can mean."""
+    for key in ("n_trials", "n_jobs", "heartbeat_interval"):
+        if st[key] < 1:
+            raise ConfigError(f"hydra.sweeper.{key}={st[key]} is not allowed; it must be 1 or more")
+    if st["grace_period"] is not None and st["grace_period"] < 1:
+        raise ConfigError(f"hydra.sweeper.grace_period={st['grace_period']} is not allowed; 1 or more seconds")
+    if st["confirm_top_k"] < 0:
+        raise ConfigError(f"hydra.sweeper.confirm_top_k={st['confirm_top_k']} is not allowed; 0 or more")
+    if st["budget_minutes"] is not None and st["budget_minutes"] <= 0:
+        raise ConfigError(f"hydra.sweeper.budget_minutes={st['budget_minutes']} is not allowed; above 0")
+
+
+# -- set-up: every check before the parent run ----------------------------------------------------------------
+@dataclass
+class SearchSettings:
+    space: dict[str, BaseDistribution]
+    fixed: list[str]
+    objectives: dict[str, str]
+    constraints: dict[str, tuple[str, float]]
+    study_name: str
+    storage_url: str
+    n_trials: int
+
+
 class OptunaSearch:
-    def __init__(
-        self,
-        sampler,
-        seed,
-        n_trials,
-        n_jobs,
-        study_name,
-        storage,
-        objectives,
-        constraints,
-        max_failure_rate,
-        params,
-        best_config_dir,
-    ):
-        if sampler not in SAMPLERS:
-            raise SearchSpaceError(
-                f"hydra.sweeper.sampler={sampler!r} is not allowed; choose one of: {', '.join(SAMPLERS)}"
-            )
-        self.sampler_name, self.seed = sampler, seed
-        self.n_trials, self.n_jobs = n_trials, n_jobs
-        self.study_name, self.storage = study_name, storage
-        self.objectives = dict(objectives or {})
-        self.constraints = parse_constraints(dict(constraints or {}))
-        self.max_failure_rate = max_failure_rate
-        self.params = dict(params or {})
-        self.best_config_dir = best_config_dir
+    def __init__(self, **settings: Any):
+        self.settings = settings
+        self.sampler_name, self.seed = settings["sampler"], settings["seed"]
+        self.n_jobs = settings["n_jobs"]
+        self.max_failure_rate = settings["max_failure_rate"]
+        self.best_config_dir = settings["best_config_dir"]
+        self.s: SearchSettings | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
@@ -164,116 +271,349 @@ class OptunaSearch:
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    # -- set-up of the study --------------------------------------------------------------------------------
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
-        if self.sampler_name in ("random", "grid"):  # grid: the points are enqueued, see enqueue_grid
-            return optuna.samplers.RandomSampler(seed=self.seed)
-        if self.sampler_name == "gp":
-            return optuna.samplers.GPSampler(seed=self.seed)
-        return optuna.samplers.TPESampler(seed=self.seed)
+    def prepare(self, config: DictConfig, arguments: Sequence[str], config_loader: Any = None) -> SearchSettings:
+        """Check everything a sweep could refuse, before the parent run and the first trial; ConfigError if not."""
+        st = self.settings
+        if self.sampler_name not in SAMPLERS:
+            raise ConfigError(
+                f"hydra.sweeper.sampler={self.sampler_name!r} is not allowed; choose one of: {', '.join(SAMPLERS)}"
+            )
+        parser = OverridesParser.create(config_loader=config_loader)
+        params = [f"{k}={v}" for k, v in (st["params"] or {}).items()]
+        space, fixed = split_overrides(parser.parse_overrides(params + list(arguments)))
+        if not space:
+            raise ConfigError(
+                "no search space: give sweeps such as 'engine.max_batch_size=choice(1,2,4)' or a preset (search=...)"
+            )
+        objectives = dict(st["objectives"] or {}) or {config.objective.metric: config.objective.direction}
+        for name, direction in objectives.items():
+            sweeper_api.check_figure(f"hydra.sweeper.objectives.{name}", name)
+            if direction not in ("maximize", "minimize"):
+                raise ConfigError(
+                    f"hydra.sweeper.objectives.{name}={direction!r} is not allowed; use maximize or minimize"
+                )
+        constraints = parse_constraints(dict(st["constraints"] or {}))
+        for name in constraints:
+            sweeper_api.check_figure(f"hydra.sweeper.constraints.{name}", name)
+        if self.sampler_name in SINGLE_OBJECTIVE_SAMPLERS and len(objectives) > 1:
+            raise ConfigError(
+                f"hydra.sweeper.sampler={self.sampler_name} optimises one objective, {len(objectives)} are given; "
+                "use nsgaii, tpe, gp or random for several"
+            )
+        if self.sampler_name == "cmaes":
+            try:
+                import cmaes  # noqa: F401
+            except ImportError:
+                raise ConfigError("hydra.sweeper.sampler=cmaes needs the cmaes package: pip install cmaes") from None
+        n_trials = st["n_trials"]
+        if self.sampler_name == "grid":
+            n_trials = min(n_trials, math.prod(len(v) for v in grid_values(space).values()))
+        check_numbers(st)
+        model_name, model_id = sweeper_api.model_identity(config.model)
+        study_name = st["study_name"]
+        if not study_name:
+            prefix = OmegaConf.select(config, "hydra.runtime.choices.search", default=None) or config.tracker.experiment
+            digest = space_digest(space, objectives, model_id)
+            study_name = f"{prefix}-{model_name}-{config.backend.name}-{digest}"
+        sweeper_api.best_config_path(self.best_config_dir, study_name)  # a study name must be a file name
+        storage_url = st["storage"] or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
+        s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials)
+        self.check_resume(s, model_id)
+        self.model_id = model_id
+        self.device = sweeper_api.resolve_device(config.device)
+        return s
 
-    def open_study(self, space: dict[str, BaseDistribution]) -> optuna.Study:
-        storage = self.storage or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
-        if storage.startswith("sqlite:///"):
-            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        with sweeper_api.store_lock(storage):  # two sweeps creating optuna.db at once would both migrate it
+    def identity(self, s: SearchSettings, model_id: str) -> dict[str, Any]:
+        """What a study was made for: resuming it with anything else is refused (unless resume_mismatched)."""
+        return {"model": model_id, "search_space": space_identity(s.space), "objectives": s.objectives}
+
+    def check_resume(self, s: SearchSettings, model_id: str) -> None:
+        if s.storage_url.startswith("sqlite:///") and not Path(s.storage_url.removeprefix("sqlite:///")).exists():
+            return
+        try:
+            stored = optuna.load_study(study_name=s.study_name, storage=s.storage_url).user_attrs.get("identity")
+        except KeyError:  # no such study yet
+            return
+        wanted = self.identity(s, model_id)
+        if stored is None or stored == wanted or self.settings["resume_mismatched"]:
+            return
+        differ = ", ".join(k for k in wanted if stored.get(k) != wanted[k])
+        raise ConfigError(
+            f"hydra.sweeper.study_name={s.study_name!r} holds a study of another {differ} ({stored}); give another "
+            "study_name, leave it out for one named after this search, or resume anyway with "
+            "hydra.sweeper.resume_mismatched=true"
+        )
+
+    # -- the study ------------------------------------------------------------------------------------------
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        samplers = optuna.samplers
+        makers = {
+            "random": samplers.RandomSampler,
+            "grid": samplers.RandomSampler,  # the points are enqueued, see enqueue_grid
+            "gp": samplers.GPSampler,
+            "nsgaii": samplers.NSGAIISampler,
+            "qmc": samplers.QMCSampler,
+            "cmaes": samplers.CmaEsSampler,
+            "tpe": samplers.TPESampler,
+        }
+        return makers[self.sampler_name](seed=self.seed)
+
+    def open_study(self, s: SearchSettings) -> optuna.Study:
+        if s.storage_url.startswith("sqlite:///"):
+            Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
+        # (its process died) is failed by the next sweep on the study, and retried once.
+        with sweeper_api.store_lock(s.storage_url):  # two sweeps creating optuna.db at once would both migrate it
+            self.storage = optuna.storages.RDBStorage(
+                s.storage_url,
+                heartbeat_interval=self.settings["heartbeat_interval"],
+                grace_period=self.settings["grace_period"],
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
             study = optuna.create_study(
-                storage=storage,
+                storage=self.storage,
                 sampler=self.make_sampler(),
-                study_name=self.study_name
-                or f"{self.config.tracker.experiment}-{self.config.model.name}-{self.config.backend.name}",
-                directions=list(self.objectives.values()),
+                study_name=s.study_name,
+                directions=list(s.objectives.values()),
                 load_if_exists=True,
             )
+        if "identity" not in study.user_attrs:
+            study.set_user_attr("identity", self.identity(s, self.model_id))
+        study.set_metric_names(list(s.objectives))  # optuna-dashboard shows the objectives by name
         if self.sampler_name == "grid":
-            enqueue_grid(study, space, self.seed)
-        # Trials an interrupted invocation left RUNNING never report: close them so the study stays sound.
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            log.warning("trial %d was left running by an interrupted sweep: marking it FAIL", trial.number)
-            study.tell(trial.number, state=TrialState.FAIL)
+            enqueue_grid(study, s.space, self.seed)
+        optuna.storages.fail_stale_trials(study)
         return study
+
+    def warm_start(self, study: optuna.Study, s: SearchSettings) -> None:
+        """On a new study, enqueue the point a memory model predicts, before the sampler takes over."""
+        if not self.settings["warm_start"] or self.sampler_name == "grid" or study.trials:
+            return
+        if not any(key in s.space for key in WARM_START_KEYS):
+            return
+        try:
+            inputs = sweeper_api.memory_for_warm_start(self.compose(s.fixed))
+        except Exception as exc:  # a hint, never a reason to stop: the trials report their own errors
+            inputs = f"{type(exc).__name__}: {exc}"
+        if isinstance(inputs, str):
+            log.info("warm start skipped: %s", inputs)
+            return
+        point = warm_start_point(s.space, inputs)
+        if not point:
+            log.info("warm start skipped: not one request fits in the %s", inputs.memory_source)
+            return
+        why = f"trtllm-bench's heuristic on {inputs.free_bytes / 1e9:.1f} GB of {inputs.memory_source}"
+        study.enqueue_trial(point, user_attrs={"warm_start": why})
+        log.info("warm start: the first trial tries %s (%s)", settings_text(point), why)
 
     # -- the loop -------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        space, fixed = split_overrides(overrides)
-        if not space:
-            raise SearchSpaceError("no search space: give sweeps such as 'engine.max_batch_size=choice(1,2,4)'")
-        if not self.objectives:
-            self.objectives = {self.config.objective.metric: self.config.objective.direction}
-        for name in self.objectives:
-            sweeper_api.check_figure(f"hydra.sweeper.objectives.{name}", name)
-        for name in self.constraints:
-            sweeper_api.check_figure(f"hydra.sweeper.constraints.{name}", name)
-        study = self.open_study(space)
-        n_trials = self.n_trials
-        if self.sampler_name == "grid":
-            n_trials = min(n_trials, math.prod(len(v) for v in grid_values(space).values()))
+        s = self.s = self.prepare(self.config, arguments, self.hydra_context.config_loader)
+        study = self.open_study(s)
         parent = ParentRun(self.config)
-        parent.log_settings(self, space, fixed, study)
-
-        job_index = _finished(study)
+        parent.log_settings(self, s, study)
+        self.warm_start(study, s)
+        budget = Budget(self.settings["budget_minutes"], self.device)
+        progress = Progress(s.n_trials, s.objectives)
         log.info(
             "study %s: %d of %d trials done, %d to run (storage %s)",
             study.study_name,
             _finished(study),
-            n_trials,
-            max(0, n_trials - _finished(study)),
-            self.storage or "mlruns/optuna.db",
+            s.n_trials,
+            max(0, s.n_trials - _finished(study)),
+            s.storage_url,
         )
+        job_index = _finished(study)
         results = []
-        while (remaining := n_trials - _finished(study)) > 0:
-            batch = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
-            runnable = []
-            for trial in batch:
-                trial_overrides = overrides_for(fixed, trial.params) + [
-                    f"+tracker.tags.{sweeper_api.TRIAL_TAG}={trial.number}",
-                    f"+tracker.tags.{sweeper_api.STUDY_TAG}={study.study_name}",
-                ]
-                reason = self.infeasible(trial_overrides)
-                if reason:
-                    log.info("trial %d pruned before building: %s", trial.number, reason)
-                    trial.set_user_attr("pruned_reason", reason)
-                    study.tell(trial, state=TrialState.PRUNED)
-                    parent.record_pruned(trial.number, study.study_name, trial.params, reason)
-                else:
-                    runnable.append((trial, trial_overrides))
-            if not runnable:
-                continue
-            returns = self.launcher.launch([o for _, o in runnable], initial_job_idx=job_index)
-            job_index += len(runnable)
-            for (trial, _), ret in zip(runnable, returns):
-                self.tell(study, trial, ret)
-            results.append(returns)
-            self.check_failure_rate(study, n_trials)
-        parent.log_summary(self, study)
-        self.write_best_config(study, fixed, parent)
+        with Heartbeat(self.storage, self.settings["heartbeat_interval"]) as heartbeat:
+            while (remaining := s.n_trials - _finished(study)) > 0:
+                if not budget.allows_another_batch():
+                    break
+                optuna.storages.fail_stale_trials(study)
+                batch = [study.ask(s.space) for _ in range(min(self.n_jobs, remaining))]
+                heartbeat.beat_for(batch)
+                runnable, twins = self.triage(study, s, batch, parent, progress)
+                if runnable:
+                    started = time.monotonic()
+                    returns = self.launch([o for _, o in runnable], job_index)
+                    budget.spent(time.monotonic() - started)
+                    job_index += len(runnable)
+                    for (trial, _), ret in zip(runnable, returns):
+                        self.tell(study, trial, ret)
+                        progress.line(study, trial)
+                    results.append(returns)
+                for trial, twin in twins:  # same settings as a trial of this batch: its figures are known now
+                    self.reuse(study, trial, study.trials[twin.number])
+                    progress.line(study, trial)
+                heartbeat.stop_beating_for(batch)
+                self.check_failure_rate(study, s.n_trials)
+        self.confirm_top_k(study, s, job_index, budget)
+        parent.log_summary(self, study, budget)
+        self.write_best_config(study, s.fixed, parent)
         return results
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+
+    def launch(self, job_overrides: list[list[str]], job_index: int) -> Sequence[Any]:
+        logging.getLogger(LAUNCHER_LOGGER).setLevel(logging.WARNING)
+        try:
+            return self.launcher.launch(job_overrides, initial_job_idx=job_index)
+        finally:  # each job set up its own logging (console at WARNING): the sweeper's lines go to the console
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+
+    def job_overrides(self, study: optuna.Study, s: SearchSettings, params: dict, tags: dict, name: str) -> list[str]:
+        """A trial's overrides: its point, its tags and run name, and a console that leaves the line to the sweeper."""
+        extra = [f"+tracker.tags.{k}={v}" for k, v in {sweeper_api.STUDY_TAG: study.study_name, **tags}.items()]
+        extra += [
+            f"tracker.run_name={override_value(name)}",
+            f"++hydra.job.env_set.{sweeper_api.SUMMARY_TO_LOG_ENV}=1",
+            "++hydra.job.env_set.TQDM_DISABLE=1",  # no progress bars from the job: the console is the sweeper's
+        ]
+        if OmegaConf.select(self.config, "hydra.job_logging.handlers.console") is not None:
+            extra.append("++hydra.job_logging.handlers.console.level=WARNING")  # full tables go to the job's log file
+        return overrides_for(s.fixed, params) + extra
+
+    def triage(
+        self, study: optuna.Study, s: SearchSettings, batch: list[optuna.Trial], parent: ParentRun, progress: Progress
+    ) -> tuple[list[tuple[optuna.Trial, list[str]]], list[tuple[optuna.Trial, optuna.Trial]]]:
+        """Which trials of a batch to launch; the others are reused, pruned or failed here, each told to Optuna."""
+        repeats = self.settings["allow_repeats"]
+        measured = {point_key(t.params): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        runnable: list[tuple[optuna.Trial, list[str]]] = []
+        launching: dict[str, optuna.Trial] = {}
+        twins = []
+        for trial in batch:
+            key = point_key(trial.params)
+            if not repeats and key in measured:
+                self.reuse(study, trial, measured[key])
+                progress.line(study, trial)
+                continue
+            if not repeats and key in launching:
+                twins.append((trial, launching[key]))
+                continue
+            name = f"trial {trial.number}: {settings_text(trial.params)}"
+            try:
+                overrides = self.job_overrides(study, s, trial.params, {sweeper_api.TRIAL_TAG: trial.number}, name)
+                reason = self.infeasible(overrides)
+            except Exception as exc:  # one trial's preparation failed (e.g. its dataset): that trial fails, no more
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                log.warning("trial %d failed before building: %s", trial.number, error)
+                trial.set_user_attr("error", error)
+                study.tell(trial, state=TrialState.FAIL)
+                parent.record_child(trial.number, study.study_name, trial.params, "FAILED", error)
+                progress.line(study, trial)
+                continue
+            if reason:
+                log.info("trial %d pruned before building: %s", trial.number, reason)
+                trial.set_user_attr("pruned_reason", reason)
+                study.tell(trial, state=TrialState.PRUNED)
+                parent.record_child(trial.number, study.study_name, trial.params, "PRUNED", reason)
+                progress.line(study, trial)
+                continue
+            runnable.append((trial, overrides))
+            launching[key] = trial
+        return runnable, twins
+
+    def reuse(self, study: optuna.Study, trial: optuna.Trial, source: optuna.trial.FrozenTrial) -> None:
+        """A point the study has measured: tell Optuna its figures instead of building and measuring it again."""
+        if source.state != TrialState.COMPLETE:
+            error = f"same settings as trial {source.number}, which ended {source.state.name}"
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        log.info(
+            "trial %d: same settings as trial %d, reusing its figures (hydra.sweeper.allow_repeats=true measures "
+            "again)",
+            trial.number,
+            source.number,
+        )
+        trial.set_user_attr("reused_from", source.number)
+        for key in ("mlflow_run_id", "spread"):
+            if key in source.user_attrs:
+                trial.set_user_attr(key, source.user_attrs[key])
+        for name, violation in source.constraints.items():
+            trial.set_constraint(name, violation)
+        study.tell(trial, source.values)
 
     def infeasible(self, overrides: list[str]) -> str | None:
         """Compose the trial's config and run every check a run makes before building; return why it fails."""
-        return sweeper_api.infeasible(self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
+        return sweeper_api.infeasible(self.compose(overrides))
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, ret: Any) -> None:
+        state = study.get_trials(deepcopy=False)[trial.number].state
+        if state != TrialState.RUNNING:  # another sweep failed it: its heartbeat lapsed beyond the grace period
+            log.warning(
+                "trial %d was marked %s meanwhile (by another sweep on the study): not told", trial.number, state.name
+            )
+            return
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
             log.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
             study.tell(trial, state=TrialState.FAIL)
             return
-        figures = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir))
-        missing = [name for name in self.objectives if name not in figures]
+        result = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir))
+        figures = result.figures
+        if result.run_id:
+            trial.set_user_attr("mlflow_run_id", result.run_id)
+        spread = {n: [figures[f"{n}_min"], figures[f"{n}_max"]] for n in self.s.objectives if f"{n}_min" in figures}
+        if spread:
+            trial.set_user_attr("spread", spread)
+        missing = [name for name in self.s.objectives if name not in figures]
         if missing:
             trial.set_user_attr("error", f"figures {missing} were not recorded by this run")
             study.tell(trial, state=TrialState.FAIL)
             return
-        for figure, (op, bound) in self.constraints.items():
+        for figure, (op, bound) in self.s.constraints.items():
             if figure in figures:
                 trial.set_constraint(figure, constraint_violation(op, bound, figures[figure]))
             else:  # a GPU figure on a CPU run is absent: the constraint cannot be judged, so it does not bind
                 log.warning("constraint on %s not applied to trial %d: the figure is absent", figure, trial.number)
-        study.tell(trial, [figures[name] for name in self.objectives])
+        study.tell(trial, [figures[name] for name in self.s.objectives])
+
+    def confirm_top_k(self, study: optuna.Study, s: SearchSettings, job_index: int, budget: Budget) -> None:
+        """Measure the best k points again; the best is then chosen on the mean of both measurements."""
+        k = self.settings["confirm_top_k"]
+        if not k:
+            return
+        if budget.stopped:
+            log.info("confirm_top_k skipped: the budget is spent")
+            return
+        if len(s.objectives) > 1:
+            log.info("confirm_top_k skipped: it ranks one objective, this study has %d", len(s.objectives))
+            return
+        (name,) = s.objectives
+        sign = -1 if s.objectives[name] == "maximize" else 1
+        measured = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "reused_from" not in t.user_attrs and all(v <= 0 for v in t.constraints.values())  # feasible only
+        ]
+        confirmed = dict(study.user_attrs.get("confirmed", {}))
+        top = [t for t in sorted(measured, key=lambda t: sign * t.value)[:k] if str(t.number) not in confirmed]
+        if not top:
+            return
+        jobs = [
+            self.job_overrides(study, s, t.params, {"optuna_confirm_of": t.number}, f"confirm trial {t.number}")
+            for t in top
+        ]
+        returns = self.launch(jobs, job_index)
+        for trial, ret in zip(top, returns):
+            if ret.status != JobStatus.COMPLETED:
+                log.warning("trial %d could not be confirmed: %s", trial.number, ret._return_value)
+                continue
+            again = sweeper_api.read_result(Path(ret.hydra_cfg.hydra.runtime.output_dir)).figures[name]
+            confirmed[str(trial.number)] = {"first": trial.value, "again": again, "mean": (trial.value + again) / 2}
+            log.info(
+                "trial %d confirmed: %s %.4g, then %.4g (%+.1f%%)",
+                trial.number,
+                name,
+                trial.value,
+                again,
+                100 * (again / trial.value - 1) if trial.value else 0.0,
+            )
+        study.set_user_attr("confirmed", confirmed)
 
     def check_failure_rate(self, study: optuna.Study, n_trials: int) -> None:
         """Stop once more than max_failure_rate of the planned trials crashed: the rest would likely crash too."""
@@ -291,7 +631,7 @@ class OptunaSearch:
             return
         trial = best[0]
         overrides = overrides_for(fixed, trial.params)
-        composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        composed = self.compose(overrides)
         text = best_config_yaml(study.study_name, trial, dict(composed.hydra.runtime.choices), overrides)
         path = sweeper_api.best_config_path(self.best_config_dir, study.study_name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,12 +647,162 @@ class OptunaSearch:
         )
 
 
+def point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+class Heartbeat:
+    """Records a heartbeat for this sweep's running trials every interval, in a thread, while trials run.
+
+    Optuna beats only inside study.optimize(); this sweeper asks and tells, so it beats itself, through the
+    storage's public record_heartbeat. Another sweep's fail_stale_trials then fails only trials whose sweep died.
+    """
+
+    def __init__(self, storage: optuna.storages.RDBStorage, interval: int):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+
+    def beat_for(self, trials: list[optuna.Trial]) -> None:
+        ids = {t._trial_id for t in trials}  # Optuna's own heartbeat thread identifies a trial the same way
+        for trial_id in ids:
+            self.storage.record_heartbeat(trial_id)
+        with self.lock:
+            self.trial_ids |= ids
+
+    def stop_beating_for(self, trials: list[optuna.Trial]) -> None:
+        with self.lock:
+            self.trial_ids -= {t._trial_id for t in trials}
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # a busy SQLite file: the next beat comes within the grace period
+                    log.warning("heartbeat for trial id %d not recorded: %s", trial_id, exc)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+class Budget:
+    """hydra.sweeper.budget_minutes: no batch is asked for once the next one would likely pass it."""
+
+    def __init__(self, minutes: float | None, device: str):
+        self.limit_s = None if minutes is None else minutes * 60
+        self.device = device
+        self.started = time.monotonic()
+        self.job_s = 0.0  # wall time of the launched batches: builds, loads and benchmarks
+        self.batches = 0
+        self.stopped = False
+
+    def spent(self, seconds: float) -> None:
+        self.job_s += seconds
+        self.batches += 1
+
+    def allows_another_batch(self) -> bool:
+        if self.limit_s is None or not self.batches:
+            return True
+        elapsed = time.monotonic() - self.started
+        next_batch = self.job_s / self.batches
+        if elapsed + next_batch <= self.limit_s:
+            return True
+        self.stopped = True
+        log.info(
+            "budget: stopping after %.1f of %.1f minutes; the next batch would take about %.1f more",
+            elapsed / 60,
+            self.limit_s / 60,
+            next_batch / 60,
+        )
+        return False
+
+    def figures(self) -> dict[str, float]:
+        job_minutes = self.job_s / 60
+        return {
+            "sweep.wall_minutes": (time.monotonic() - self.started) / 60,
+            "sweep.job_minutes": job_minutes,
+            # one GPU per job on a CUDA run, held for the whole job (build, load and benchmark)
+            "sweep.gpu_minutes": job_minutes if self.device == "cuda" else 0.0,
+        }
+
+
+class Progress:
+    """One line per finished trial: `trial 3 · 4/12 · max_batch_size=8 · 1378 tok/s (1350–1390) · best …`."""
+
+    def __init__(self, n_trials: int, objectives: dict[str, str]):
+        self.n_trials, self.objectives = n_trials, objectives
+        self.started = time.monotonic()
+        self.count = 0
+
+    def value_text(self, values: Sequence[float], spread: dict | None = None) -> str:
+        parts = []
+        for name, value in zip(self.objectives, values):
+            unit = sweeper_api.figure_unit(name)
+            text = f"{value:.4g}{' ' + unit if unit else ''}"
+            if spread and name in spread:
+                text += f" ({spread[name][0]:.4g}–{spread[name][1]:.4g})"
+            parts.append(text)
+        return ", ".join(parts)
+
+    def line(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self.count += 1
+        frozen = study.get_trials(deepcopy=False)[trial.number]
+        attrs = frozen.user_attrs
+        if frozen.state == TrialState.COMPLETE:
+            outcome = self.value_text(frozen.values, attrs.get("spread"))
+            if "reused_from" in attrs:
+                outcome += f" (as trial {attrs['reused_from']}, not run again)"
+        elif frozen.state == TrialState.PRUNED:
+            outcome = f"pruned: {attrs.get('pruned_reason', '')}"
+        else:
+            outcome = f"{frozen.state.name}: {attrs.get('error', '')}"[:200]
+        best = best_trials(study)
+        best_text = f"best {self.value_text(best[0].values)} (trial {best[0].number})" if best else "no best yet"
+        finished = _finished(study)
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.count * max(0, self.n_trials - finished)
+        log.info(
+            "trial %d · %d/%d · %s · %s · %s · %s elapsed, ~%s left",
+            trial.number,
+            finished,
+            self.n_trials,
+            settings_text(frozen.params),
+            outcome,
+            best_text,
+            minutes(elapsed),
+            minutes(left),
+        )
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
 def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The best feasible trial (one objective), or the Pareto front (several), best first objective first."""
+    """The best feasible trial (one objective), or the Pareto front (several), best first objective first.
+
+    With confirmed trials (hydra.sweeper.confirm_top_k), one objective's best is the confirmed trial whose mean of
+    both measurements is best.
+    """
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         return []
     if len(study.directions) == 1:
+        confirmed = study.user_attrs.get("confirmed", {})
+        feasible = [t for t in complete if str(t.number) in confirmed and all(v <= 0 for v in t.constraints.values())]
+        if feasible:
+            sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+            return [min(feasible, key=lambda t: sign * confirmed[str(t.number)]["mean"])]
         try:
             return [study.best_trial]
         except ValueError:  # no feasible trial
@@ -322,19 +812,27 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: dict, overrides: list[str]) -> str:
-    """A package-global config: the trial's group choices go to the defaults list, its values to their keys."""
+    """A package-global config: the trial's group choices go to the defaults list, its values to their keys.
+
+    A deletion (`~key`) cannot be written in a config: the header names it for the command line.
+    """
     defaults: list[Any] = [{f"override /{group}": choices[group]} for group in CONFIG_GROUPS if group in choices]
     values = OmegaConf.create({})
+    deletions = []
     for item in overrides:
+        if item.startswith("~"):
+            deletions.append(item)
+            continue
         key, value = item.split("=", 1)
         key = key.lstrip("+")
         group_choice = key in CONFIG_GROUPS or key == "search"  # already in the defaults list, or the sweep itself
         if not group_choice and not key.startswith(("hydra.", "tracker.tags.")):
             OmegaConf.update(values, key, yaml.safe_load(value), force_add=True)
     body = {"defaults": defaults + ["_self_"], **OmegaConf.to_container(values)}
+    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in deletions)
     header = (
         f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
-        f"# Rerun from the directory above conf/: python -m sweep --config-dir conf +best={study_name}\n"
+        f"# Rerun from the directory above conf/: {rerun}\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
@@ -358,55 +856,65 @@ class ParentRun:
         if self.run_id:
             self.run.log_text(text, name)
 
-    def log_settings(self, search: OptunaSearch, space: dict, fixed: list[str], study: optuna.Study) -> None:
+    def log_settings(self, search: OptunaSearch, s: SearchSettings, study: optuna.Study) -> None:
         if not self.run_id:
             return
-        self.run.set_tags({"sweep.kind": "optuna", "optuna.study": study.study_name})
+        # the parent is named after the study it searched (the multirun callback opened it before the study existed)
+        self.run.set_tags(
+            {"sweep.kind": "optuna", "optuna.study": study.study_name, "mlflow.runName": study.study_name}
+        )
+        st = search.settings
         self.run.log_params(
             {
                 "optuna.sampler": search.sampler_name,
                 "optuna.seed": search.seed,
-                "optuna.n_trials": search.n_trials,
+                "optuna.n_trials": s.n_trials,
                 "optuna.n_jobs": search.n_jobs,
-                "optuna.objectives": json.dumps(search.objectives),
-                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in search.constraints.items()}),
-                "optuna.search_space": json.dumps({k: repr(v) for k, v in space.items()}),
-                "optuna.fixed_overrides": " ".join(fixed),
+                "optuna.objectives": json.dumps(s.objectives),
+                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in s.constraints.items()}),
+                "optuna.search_space": json.dumps(space_identity(s.space)),
+                "optuna.fixed_overrides": " ".join(s.fixed),
+                **{f"optuna.{k}": st[k] for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes")},
             }
         )
 
-    def record_pruned(self, number: int, study_name: str, params: dict, reason: str) -> None:
-        """A pruned trial gets a child run too, so the UI shows what was skipped and why."""
+    def record_child(self, number: int, study_name: str, params: dict, state: str, reason: str) -> None:
+        """A trial that never ran (pruned, or failed in its preparation) gets a child run too, saying why."""
         if not self.run_id:
             return
         run = self.tracker.start_run(
-            f"trial-{number}-pruned",
+            f"trial {number}: {settings_text(params)} ({state.lower()})",
             {
                 sweeper_api.TRIAL_TAG: number,
                 sweeper_api.STUDY_TAG: study_name,
-                "optuna.state": "PRUNED",
-                "pruned_reason": reason,
+                "optuna.state": state,
+                "pruned_reason" if state == "PRUNED" else "error": reason,
             },
             parent_run_id=self.run_id,
         )
         run.log_params(params)
-        run.end("FINISHED")
+        run.end("FINISHED" if state == "PRUNED" else "FAILED")
 
-    def log_summary(self, search: OptunaSearch, study: optuna.Study) -> None:
+    def log_summary(self, search: OptunaSearch, study: optuna.Study, budget: Budget) -> None:
         if not self.run_id:
             return
         value = "values" if len(study.directions) > 1 else "value"
         table = study.trials_dataframe(attrs=("number", "state", value, "params", "user_attrs", "constraints"))
         self.run.log_text(table.to_csv(index=False), "trials.csv")
+        objectives = search.s.objectives
         best = best_trials(study)
         if best:
-            metrics = {f"best.{name}": value for name, value in zip(search.objectives, best[0].values)}
+            metrics = {f"best.{name}": value for name, value in zip(objectives, best[0].values)}
+            confirmed = study.user_attrs.get("confirmed", {}).get(str(best[0].number))
+            if confirmed:
+                metrics[f"best.confirmed.{next(iter(objectives))}"] = confirmed["mean"]
             self.run.log_metrics(metrics)
             self.run.log_params({f"best.{k}": v for k, v in best[0].params.items()} | {"best.trial": best[0].number})
         counts = {state.name: sum(t.state == state for t in study.trials) for state in TrialState}
-        self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()})
+        counts["REUSED"] = sum("reused_from" in t.user_attrs for t in study.trials)
+        self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()} | budget.figures())
         with tempfile.TemporaryDirectory(prefix="optuna-plots-") as out:  # the tracker keeps its own copies
-            for path in study_plots(study, search.objectives, Path(out)).values():
+            for path in study_plots(study, objectives, Path(out)).values():
                 self.run.log_artifact(path, "plots")
 
 

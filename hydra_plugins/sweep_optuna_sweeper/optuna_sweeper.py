@@ -12,18 +12,22 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.sweep_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    sampler: str = "tpe"  # tpe | random | grid | gp
+    sampler: str = "tpe"  # tpe | random | grid | gp | nsgaii | qmc | cmaes (README: which fits what)
     seed: Optional[int] = 0
     n_trials: int = 20  # trials in the study in all, counting those of an earlier, resumed invocation
     n_jobs: int = 1  # trials asked for at once and handed to the launcher as one batch
-    study_name: Optional[str] = None  # default: "<experiment>-<model>-<backend>"
+    # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
+    study_name: Optional[str] = None
+    resume_mismatched: bool = False  # resume a named study even if its space, objectives or model differ
     storage: Optional[str] = None  # default: sqlite:///<cwd>/mlruns/optuna.db, beside the MLflow store
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats in the storage
+    grace_period: Optional[int] = None  # a trial without a heartbeat this long is failed (default 2 intervals)
     # figure -> maximize | minimize; empty: the task's own objective.metric / objective.direction.
     # Two or more give a multi-objective study and a Pareto front.
     objectives: Dict[str, str] = field(default_factory=dict)
@@ -32,6 +36,10 @@ class OptunaSweeperConf:
     max_failure_rate: float = 0.5  # stop once more than this share of n_trials crashed
     # the search space in Hydra's sweep syntax, e.g. {engine.max_batch_size: "choice(1,2,4,8)"}
     params: Dict[str, str] = field(default_factory=dict)
+    allow_repeats: bool = False  # measure a point the study already measured again (default: reuse its figures)
+    confirm_top_k: int = 0  # measure the best k again at the end; the best is chosen on the mean of both
+    warm_start: bool = True  # first try the max_batch_size / max_num_tokens trtllm-bench's memory heuristic picks
+    budget_minutes: Optional[float] = None  # ask for no batch that would likely end past this many minutes
     best_config_dir: Optional[str] = None  # default: conf/best/ (rerun with `python -m sweep +best=<study>`)
 
 
@@ -43,6 +51,19 @@ class OptunaSweeper(Sweeper):
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
 
         self.search = OptunaSearch(**settings)
+
+    @staticmethod
+    def check_config(config: DictConfig) -> None:
+        """Every set-up error (search space, sampler, objectives, study), before the multirun records anything.
+
+        Called by the multirun callback (sweep/multirun.py) before it opens the parent run; raises ConfigError.
+        """
+        from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
+
+        settings = {
+            k: v for k, v in OmegaConf.to_container(config.hydra.sweeper, resolve=True).items() if k != "_target_"
+        }
+        OptunaSearch(**settings).prepare(config, list(config.hydra.overrides.task))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
