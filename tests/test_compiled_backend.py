@@ -289,9 +289,15 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
-def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path, scheduler):
     cfg = compose(
-        tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=default", "engine.max_batch_size=2"
+        tiny_checkpoint,
+        tmp_path,
+        "backend=compiled",
+        f"backend.scheduler={scheduler}",
+        "engine.compile_mode=default",
+        "engine.max_batch_size=2",
     )
     requests = make_requests([6, 4])
     hf, _ = start(HFBackend, cfg, tmp_path)
@@ -314,6 +320,7 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
+        "backend.scheduler=static",
         "device=cuda",
         f"engine.compile_mode={mode}",
         f"engine.cuda_graphs={graphs}",
@@ -330,3 +337,33 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
         compiled.close()
     if mode != "none":
         assert (entry.path / "compile_cache.bin").is_file()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["reduce-overhead", "none"])
+def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, mode):
+    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda")
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    compiled = inflight_engine(
+        tiny_checkpoint,
+        tmp_path,
+        "device=cuda",
+        f"engine.compile_mode={mode}",
+        "engine.max_batch_size=4",
+        "engine.max_num_tokens=6",
+    )
+    requests = [
+        Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])
+    ]
+    try:
+        expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
+        stream = RequestStream(requests, clients=3)
+        stream.start()
+        tokens = compiled.serve_tokens(stream, 4)
+        steps = compiled.scheduler.steps
+    finally:
+        hf.close()
+        compiled.close()
+    assert tokens == expected
+    assert all(s.decoded + s.prefilled <= 6 for s in steps)

@@ -107,7 +107,9 @@ def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple
     """The prefill-chunk call and one decode call per size, compiled as `plan` says."""
     prefill_fn, decode_fn = prefill_chunk, decode_rows
     if plan["prefill"] is not None:
-        prefill_fn = torch.compile(prefill_chunk, fullgraph=True, options=plan["prefill"])
+        # Dynamic from the first compile: chunk width, row and start column change every call (width 1 still gets
+        # its own specialisation, which warm-up compiles too).
+        prefill_fn = torch.compile(prefill_chunk, fullgraph=True, dynamic=True, options=plan["prefill"])
     if plan["decode"] is not None:
         # One specialisation per size (n is a constant of each graph): allow that many recompiles.
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -115,8 +117,6 @@ def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple
         decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=False, options=plan["decode"])
 
     def run_prefill(row: int, input_ids, start: int) -> None:
-        if input_ids.shape[1] > 1:
-            torch._dynamo.maybe_mark_dynamic(input_ids, 1)  # one compiled prefill for every chunk width above 1
         prefill_fn(state, row, input_ids, start)
 
     def decode_call(n: int) -> Callable:
@@ -136,8 +136,8 @@ def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple
 
 
 def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[int, Callable]) -> None:
-    """Compile prefill chunks (two rows, two starts, widths 1 and more: the ints become dynamic) and every decode
-    size (cudagraph trees: a warm-up run, a recording, a replay) before any timed request; then clear the rows."""
+    """Compile prefill chunks (widths 1 and more, two rows, two starts) and every decode size (cudagraph trees: a
+    warm-up run, a recording, a replay) before any timed request; then clear the rows."""
     width = max(2, min(16, state.max_seq_len // 4))
     second_row = min(1, state.batch - 1)
     ids = torch.zeros((1, width + 1), dtype=torch.long, device=state.device)
@@ -208,6 +208,7 @@ class InflightScheduler:
         outputs: dict[str, list[int]] = {}
         pending: Report | None = None
         self.steps = []
+        state.reset_rows()  # every row free: nothing left from warm-up or from a caller that drove the rows itself
         while True:
             if not running and pending is not None:  # its finishes may be what the stream waits for
                 self._report(pending, stream, outputs)
