@@ -261,12 +261,15 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
         "-m",
         "sweep",
         "-m",
-        "backend=compiled",
+        "backend=compiled",  # in flight, the default scheduler
         "engine.compile_mode=none",
+        "engine.max_batch_size=2",
+        "workload=rate",
+        "workload.request_rate=50",
         f"model.path={tiny_checkpoint}",
         f"cache_dir={tmp_path / 'engines'}",
         f"tracker.uri={uri}",
-        "workload.num_requests=2",
+        "workload.num_requests=3",
         "workload.iterations=1",
         "workload.input_len=8",
         "workload.output_len=8",
@@ -286,6 +289,8 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
     assert all(r.data.metrics["output_throughput_tok_s"] > 0 for r in runs)
     assert runs[1].data.metrics["build_time_s"] == 0.0 and "compile_and_warmup_s" in runs[1].data.metrics
     assert "max_input_len" in runs[0].data.params["engine.ignored_options"]
+    assert "tokens_per_block" in runs[0].data.params["engine.ignored_options"]  # slots, no pages
+    assert runs[0].data.params["backend.scheduler"] == "inflight" and runs[0].data.metrics["queue_ms_n"] == 3
 
 
 @pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
