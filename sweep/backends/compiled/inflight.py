@@ -49,9 +49,9 @@ class SlotState(StaticState):
 
 
 def decode_sizes(requested, max_batch_size: int) -> list[int]:
-    """The decode batch sizes to compile and capture: the requested ones (default: powers of two below
+    """The decode batch sizes to compile and capture: the requested ones (None: powers of two below
     max_batch_size) and max_batch_size itself, so that every batch has one."""
-    sizes = set(requested) if requested else {1 << i for i in range(max_batch_size.bit_length())}
+    sizes = {1 << i for i in range(max_batch_size.bit_length())} if requested is None else set(requested)
     return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
 
 
