@@ -123,6 +123,8 @@ def compose(
         f"model.path={checkpoint}",
         "model.dtype=float16",
         f"backend={backend}",
+        # The table's compiled engine runs static waves; profile_decode drives that engine's buffers.
+        *(["backend.scheduler=static"] if backend == "compiled" else []),
         f"device={device}",
         "engine.dtype=float16" if device == "cuda" else "engine.dtype=float32",
         f"engine.max_batch_size={batch}",

@@ -7,7 +7,7 @@ composes (it names the key and the value); ranges and choices are checked by swe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -51,6 +51,9 @@ class EngineConfig:
     tokens_per_block: int = 32
     compile_mode: str = "reduce-overhead"
     cuda_graphs: bool = True
+    # Decode batch sizes captured in CUDA graphs by in-flight engines; None: powers of two up to max_batch_size.
+    # max_batch_size itself is always captured.
+    cuda_graph_batch_sizes: Optional[List[int]] = None
 
 
 @dataclass

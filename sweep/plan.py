@@ -110,6 +110,8 @@ def make_plan(cfg: DictConfig) -> Plan:
         "dtype": dtype,
         "gpu": gpu,
     }
+    if settings := backend.artifact_settings():  # only where there are any: other backends keep their keys
+        key_inputs["settings"] = settings
     return Plan(cfg, device, dtype, cache, model, workload, batch_size, backend, env, sizes, key_inputs)
 
 

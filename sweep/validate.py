@@ -99,6 +99,12 @@ def validate(cfg: Any) -> None:
     choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
         at_least(f"engine.{key}", e[key], 1)
+    for size in e.cuda_graph_batch_sizes or ():
+        if not 1 <= size <= e.max_batch_size:
+            raise ConfigError(
+                f"engine.cuda_graph_batch_sizes={list(e.cuda_graph_batch_sizes)} is not allowed; "
+                f"every size must be between 1 and engine.max_batch_size={e.max_batch_size}"
+            )
     choice("workload.scenario", w.scenario, SCENARIOS)
     choice("workload.length_distribution", w.length_distribution, LENGTH_DISTRIBUTIONS)
     for key in ("num_requests", "iterations", "input_len", "output_len"):

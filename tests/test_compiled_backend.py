@@ -1,4 +1,4 @@
-"""backend=compiled: same greedy tokens as hf, padded batches, engine cache hits, and the CLI end to end.
+"""backend=compiled: same greedy tokens as hf, padded batches and batching in flight, engine cache hits, the CLI.
 
 CPU tests use compile_mode=none (Inductor's C++ build takes minutes on a CI runner); the static cache, masks,
 step buffers and the decode loop are the same code under every compile mode. GPU tests compile for real.
@@ -20,6 +20,7 @@ from sweep.compose import compose as compose_config
 from sweep.errors import ConfigError
 from sweep.model import generate_tiny_checkpoint
 from sweep.plan import make_plan, start_engine
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,13 +62,16 @@ def start(backend_cls, cfg, cache_dir: Path):
     return p.backend, start_engine(p).entry
 
 
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_greedy_tokens_equal_hf_on_a_padded_batch(tiny_checkpoint, tmp_path, attn):
-    # Three prompts of different lengths in an engine of four rows: left padding, and a dummy row.
+def test_greedy_tokens_equal_hf_on_a_batch(tiny_checkpoint, tmp_path, attn, scheduler):
+    # Three prompts of different lengths in an engine of four rows: static pads them (left padding, a dummy row),
+    # in flight gives each its own row.
     cfg = compose(
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
+        f"backend.scheduler={scheduler}",
         "engine.compile_mode=none",
         "engine.max_batch_size=4",
         f"engine.attn_implementation={attn}",
@@ -84,8 +88,12 @@ def test_greedy_tokens_equal_hf_on_a_padded_batch(tiny_checkpoint, tmp_path, att
     finally:
         hf.close()
         compiled.close()
-    assert entry.manifest["captured_batch_sizes"] == [4]
-    assert "padded to max_batch_size" in entry.manifest["batch_padding"]
+    if scheduler == "static":
+        assert entry.manifest["captured_batch_sizes"] == [4]
+        assert "padded to max_batch_size" in entry.manifest["batch_padding"]
+    else:
+        assert entry.manifest["captured_batch_sizes"] == [1, 2, 4]  # the default: powers of two up to 4
+        assert entry.manifest["key_inputs"]["settings"] == {"scheduler": "inflight"}
 
 
 def test_each_request_gets_its_own_output_length_and_times(tiny_checkpoint, tmp_path):
@@ -124,12 +132,124 @@ def test_unsupported_options_fail_before_building(tiny_checkpoint, tmp_path):
     cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match="engine.attn_implementation"):
         make_plan(cfg)
-    # Left padding: a batch runs to its longest input plus its longest output, past what either request needs.
-    p = make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16"))
+    # Left padding: a static batch runs to its longest input plus its longest output, past what either request needs;
+    # in flight each request has a row of its own, so only each one's input + output must fit.
     workload = Workload(warmup=[], measured=[Request("a", [5] * 10, 2), Request("b", [5] * 2, 10)])
+    static = make_plan(
+        compose(tiny_checkpoint, tmp_path, "backend=compiled", "backend.scheduler=static", "engine.max_seq_len=16")
+    )
     with pytest.raises(ConfigError, match="engine.max_seq_len=16"):
-        p.backend.check(workload)
+        static.backend.check(workload)
+    inflight = make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16")).backend
+    inflight.check(workload)
+    with pytest.raises(ConfigError, match=r"engine.max_seq_len=16 cannot hold the workload's longest input \+ output"):
+        inflight.check(Workload(warmup=[], measured=[Request("c", [5] * 10, 7)]))
     assert not (tmp_path / "compiled").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["engine.max_batch_size=4", "engine.max_num_tokens=3"],
+            r"engine.max_num_tokens=3 cannot hold one step of backend.scheduler=inflight: every running request "
+            r"decodes one token per step; set engine.max_num_tokens >= engine.max_batch_size=4",
+        ),
+        (["backend.scheduler=waves"], "backend.scheduler='waves' is not allowed; choose one of: inflight, static"),
+        (
+            ["engine.max_batch_size=4", "engine.cuda_graph_batch_sizes=[1,8]"],
+            r"engine.cuda_graph_batch_sizes=\[1, 8\] is not allowed; every size must be between 1 and "
+            r"engine.max_batch_size=4",
+        ),
+        (["engine.max_num_tokens=0"], "engine.max_num_tokens=0 is not allowed; it must be >= 1"),
+    ],
+)
+def test_inflight_engines_that_cannot_run_are_refused_before_building(tiny_checkpoint, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", *overrides))
+    assert not (tmp_path / "compiled").exists()
+
+
+def inflight_engine(checkpoint: Path, cache_dir: Path, *overrides: str):
+    cfg = compose(checkpoint, cache_dir, "backend=compiled", "engine.compile_mode=none", *overrides)
+    return start(CompiledBackend, cfg, cache_dir)[0]
+
+
+def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_path):
+    # Two clients in a closed loop: each finish sends that client's next request while the other one is decoding
+    # (or prefilling), so requests join a running batch; a 4-token budget splits the longer prompts over steps.
+    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3", "engine.max_num_tokens=4")
+    requests = [
+        Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])
+    ]
+    try:
+        expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
+        stream = RequestStream(requests, clients=2)
+        stream.start()
+        tokens = compiled.serve_tokens(stream, 3)
+    finally:
+        hf.close()
+        compiled.close()
+    assert tokens == expected
+    records = {t.request_id: t for t in stream.results()}
+    joined = [t for t in records.values() if t.arrival > stream.t0]  # sent by a finish, not at the start
+    assert any(t.arrival < max(u.token_times[-1] for u in records.values() if u is not t) for t in joined)
+
+
+def test_a_request_that_arrives_mid_decode_gets_its_first_token_before_the_running_one_finishes(
+    tiny_checkpoint, tmp_path
+):
+    # Client 0 sends a long request; client 1 a short one and, when it finishes, a third one: that one arrives
+    # while the long one decodes. In flight it joins at once; static batching makes it wait for the long one.
+    long, short, late = make_requests([6, 4, 5])
+    requests = [Request(long.id, long.input_ids, 40), Request(short.id, short.input_ids, 3), late]
+    first_token_before_long_finished = {}
+    for scheduler in ("inflight", "static"):
+        engine = inflight_engine(
+            tiny_checkpoint,
+            tmp_path,
+            f"backend.scheduler={scheduler}",
+            "engine.max_batch_size=2",
+            "engine.max_seq_len=48",
+        )
+        try:
+            stream = RequestStream(requests, clients=2)
+            stream.start()
+            engine.serve(stream, 2)
+        finally:
+            engine.close()
+        records = {t.request_id: t for t in stream.results()}
+        if scheduler == "inflight":  # static reports the short one's finish with its whole batch's
+            assert records[late.id].arrival < records[long.id].token_times[-1]  # it arrived mid-decode
+        first_token_before_long_finished[scheduler] = records[late.id].token_times[0] < records[long.id].token_times[-1]
+    assert first_token_before_long_finished == {"inflight": True, "static": False}
+
+
+def test_max_num_tokens_bounds_the_tokens_each_step_processes(tiny_checkpoint, tmp_path):
+    # The engine records each step's decoded and prefilled tokens (InflightScheduler.steps); a hook on the
+    # embedding counts what the model was really given, so the record is checked against the model's own count.
+    budget = 5
+    compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3", f"engine.max_num_tokens={budget}")
+    embedded: list[int] = []
+    hook = compiled.state.model.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: embedded.append(args[0].numel())
+    )
+    requests = make_requests([3, 17, 12, 4], output_len=6)
+    try:
+        stream = RequestStream(requests, offsets=[0.0] * len(requests))
+        stream.start()
+        compiled.serve_tokens(stream, 3)
+        steps = compiled.scheduler.steps
+    finally:
+        hook.remove()
+        compiled.close()
+    assert all(s.decoded + s.prefilled <= budget for s in steps)
+    assert sum(s.prefilled for s in steps) == sum(r.input_len for r in requests)  # every prompt once
+    assert sum(embedded) == sum(s.prefilled + s.graph_rows for s in steps)  # decode runs its graph's rows
+    # The 17-token prompt takes several steps, while the running requests keep decoding in them.
+    assert sum(1 for s in steps if s.decoded and s.prefilled) >= 3
 
 
 def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
@@ -141,12 +261,15 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
         "-m",
         "sweep",
         "-m",
-        "backend=compiled",
+        "backend=compiled",  # in flight, the default scheduler
         "engine.compile_mode=none",
+        "engine.max_batch_size=2",
+        "workload=rate",
+        "workload.request_rate=50",
         f"model.path={tiny_checkpoint}",
         f"cache_dir={tmp_path / 'engines'}",
         f"tracker.uri={uri}",
-        "workload.num_requests=2",
+        "workload.num_requests=3",
         "workload.iterations=1",
         "workload.input_len=8",
         "workload.output_len=8",
@@ -166,12 +289,20 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
     assert all(r.data.metrics["output_throughput_tok_s"] > 0 for r in runs)
     assert runs[1].data.metrics["build_time_s"] == 0.0 and "compile_and_warmup_s" in runs[1].data.metrics
     assert "max_input_len" in runs[0].data.params["engine.ignored_options"]
+    assert "tokens_per_block" in runs[0].data.params["engine.ignored_options"]  # slots, no pages
+    assert runs[0].data.params["backend.scheduler"] == "inflight" and runs[0].data.metrics["queue_ms_n"] == 3
 
 
 @pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
-def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path, scheduler):
     cfg = compose(
-        tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=default", "engine.max_batch_size=2"
+        tiny_checkpoint,
+        tmp_path,
+        "backend=compiled",
+        f"backend.scheduler={scheduler}",
+        "engine.compile_mode=default",
+        "engine.max_batch_size=2",
     )
     requests = make_requests([6, 4])
     hf, _ = start(HFBackend, cfg, tmp_path)
@@ -194,6 +325,7 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
+        "backend.scheduler=static",
         "device=cuda",
         f"engine.compile_mode={mode}",
         f"engine.cuda_graphs={graphs}",
@@ -210,3 +342,33 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
         compiled.close()
     if mode != "none":
         assert (entry.path / "compile_cache.bin").is_file()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["reduce-overhead", "none"])
+def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, mode):
+    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda")
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    compiled = inflight_engine(
+        tiny_checkpoint,
+        tmp_path,
+        "device=cuda",
+        f"engine.compile_mode={mode}",
+        "engine.max_batch_size=4",
+        "engine.max_num_tokens=6",
+    )
+    requests = [
+        Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])
+    ]
+    try:
+        expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
+        stream = RequestStream(requests, clients=3)
+        stream.start()
+        tokens = compiled.serve_tokens(stream, 4)
+        steps = compiled.scheduler.steps
+    finally:
+        hf.close()
+        compiled.close()
+    assert tokens == expected
+    assert all(s.decoded + s.prefilled <= 6 for s in steps)

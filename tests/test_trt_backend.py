@@ -357,7 +357,7 @@ def test_trt_is_registered_and_composes():
     assert cfg.backend.free_gpu_memory_fraction == 0.5
     assert cfg.backend.enable_block_reuse is False
     ignored = [k for k in cfg.engine if k not in TRTBackend.honoured_options]
-    assert sorted(ignored) == ["attn_implementation", "compile_mode", "cuda_graphs"]
+    assert sorted(ignored) == ["attn_implementation", "compile_mode", "cuda_graph_batch_sizes", "cuda_graphs"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm is installed here")

@@ -93,6 +93,10 @@ class Backend(ABC):
     def ignored_options(self) -> list[str]:
         return [k for k in self.cfg.engine if k not in self.honoured_options]
 
+    def artifact_settings(self) -> dict[str, Any]:
+        """backend.* settings that shape the built artifact; they are part of the cache key when there are any."""
+        return {}
+
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries that shape the built artifact; they are part of the cache key."""
         return {}

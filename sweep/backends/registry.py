@@ -47,7 +47,7 @@ BACKENDS: dict[str, BackendSpec] = {
             "compiled",
             CompiledBackendConfig,
             "sweep.backends.compiled.backend:CompiledBackend",
-            "static KV cache, torch.compile, CUDA graphs; the compile cache is the engine",
+            "static KV cache, torch.compile, CUDA graphs, in-flight batching; the compile cache is the engine",
         ),
         BackendSpec(
             "trt",

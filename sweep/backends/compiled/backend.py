@@ -17,7 +17,13 @@ head, loaded exactly as the hf backend loads them). What this backend adds aroun
 - the engine artifact: torch's compile caches (torch.compiler.save_cache_artifacts), hot-loaded on a cache hit
   so that a second run skips Inductor's code generation and Triton's kernel builds.
 
-Every batch is padded to max_batch_size, the one batch size compiled and captured; the manifest says so.
+Two schedulers (backend.scheduler), so that both can be compared in one call:
+- inflight (inflight.py): each cache row is a slot; a request joins the running batch at the next step after it
+  arrives and leaves when it is done, prompts are prefilled in chunks under engine.max_num_tokens per step, and
+  decode is compiled and captured for each size in engine.cuda_graph_batch_sizes;
+- static (engine.py): every batch padded to max_batch_size, the one batch size compiled and captured, run to its
+  end while new arrivals wait.
+The manifest says which.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import transformers
 
 from sweep.backends.base import Backend, Generation
+from sweep.backends.compiled.config import SCHEDULERS
 from sweep.backends.compiled.engine import (
     StaticState,
     capture_decode,
@@ -42,37 +49,69 @@ from sweep.backends.compiled.engine import (
     stream_tokens,
     warm_up,
 )
+from sweep.backends.compiled.inflight import (
+    InflightScheduler,
+    SlotState,
+    decode_sizes,
+    make_inflight_steps,
+    warm_up_inflight,
+)
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
 from sweep.backends.hf.backend import load_hf_model
 from sweep.errors import ConfigError
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE = "compile_cache.bin"  # torch.compiler.save_cache_artifacts() bytes, inside the engine dir
+STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
+INFLIGHT_OPTIONS = (*STATIC_OPTIONS, "max_num_tokens", "cuda_graph_batch_sizes")
 
 
 class CompiledBackend(Backend):
     name = "compiled"
-    honoured_options = ("dtype", "max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
-    artifact_options = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.inflight = self.cfg.backend.scheduler == "inflight"
         self.state: StaticState | None = None
-        self.graph = None  # the decode CUDA graph, when captured here (compile_mode none or default)
+        self.graphs: list = []  # decode CUDA graphs, when captured here (compile_mode none or default)
+        self.scheduler: InflightScheduler | None = None
+
+    @property
+    def artifact_options(self) -> tuple[str, ...]:
+        return INFLIGHT_OPTIONS if self.inflight else STATIC_OPTIONS
+
+    @property
+    def honoured_options(self) -> tuple[str, ...]:
+        return ("dtype", *self.artifact_options)
+
+    def artifact_settings(self) -> dict[str, Any]:
+        return {"scheduler": self.cfg.backend.scheduler}
 
     def check(self, workload: Workload) -> None:
-        super().check(workload)
         e = self.cfg.engine
+        scheduler = self.cfg.backend.scheduler
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"backend.scheduler={scheduler!r} is not allowed; choose one of: {', '.join(SCHEDULERS)}")
+        super().check(workload)  # every request's input + output fits max_seq_len: in flight, each has a whole row
         if e.attn_implementation not in ATTENTION:
             raise ConfigError(
                 f"engine.attn_implementation={e.attn_implementation!r} is not supported by backend=compiled "
                 f"(its static cache feeds masked attention); choose one of: {', '.join(ATTENTION)}"
             )
+        if self.inflight and e.max_num_tokens < e.max_batch_size:
+            raise ConfigError(
+                f"engine.max_num_tokens={e.max_num_tokens} cannot hold one step of backend.scheduler=inflight: every "
+                f"running request decodes one token per step; set engine.max_num_tokens >= "
+                f"engine.max_batch_size={e.max_batch_size}"
+            )
         requests = workload.warmup + workload.measured
         longest = max(r.input_len for r in requests) + max(r.output_len for r in requests)
-        if longest > e.max_seq_len:  # a batch is left-padded to its longest prompt and runs to its longest output
+        if (
+            not self.inflight and longest > e.max_seq_len
+        ):  # a batch is left-padded to its longest prompt and runs to its longest output
             raise ConfigError(
                 f"engine.max_seq_len={e.max_seq_len} cannot hold a batch of the workload's longest input plus its "
                 f"longest output ({longest} tokens); set engine.max_seq_len >= {longest}"
@@ -99,8 +138,13 @@ class CompiledBackend(Backend):
         e = self.cfg.engine
         extra: dict[str, Any] = {
             **describe(self.plan, e.compile_mode),
-            "batch_padding": "every batch is padded to max_batch_size, the one compiled and captured batch size",
-            "captured_batch_sizes": [e.max_batch_size],
+            "scheduler": self.cfg.backend.scheduler,
+            "batch_padding": (
+                "in flight: decode runs the smallest captured size that covers the highest running row"
+                if self.inflight
+                else "every batch is padded to max_batch_size, the one compiled and captured batch size"
+            ),
+            "captured_batch_sizes": self.sizes,
             "kv_cache": {
                 "shape_per_layer": list(self.state.keys[0].shape),
                 "layers": len(self.state.keys),
@@ -158,12 +202,29 @@ class CompiledBackend(Backend):
         start = time.perf_counter()
         self.plan = compile_plan(e.compile_mode, e.cuda_graphs, self.device)
         with torch.inference_mode():
-            self.state = StaticState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
-            self.run_prefill, self.run_decode = make_steps(self.state, self.plan)
-            if self.plan["graphs"] == "manual":
-                self.run_decode, self.graph = capture_decode(self.run_decode)
-            warm_up(self.state, self.run_prefill, self.run_decode)
+            if self.inflight:
+                self._start_inflight(model)
+            else:
+                self.sizes = [e.max_batch_size]
+                self.state = StaticState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
+                self.run_prefill, self.run_decode = make_steps(self.state, self.plan)
+                if self.plan["graphs"] == "manual":
+                    self.run_decode, graph = capture_decode(self.run_decode)
+                    self.graphs = [graph]
+                warm_up(self.state, self.run_prefill, self.run_decode)
         self.warmup_s = time.perf_counter() - start
+
+    def _start_inflight(self, model) -> None:
+        e = self.cfg.engine
+        self.sizes = decode_sizes(e.cuda_graph_batch_sizes, e.max_batch_size)
+        self.state = SlotState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
+        run_prefill, run_decode = make_inflight_steps(self.state, self.plan, self.sizes)
+        if self.plan["graphs"] == "manual":  # one graph per size, sharing one memory pool
+            for n in self.sizes:
+                run_decode[n], graph = capture_decode(run_decode[n], self.graphs[0].pool() if self.graphs else None)
+                self.graphs.append(graph)
+        warm_up_inflight(self.state, run_prefill, run_decode)
+        self.scheduler = InflightScheduler(self.state, run_prefill, run_decode, e.max_num_tokens)
 
     def engine_figures(self) -> dict[str, float]:
         """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""
@@ -171,6 +232,11 @@ class CompiledBackend(Backend):
 
     # -- serving ------------------------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Generation]:
+        if self.inflight:  # every request at once, through the scheduler
+            stream = RequestStream(requests, offsets=[0.0] * len(requests))
+            stream.start()
+            tokens = self.serve_tokens(stream, len(requests))
+            return [Generation(tokens[t.request_id], t.token_times) for t in stream.results()]
         state = self.state
         ids, pad_len = left_pad_batch(requests, state.batch, self.pad_id)
         count = max(r.output_len for r in requests)
@@ -186,8 +252,20 @@ class CompiledBackend(Backend):
             for row, req in enumerate(requests)
         ]
 
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        if self.inflight:
+            self.serve_tokens(stream, max_batch)
+        else:
+            super().serve(stream, max_batch)
+
+    def serve_tokens(self, stream: RequestStream, max_batch: int) -> dict[str, list[int]]:
+        """In flight: serve the stream and return every request's tokens (serve() drops them; tests compare them)."""
+        with torch.inference_mode():
+            return self.scheduler.serve(stream, max_batch)
+
     def close(self) -> None:
-        self.state = self.run_prefill = self.run_decode = self.graph = None
+        self.state = self.run_prefill = self.run_decode = self.scheduler = None
+        self.graphs = []
         torch._dynamo.reset()  # drops compiled code and cudagraph trees, which hold the weights and their pools
         gc.collect()
         if self.device == "cuda":

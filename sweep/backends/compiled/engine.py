@@ -72,12 +72,12 @@ def attention_mask(state: StaticState, query_cols, pad_len):
     return mask
 
 
-def forward_last(state: StaticState, input_ids, position_ids, mask, write_cols):
-    """transformers' layers over the static cache; logits of the last position only (all the next token needs)."""
+def forward_last(state: StaticState, input_ids, position_ids, mask, cache):
+    """transformers' layers over the static cache (`cache.update` writes each layer's new keys and values);
+    logits of the last position only (all the next token needs)."""
     base = state.model.model
     hidden = base.embed_tokens(input_ids)
     position_embeddings = base.rotary_emb(hidden, position_ids)
-    cache = StaticKVCache(state.keys, state.values, write_cols)
     for layer in base.layers:
         out = layer(
             hidden,
@@ -95,7 +95,8 @@ def prefill(state: StaticState, input_ids):
     """Prompt [batch, width], left-padded per state.pad_len, into cache columns 0..width-1; next token [batch]."""
     cols = torch.arange(input_ids.shape[1], device=state.device)
     position_ids = (cols[None, :] - state.pad_len[:, None]).clamp(min=0)  # rope positions count real tokens only
-    logits = forward_last(state, input_ids, position_ids, attention_mask(state, cols, state.pad_len), cols)
+    mask = attention_mask(state, cols, state.pad_len)
+    logits = forward_last(state, input_ids, position_ids, mask, StaticKVCache(state.keys, state.values, cols))
     return logits.argmax(dim=-1)
 
 
@@ -104,7 +105,9 @@ def decode_step(state: StaticState) -> None:
     replays as it was captured."""
     position_ids = (state.input_pos - state.pad_len)[:, None]
     mask = attention_mask(state, state.input_pos, state.pad_len)
-    logits = forward_last(state, state.token, position_ids, mask, state.input_pos)
+    logits = forward_last(
+        state, state.token, position_ids, mask, StaticKVCache(state.keys, state.values, state.input_pos)
+    )
     state.token.copy_(logits.argmax(dim=-1, keepdim=True))
     state.input_pos.add_(1)
 
@@ -167,9 +170,9 @@ def make_steps(state: StaticState, plan: dict[str, Any]) -> tuple[Callable, Call
     return run_prefill, run_decode
 
 
-def capture_decode(run_decode: Callable) -> tuple[Callable, Any]:
+def capture_decode(run_decode: Callable, pool=None) -> tuple[Callable, Any]:
     """Capture one decode step (eager or compiled) in a CUDA graph; it reads and writes only the state's buffers,
-    so replaying it is the whole step."""
+    so replaying it is the whole step. Graphs captured with one `pool` share their intermediate memory."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the capture: compilation, cuBLAS handles, allocator pools
@@ -177,7 +180,7 @@ def capture_decode(run_decode: Callable) -> tuple[Callable, Any]:
             run_decode()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         run_decode()
     return graph.replay, graph
 

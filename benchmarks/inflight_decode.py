@@ -1,0 +1,177 @@
+"""compiled static against compiled in flight on one GPU: decode step time at batch 1 and 8 against the bandwidth
+floor, every engine in one call on one checkpoint (Qwen2.5-7B's architecture with random fp16 weights, as
+gpu_compare.py).
+
+    python benchmarks/inflight_decode.py --work build/inflight --out benchmarks/results
+    python benchmarks/inflight_decode.py --small --device cpu --work build/inflight-cpu --out /tmp/x   # rehearsal
+
+Engines, each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load), compile_mode
+reduce-overhead (--compile-mode): static at max_batch_size 1 and at 8 (each captures its one size) and in flight
+at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves b requests of
+ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are compared
+with the static engine's), then `--steps` decode steps run back to back at context 512, timed with CUDA events
+(the median of `--repeats`), and the roofline efficiency as the run figure defines it (decode floor / step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_compare import (  # noqa: E402
+    QWEN25_7B,
+    SMALL,
+    decode_roofline,
+    free_device_memory,
+    make_checkpoint,
+    start_backend,
+    token_match,
+)
+
+log = logging.getLogger("inflight_decode")
+ISL = 512
+ENGINES = (("static", 1, [1]), ("static", 8, [8]), ("inflight", 8, [1, 8]))  # scheduler, max_batch_size, batches
+
+
+def compose(checkpoint: Path, work: Path, args, scheduler: str, max_batch: int):
+    from sweep.compose import compose as compose_config
+
+    return compose_config(
+        [
+            "model=qwen2.5-7b",
+            f"model.path={checkpoint}",
+            "backend=compiled",
+            f"backend.scheduler={scheduler}",
+            f"device={args.device}",
+            "engine.dtype=float16" if args.device == "cuda" else "engine.dtype=float32",
+            f"engine.compile_mode={args.compile_mode}",
+            f"engine.max_batch_size={max_batch}",
+            f"engine.max_seq_len={ISL + args.steps + 32}",
+            "engine.cuda_graph_batch_sizes=[1,8]" if max_batch == 8 else "engine.cuda_graph_batch_sizes=null",
+            "workload=throughput",
+            f"workload.num_requests={max_batch}",
+            f"workload.input_len={ISL}",
+            "workload.output_len=32",
+            f"cache_dir={work / 'engines_cache'}",
+            "tracker=none",
+        ]
+    )
+
+
+def timed(run, reset, steps: int, repeats: int, cuda: bool) -> float:
+    """Median ms per step of `steps` decode steps queued back to back (no host sync per token)."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        reset()
+        if cuda:
+            torch.cuda.synchronize()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(steps):
+                run()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / steps)
+        else:
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times.append((time.perf_counter() - start) * 1e3 / steps)
+    return statistics.median(times)
+
+
+def measure(p, scheduler: str, batch: int, steps: int, repeats: int) -> tuple[dict[str, Any], list[list[int]]]:
+    import torch
+
+    backend, state = p.backend, p.backend.state
+    cuda = p.device == "cuda"
+    rows = [g.token_ids for g in backend.generate(p.workload.measured[:batch])]
+    with torch.inference_mode():
+        if scheduler == "static":
+            run = backend.run_decode
+
+            def reset() -> None:
+                state.pad_len.zero_()
+                state.input_pos.fill_(ISL)
+        else:
+            run = backend.scheduler.run_decode[batch]
+
+            def reset() -> None:
+                state.reset_rows()
+                state.pos[:batch].fill_(ISL)
+                state.live[:batch].fill_(1)
+
+        step_ms = timed(run, reset, steps, repeats, cuda)
+    out = {"scheduler": scheduler, "max_batch_size": state.batch, "batch": batch, "decode_step_ms": step_ms}
+    if cuda:
+        out.update(decode_roofline(p, batch, ISL + steps / 2, step_ms))
+    return out, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("build/inflight"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="a small model of the same structure (rehearsal)")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-mode", default="reduce-overhead")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_checkpoint(
+        work / ("qwen2.5-7b-random-fp16" if not args.small else "small-random"),
+        SMALL if args.small else QWEN25_7B,
+        args.device,
+    )
+    results: list[dict[str, Any]] = []
+    tokens: dict[tuple[str, int], list[list[int]]] = {}
+    for scheduler, max_batch, batches in ENGINES:
+        start = time.perf_counter()
+        p, entry = start_backend(compose(checkpoint, work, args, scheduler, max_batch))
+        started_s = time.perf_counter() - start
+        try:
+            for batch in batches:
+                out, rows = measure(p, scheduler, batch, args.steps, args.repeats)
+                out.update(engine_start_s=started_s, captured=entry.manifest["captured_batch_sizes"])
+                if scheduler == "inflight" and ("static", batch) in tokens:
+                    out["tokens_vs_static"] = token_match(tokens[("static", batch)], rows)
+                tokens[(scheduler, batch)] = rows
+                results.append(out)
+                log.info("%s", out)
+        finally:
+            p.backend.close()
+            free_device_memory()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    (args.out / "inflight_decode.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=2))
+    lines = [
+        f"{gpu}, torch {torch.__version__}, ISL {ISL}, {args.steps} decode steps x {args.repeats} (median)",
+        "| scheduler | max_batch_size | batch | decode step ms | roofline eff. | tokens equal to static (exact seqs) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        eff = f"{100 * r['roofline_efficiency']:.0f}%" if "roofline_efficiency" in r else "-"
+        match = f"{r['tokens_vs_static']['exact_sequence_pct']:.0f}%" if "tokens_vs_static" in r else "-"
+        lines.append(
+            f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['decode_step_ms']:.2f} | {eff} | {match} |"
+        )
+    (args.out / "inflight_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

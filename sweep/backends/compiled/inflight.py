@@ -1,0 +1,290 @@
+"""In-flight batching over the static cache: each row of the cache is a slot that one request holds from its
+admission to its last token.
+
+Device side (what is compiled and captured):
+- `decode_rows(state, n)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`;
+  rows that are not decoding (free, or in the middle of their prefill) compute a throw-away token, and only rows
+  marked in `state.live` advance. One compiled variant and one CUDA graph per size in `decode_sizes`.
+- `prefill_chunk(state, row, ids, start)`: part of one prompt into one row's cache columns start..start+width-1,
+  its last position's greedy token into `state.token[row]`.
+
+Host side (`InflightScheduler.serve`): every step takes what has arrived into free rows, decodes the running rows
+with the smallest captured size that covers them, then spends what is left of `max_num_tokens` on prompt chunks,
+oldest admission first. A request whose prompt is complete decodes from the next step on, and its row is free again
+the step it produces its last token. Nothing the host decides depends on a token's value (every request runs to
+its output length), so the host queues step i+1 before it waits for step i's tokens, and the GPU never idles on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sweep.backends.compiled.engine import StaticKVCache, StaticState, forward_last
+from sweep.serving import RequestStream
+from sweep.workload import Request
+
+log = logging.getLogger(__name__)
+
+
+class SlotState(StaticState):
+    """The static state plus each row's own cache column and whether it is decoding."""
+
+    def __init__(self, model, batch: int, max_seq_len: int, attn_implementation: str):
+        super().__init__(model, batch, max_seq_len, attn_implementation)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # the column the row's next token fills
+        self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
+        for tensor in (self.pos, self.live):
+            torch._dynamo.mark_static_address(tensor)
+
+    def reset_rows(self) -> None:
+        self.pos.zero_()
+        self.live.zero_()
+        self.token.zero_()
+
+
+def decode_sizes(requested, max_batch_size: int) -> list[int]:
+    """The decode batch sizes to compile and capture: the requested ones (None: powers of two below
+    max_batch_size) and max_batch_size itself, so that every batch has one."""
+    sizes = {1 << i for i in range(max_batch_size.bit_length())} if requested is None else set(requested)
+    return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
+
+
+class RowCache:
+    """Decode over rows 0..n-1: row i writes its new key and value at its own column pos[i]."""
+
+    def __init__(self, state: SlotState, n: int):
+        self.state, self.n = state, n
+        self.rows = torch.arange(n, device=state.device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.state.keys[layer_idx][: self.n], self.state.values[layer_idx][: self.n]
+        pos = self.state.pos[: self.n]
+        keys[self.rows, :, pos] = key_states[:, :, 0]  # key_states: [n, kv_heads, 1, head_dim]
+        values[self.rows, :, pos] = value_states[:, :, 0]
+        return keys, values
+
+
+def visible(state: StaticState, query_cols):
+    """[queries, max_seq_len]: a query at column c sees columns 0..c of its row (a row starts at column 0)."""
+    cols = torch.arange(state.max_seq_len, device=state.device)
+    return cols[None, :] <= query_cols[:, None]
+
+
+def as_mask(state: StaticState, allowed):
+    if state.additive_mask:
+        return torch.where(allowed, 0.0, torch.finfo(state.dtype).min).to(state.dtype)
+    return allowed
+
+
+def decode_rows(state: SlotState, n: int) -> None:
+    """One token for each of rows 0..n-1, inputs and outputs in the state's buffers (no arguments but the size, so
+    each size's CUDA graph replays as captured)."""
+    pos = state.pos[:n]
+    mask = as_mask(state, visible(state, pos)[:, None, None, :])  # [n, 1, 1, max_seq_len]
+    logits = forward_last(state, state.token[:n], pos[:, None], mask, RowCache(state, n))
+    state.token[:n].copy_(logits.argmax(dim=-1, keepdim=True))
+    state.pos[:n].add_(state.live[:n])
+
+
+def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
+    """Prompt tokens [1, width] into row `row` at columns start..start+width-1; their last position's greedy token
+    goes to state.token[row] (the request's first output token when this chunk ends its prompt)."""
+    cols = torch.arange(input_ids.shape[1], device=state.device) + start
+    mask = as_mask(state, visible(state, cols)[None, None])  # [1, 1, width, max_seq_len]
+    cache = StaticKVCache([k[row : row + 1] for k in state.keys], [v[row : row + 1] for v in state.values], cols)
+    logits = forward_last(state, input_ids, cols[None, :], mask, cache)
+    state.token[row].copy_(logits.argmax(dim=-1))
+    state.pos[row].fill_(start + input_ids.shape[1])
+
+
+def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple[Callable, dict[int, Callable]]:
+    """The prefill-chunk call and one decode call per size, compiled as `plan` says."""
+    prefill_fn, decode_fn = prefill_chunk, decode_rows
+    if plan["prefill"] is not None:
+        # Dynamic from the first compile: chunk width, row and start column change every call (width 1 still gets
+        # its own specialisation, which warm-up compiles too).
+        prefill_fn = torch.compile(prefill_chunk, fullgraph=True, dynamic=True, options=plan["prefill"])
+    if plan["decode"] is not None:
+        # One specialisation per size (n is a constant of each graph): allow that many recompiles.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), len(sizes) + 2))
+        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=False, options=plan["decode"])
+
+    def run_prefill(row: int, input_ids, start: int) -> None:
+        prefill_fn(state, row, input_ids, start)
+
+    def decode_call(n: int) -> Callable:
+        if plan["graphs"] == "cudagraph trees":
+
+            def run() -> None:
+                torch.compiler.cudagraph_mark_step_begin()
+                decode_fn(state, n)
+        else:
+
+            def run() -> None:
+                decode_fn(state, n)
+
+        return run
+
+    return run_prefill, {n: decode_call(n) for n in sizes}
+
+
+def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[int, Callable]) -> None:
+    """Compile prefill chunks (widths 1 and more, two rows, two starts) and every decode size (cudagraph trees: a
+    warm-up run, a recording, a replay) before any timed request; then clear the rows."""
+    width = max(2, min(16, state.max_seq_len // 4))
+    second_row = min(1, state.batch - 1)
+    ids = torch.zeros((1, width + 1), dtype=torch.long, device=state.device)
+    run_prefill(0, ids[:, :width], 0)
+    run_prefill(second_row, ids, width)
+    run_prefill(second_row, ids[:, :1], 2 * width + 1)
+    for run in run_decode.values():
+        for _ in range(3):
+            run()
+    state.reset_rows()
+    if state.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- host side ------------------------------------------------------------------------------------------------
+@dataclass
+class Running:
+    request: Request
+    row: int
+    ids: torch.Tensor  # the prompt on the device, [1, input_len]
+    prefilled: int = 0  # prompt tokens in the cache
+    generated: int = 0  # output tokens produced (queued on the device)
+
+
+@dataclass
+class StepRecord:
+    """What one step processed: `decoded` + `prefilled` tokens never exceed max_num_tokens. `graph_rows` is the
+    decode size that ran (rows not decoding in it compute a throw-away token)."""
+
+    decoded: int
+    prefilled: int
+    graph_rows: int
+
+
+@dataclass
+class Report:
+    """One step's tokens on their way to the host, reported to the stream when they arrive."""
+
+    host: torch.Tensor  # a snapshot of state.token after the step
+    event: torch.cuda.Event | None
+    produced: list[Running] = field(default_factory=list)
+    finished: list[Running] = field(default_factory=list)
+
+
+class InflightScheduler:
+    def __init__(
+        self,
+        state: SlotState,
+        run_prefill: Callable,
+        run_decode: dict[int, Callable],
+        max_num_tokens: int,
+    ):
+        self.state, self.run_prefill, self.run_decode = state, run_prefill, run_decode
+        self.sizes = sorted(run_decode)
+        self.max_num_tokens = max_num_tokens
+        self.cuda = state.device.type == "cuda"
+        # Two host buffers for token snapshots: step i+1 is queued into one while step i's is read.
+        self.buffers = [torch.empty(state.batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        self.steps: list[StepRecord] = []  # of the last serve() call, for logs and tests
+
+    def serve(self, stream: RequestStream, max_batch: int) -> dict[str, list[int]]:
+        """Serve the stream until it is exhausted, with at most `max_batch` requests running; every request's
+        greedy tokens."""
+        state = self.state
+        free = list(range(min(max_batch, state.batch)))  # rows, lowest first: low rows keep the decode size small
+        running: dict[int, Running] = {}
+        prefilling: deque[Running] = deque()  # admitted, prompt not yet complete, oldest first
+        outputs: dict[str, list[int]] = {}
+        pending: Report | None = None
+        self.steps = []
+        state.reset_rows()  # every row free: nothing left from warm-up or from a caller that drove the rows itself
+        while True:
+            if not running and pending is not None:  # its finishes may be what the stream waits for
+                self._report(pending, stream, outputs)
+                pending = None
+            if free:
+                for req in stream.take(len(free), wait=not running):
+                    row = free.pop(0)
+                    ids = torch.tensor([req.input_ids], dtype=torch.long, pin_memory=self.cuda)
+                    running[row] = Running(req, row, ids.to(state.device, non_blocking=True))
+                    prefilling.append(running[row])
+                    outputs[req.id] = []
+            if not running:
+                if stream.exhausted:
+                    return outputs
+                continue  # take() gave nothing yet: wait again
+            report = self._step(stream, running, prefilling, free, len(self.steps) % 2)
+            if not self.cuda:  # the step is done already: its tokens are on the host now
+                self._report(report, stream, outputs)
+                continue
+            if pending is not None:  # this step is queued: now wait for the previous one's tokens
+                self._report(pending, stream, outputs)
+            pending = report
+
+    def _step(
+        self, stream: RequestStream, running: dict[int, Running], prefilling: deque, free: list[int], buffer: int
+    ) -> Report:
+        state = self.state
+        report = Report(self.buffers[buffer], torch.cuda.Event() if self.cuda else None)
+        decoding = [r for r in running.values() if r.prefilled == r.request.input_len]
+        graph_rows = 0
+        if decoding:
+            top = max(r.row for r in decoding) + 1
+            graph_rows = next(n for n in self.sizes if n >= top)
+            self.run_decode[graph_rows]()
+            for r in decoding:
+                r.generated += 1
+            report.produced += decoding
+        budget = self.max_num_tokens - len(decoding)
+        prefilled = 0
+        while prefilling and budget > 0:
+            r = prefilling[0]
+            width = min(r.request.input_len - r.prefilled, budget)
+            if r.prefilled == 0:
+                stream.admitted(r.request.id)
+            self.run_prefill(r.row, r.ids[:, r.prefilled : r.prefilled + width], r.prefilled)
+            r.prefilled += width
+            budget -= width
+            prefilled += width
+            if r.prefilled < r.request.input_len:
+                break  # the budget is spent on this prompt
+            prefilling.popleft()
+            r.generated = 1  # its first token, from the prompt's last position
+            report.produced.append(r)
+            state.live[r.row].fill_(1)
+        report.host.copy_(state.token.view(-1), non_blocking=self.cuda)
+        if report.event is not None:
+            report.event.record()
+        for r in report.produced:
+            if r.generated == r.request.output_len:  # done: its row is free from the next step on
+                report.finished.append(r)
+                del running[r.row]
+                state.live[r.row].fill_(0)
+                state.pos[r.row].fill_(0)
+                free.append(r.row)
+        free.sort()
+        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows))
+        return report
+
+    @staticmethod
+    def _report(report: Report, stream: RequestStream, outputs: dict[str, list[int]]) -> None:
+        if report.event is not None:
+            report.event.synchronize()
+        now = time.perf_counter()
+        tokens = report.host.tolist()
+        for r in report.produced:
+            outputs[r.request.id].append(tokens[r.row])
+            stream.tokens(r.request.id, 1, at=now)
+        for r in report.finished:
+            stream.finished(r.request.id, at=now)
