@@ -1,0 +1,138 @@
+"""Where an hf decode step's time goes at batch 1 and batch 8, on the CPU: is any per-step host work ours?
+
+On an H200 (Llama-3.1-8B shape, ISL 1024) hf took 23 ms per step at batch 1 and 81 ms at batch 8 with the GPU
+13% busy: host-bound. Host work per step depends on the number of layers and on the Python around them, not on the
+width, so a Llama-3.1-shaped model with all 32 layers but a narrow width (and the real vocabulary) reproduces the
+8B's per-step host work on a CPU with little arithmetic. For each batch size this times one decode step in three
+variants, as `hf` serves (TokenClock streamer + attention mask), without the streamer, and without the attention
+mask (the prompts are the same length, so there is no padding), then profiles the served variant: torch ops per
+step and the top entries by self CPU time (torch.profiler), and the top Python functions (cProfile).
+
+    python benchmarks/hf_step_profile.py [--model llama32|tiny] [--isl 1024] [--osl 24] [--threads 1]
+
+A step's time is (generate with OSL new tokens - generate with 1) / (OSL - 1): prefill cancels out. Minimum over
+--reps runs; torch runs on --threads threads so that other processes on a shared host disturb it less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sweep.backends.hf.backend import TokenClock, load_hf_model
+from sweep.model import build_byte_tokenizer, generate_tiny_checkpoint
+
+# Llama-3.1-8B's architecture (vocab, layers, GQA ratio, rope) at a width a CPU runs quickly.
+LLAMA32 = dict(
+    vocab_size=128256,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=32,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    tie_word_embeddings=False,
+)
+
+
+def checkpoint(name: str, root: Path) -> Path:
+    if name == "tiny":
+        return generate_tiny_checkpoint(root, seed=0)
+    path = root / "llama32"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA32)).save_pretrained(path)
+    build_byte_tokenizer().save_pretrained(path)  # load_hf_model loads one; the prompts are random ids
+    return path
+
+
+def generate(model, ids, new_tokens: int, streamer: bool, mask: bool) -> None:
+    """The call HFBackend.generate makes (left padding is a no-op for equal lengths), with parts switchable."""
+    model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids) if mask else None,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        streamer=TokenClock() if streamer else None,
+    )
+
+
+def step_ms(model, ids, osl: int, reps: int, **variant) -> float:
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        generate(model, ids, n, **variant)
+        return time.perf_counter() - start
+
+    prefill = min(timed(1) for _ in range(reps))
+    return (min(timed(osl) for _ in range(reps)) - prefill) / (osl - 1) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("llama32", "tiny"), default="llama32")
+    parser.add_argument("--isl", type=int, default=1024)
+    parser.add_argument("--osl", type=int, default=24)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", default="1,8")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as root:
+        model, _ = load_hf_model(checkpoint(args.model, Path(root)), "float32", "sdpa", "cpu")
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = {
+        "as served": dict(streamer=True, mask=True),
+        "no streamer": dict(streamer=False, mask=True),
+        "no mask": dict(streamer=True, mask=False),
+    }
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randint(3, 250, (b, args.isl), generator=gen) for b in batches}
+    rows, profiles = [], {}
+    with torch.inference_mode():
+        for b in batches:
+            generate(model, inputs[b], 2, streamer=True, mask=True)  # warm-up
+            rows.append([b] + [step_ms(model, inputs[b], args.osl, args.reps, **v) for v in variants.values()])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                generate(model, inputs[b], args.osl, streamer=True, mask=True)
+            python = cProfile.Profile()
+            python.runcall(generate, model, inputs[b], args.osl, streamer=True, mask=True)
+            profiles[b] = (prof, python)
+
+    print(f"\n{args.model}, ISL {args.isl}, OSL {args.osl}, fp32, sdpa, {args.threads} torch thread(s)\n")
+    print("| batch | " + " | ".join(f"{v} (ms/step)" for v in variants) + " |")
+    print("| --- |" + " --- |" * len(variants))
+    for row in rows:
+        print(f"| {row[0]} | " + " | ".join(f"{x:.2f}" for x in row[1:]) + " |")
+    for b, (prof, python) in profiles.items():
+        events = prof.key_averages()
+        calls = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"\n## batch {b}: {calls / args.osl:.0f} aten calls per generated token; top 8 by self CPU time\n")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=8))
+        text = io.StringIO()
+        pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(10)
+        print(f"## batch {b}: top Python functions by own time (cProfile)\n")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()[:1].isdigit()))
+
+
+if __name__ == "__main__":
+    main()
