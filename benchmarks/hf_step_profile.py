@@ -9,6 +9,7 @@ mask (the prompts are the same length, so there is no padding), then profiles th
 step and the top entries by self CPU time (torch.profiler), and the top Python functions (cProfile).
 
     python benchmarks/hf_step_profile.py [--model llama32|tiny] [--isl 1024] [--osl 24] [--threads 1]
+    python benchmarks/hf_step_profile.py --device cuda --dtype bfloat16 [--model <checkpoint>]   # not run on a GPU yet
 
 A step's time is (generate with OSL new tokens - generate with 1) / (OSL - 1): prefill cancels out. Minimum over
 --reps runs; torch runs on --threads threads so that other processes on a shared host disturb it less.
@@ -57,6 +58,8 @@ LLAMA32 = dict(
 def checkpoint(name: str, root: Path) -> Path:
     if name == "tiny":
         return generate_tiny_checkpoint(root, seed=0)
+    if name != "llama32":  # any checkpoint directory, e.g. the full-width Llama-3.1-8B shape on a GPU
+        return Path(name)
     path = root / "llama32"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**LLAMA32)).save_pretrained(path)
@@ -81,6 +84,8 @@ def step_ms(model, ids, osl: int, reps: int, **variant) -> float:
     def timed(n: int) -> float:
         start = time.perf_counter()
         generate(model, ids, n, **variant)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     prefill = min(timed(1) for _ in range(reps))
@@ -89,16 +94,18 @@ def step_ms(model, ids, osl: int, reps: int, **variant) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=("llama32", "tiny"), default="llama32")
+    parser.add_argument("--model", default="llama32", help="llama32, tiny, or a checkpoint directory")
     parser.add_argument("--isl", type=int, default=1024)
     parser.add_argument("--osl", type=int, default=24)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
-        model, _ = load_hf_model(checkpoint(args.model, Path(root)), "float32", "sdpa", "cpu")
+        model, _ = load_hf_model(checkpoint(args.model, Path(root)), args.dtype, "sdpa", args.device)
     batches = [int(b) for b in args.batches.split(",")]
     variants = {
         "as served": dict(streamer=True, mask=True),
@@ -106,19 +113,21 @@ def main() -> None:
         "no mask": dict(streamer=True, mask=False),
     }
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randint(3, 250, (b, args.isl), generator=gen) for b in batches}
+    inputs = {b: torch.randint(3, 250, (b, args.isl), generator=gen).to(args.device) for b in batches}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     rows, profiles = [], {}
     with torch.inference_mode():
         for b in batches:
             generate(model, inputs[b], 2, streamer=True, mask=True)  # warm-up
             rows.append([b] + [step_ms(model, inputs[b], args.osl, args.reps, **v) for v in variants.values()])
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 generate(model, inputs[b], args.osl, streamer=True, mask=True)
             python = cProfile.Profile()
             python.runcall(generate, model, inputs[b], args.osl, streamer=True, mask=True)
             profiles[b] = (prof, python)
 
-    print(f"\n{args.model}, ISL {args.isl}, OSL {args.osl}, fp32, sdpa, {args.threads} torch thread(s)\n")
+    setup = f"{args.model}, ISL {args.isl}, OSL {args.osl}, {args.dtype}, sdpa, {args.device}, {args.threads} thread(s)"
+    print(f"\n{setup}\n")
     print("| batch | " + " | ".join(f"{v} (ms/step)" for v in variants) + " |")
     print("| --- |" + " --- |" * len(variants))
     for row in rows:

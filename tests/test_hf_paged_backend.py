@@ -139,6 +139,13 @@ def test_a_transformers_too_old_is_refused_with_the_minimum(tiny_checkpoint, tmp
         make_plan(compose(tiny_checkpoint, tmp_path))
 
 
+def test_a_transformers_without_an_api_it_passes_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    # Stands in for a release that renamed an argument: the check reads the installed signatures, not a version list.
+    monkeypatch.setattr(hf_paged, "SUBMIT_ARGS", (*hf_paged.SUBMIT_ARGS, "renamed_argument"))
+    with pytest.raises(ConfigError, match=r"its continuous batching lacks add_request\(renamed_argument=...\)"):
+        make_plan(compose(tiny_checkpoint, tmp_path))
+
+
 def test_cli_refusal_exits_non_zero_and_records_nothing(tmp_path):
     result = run_sweep(tmp_path, "backend=hf_paged", "engine.paged_kv_cache=false")
     output = result.stdout + result.stderr

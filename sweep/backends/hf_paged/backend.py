@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MIN_TRANSFORMERS = "5.17"  # the first release whose ContinuousBatchingConfig has page_size (block_size before)
 MIN_PAGE_SIZE = 4  # transformers' BOUNDS["page_size"] in generation/continuous_batching/initialization.py
 POLL_S = 0.5  # how long a wait for tokens lasts before it checks that the manager's thread is still alive
+INIT_ARGS = ("generation_config", "continuous_batching_config")
 SUBMIT_ARGS = ("request_id", "max_new_tokens", "streaming", "record_timestamps", "eos_token_id")
 
 
@@ -119,10 +120,19 @@ class HFPagedBackend(Backend):
         """The installed transformers has every setting and request argument this backend passes (5.17 and 5.24
         do; a release that renamed one is refused here rather than failing in the manager's thread)."""
         version = transformers.__version__
-        fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+        try:
+            fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+            init = inspect.signature(transformers.GenerationMixin.init_continuous_batching).parameters
+            manager = transformers.generation.continuous_batching.ContinuousBatchingManager
+            submit = inspect.signature(manager.add_request).parameters
+        except AttributeError as missing_api:
+            raise ConfigError(
+                f"backend=hf_paged cannot run on transformers {version}: {missing_api}; "
+                f"pip install 'transformers>={MIN_TRANSFORMERS}'"
+            ) from None
         missing = sorted(set(self.continuous_batching_kwargs()) - fields)
-        submit = inspect.signature(transformers.generation.continuous_batching.ContinuousBatchingManager.add_request)
-        missing += [f"add_request({arg}=...)" for arg in SUBMIT_ARGS if arg not in submit.parameters]
+        missing += [f"init_continuous_batching({arg}=...)" for arg in INIT_ARGS if arg not in init]
+        missing += [f"add_request({arg}=...)" for arg in SUBMIT_ARGS if arg not in submit]
         if missing:
             raise ConfigError(
                 f"backend=hf_paged cannot run on transformers {version}: its continuous batching lacks "
