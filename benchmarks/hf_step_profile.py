@@ -3,16 +3,17 @@
 On an H200 (Llama-3.1-8B shape, ISL 1024) hf took 23 ms per step at batch 1 and 81 ms at batch 8 with the GPU
 13% busy: host-bound. Host work per step depends on the number of layers and on the Python around them, not on the
 width, so a Llama-3.1-shaped model with all 32 layers but a narrow width (and the real vocabulary) reproduces the
-8B's per-step host work on a CPU with little arithmetic. For each batch size this times one decode step in three
-variants, as `hf` serves (TokenClock streamer + attention mask), without the streamer, and without the attention
-mask (the prompts are the same length, so there is no padding), then profiles the served variant: torch ops per
-step and the top entries by self CPU time (torch.profiler), and the top Python functions (cProfile).
+8B's per-step host work on a CPU with little arithmetic. For each batch size this times a decode step in three
+variants: as `hf` serves (TokenClock streamer, attention mask), with a streamer that only takes timestamps (what
+TokenClock's .tolist() costs), and without the attention mask (the prompts have one length, so nothing is padded);
+then it profiles the served variant: torch ops per step, the top entries by self CPU time (torch.profiler) and the
+top Python functions (cProfile).
 
     python benchmarks/hf_step_profile.py [--model llama32|tiny] [--isl 1024] [--osl 24] [--threads 1]
     python benchmarks/hf_step_profile.py --device cuda --dtype bfloat16 [--model <checkpoint>]   # not run on a GPU yet
 
-A step's time is (generate with OSL new tokens - generate with 1) / (OSL - 1): prefill cancels out. Minimum over
---reps runs; torch runs on --threads threads so that other processes on a shared host disturb it less.
+A step's time is the median gap between the streamer's timestamps (prefill excluded), the fastest of --reps runs;
+torch runs on --threads threads so that other processes on a shared host disturb it less.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -67,8 +69,22 @@ def checkpoint(name: str, root: Path) -> Path:
     return path
 
 
-def generate(model, ids, new_tokens: int, streamer: bool, mask: bool) -> None:
-    """The call HFBackend.generate makes (left padding is a no-op for equal lengths), with parts switchable."""
+class StepClock:
+    """A streamer that only timestamps each step: beside TokenClock, it shows what TokenClock's .tolist() costs."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def generate(model, ids, new_tokens: int, clock, mask: bool) -> list[float]:
+    """The call HFBackend.generate makes (left padding is a no-op for equal lengths), with parts switchable; returns
+    each decode step's host time (the streamer's first put() is the prompt, its second the prefill's token)."""
     model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids) if mask else None,
@@ -76,20 +92,15 @@ def generate(model, ids, new_tokens: int, streamer: bool, mask: bool) -> None:
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
-        streamer=TokenClock() if streamer else None,
+        streamer=clock,
     )
+    times = [t for t, _ in clock.steps] if isinstance(clock, TokenClock) else clock.times[1:]
+    return [b - a for a, b in zip(times, times[1:])]
 
 
-def step_ms(model, ids, osl: int, reps: int, **variant) -> float:
-    def timed(n: int) -> float:
-        start = time.perf_counter()
-        generate(model, ids, n, **variant)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    prefill = min(timed(1) for _ in range(reps))
-    return (min(timed(osl) for _ in range(reps)) - prefill) / (osl - 1) * 1e3
+def step_ms(model, ids, osl: int, reps: int, clock: type, mask: bool) -> float:
+    """Median decode step of the fastest of `reps` runs."""
+    return min(statistics.median(generate(model, ids, osl, clock(), mask)) for _ in range(reps)) * 1e3
 
 
 def main() -> None:
@@ -108,9 +119,9 @@ def main() -> None:
         model, _ = load_hf_model(checkpoint(args.model, Path(root)), args.dtype, "sdpa", args.device)
     batches = [int(b) for b in args.batches.split(",")]
     variants = {
-        "as served": dict(streamer=True, mask=True),
-        "no streamer": dict(streamer=False, mask=True),
-        "no mask": dict(streamer=True, mask=False),
+        "as served": dict(clock=TokenClock, mask=True),
+        "timestamps only": dict(clock=StepClock, mask=True),
+        "no attention mask": dict(clock=TokenClock, mask=False),
     }
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randint(3, 250, (b, args.isl), generator=gen).to(args.device) for b in batches}
@@ -118,12 +129,12 @@ def main() -> None:
     rows, profiles = [], {}
     with torch.inference_mode():
         for b in batches:
-            generate(model, inputs[b], 2, streamer=True, mask=True)  # warm-up
+            generate(model, inputs[b], 2, TokenClock(), mask=True)  # warm-up
             rows.append([b] + [step_ms(model, inputs[b], args.osl, args.reps, **v) for v in variants.values()])
             with profile(activities=activities) as prof:
-                generate(model, inputs[b], args.osl, streamer=True, mask=True)
+                generate(model, inputs[b], args.osl, TokenClock(), mask=True)
             python = cProfile.Profile()
-            python.runcall(generate, model, inputs[b], args.osl, streamer=True, mask=True)
+            python.runcall(generate, model, inputs[b], args.osl, TokenClock(), mask=True)
             profiles[b] = (prof, python)
 
     setup = f"{args.model}, ISL {args.isl}, OSL {args.osl}, {args.dtype}, sdpa, {args.device}, {args.threads} thread(s)"

@@ -206,7 +206,7 @@ class HFPagedBackend(Backend):
     # -- serving --------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> str:
         self.submitted += 1
-        return self.manager.add_request(
+        manager_id = self.manager.add_request(
             request.input_ids,
             request_id=f"{request.id}#{self.submitted}",
             max_new_tokens=request.output_len,
@@ -214,6 +214,9 @@ class HFPagedBackend(Backend):
             record_timestamps=True,
             eos_token_id=-1,  # EOS ignored: every request gets exactly its output length
         )
+        if manager_id is None:  # the manager drops requests (with a warning) once it is stopping
+            raise RuntimeError(f"transformers' continuous batching did not accept request {request.id}")
+        return manager_id
 
     def next_output(self, timeout: float | None) -> Any:
         """The manager's next streamed output, or None after `timeout`; raises when its thread has stopped."""
@@ -280,6 +283,6 @@ class HFPagedBackend(Backend):
 
     def close(self) -> None:
         if self.manager is not None:
-            self.manager.stop(block=True, timeout=30)
+            self.manager.stop(block=True, timeout=30)  # a failed run may leave requests in flight: 30 s at most
             self.manager.destroy()
             self.manager = None
