@@ -4,6 +4,8 @@ refusals before anything is built, and the CLI end to end."""
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -58,9 +60,22 @@ def hf_tokens(cfg, requests: list[Request]) -> list[list[int]]:
         hf.close()
 
 
+class ArrivesMidDecode(RequestStream):
+    """The last request (offset inf) arrives the moment the first token of another one is reported: mid-decode by
+    construction, however slow the host is."""
+
+    def tokens(self, request_id: str, count: int = 1, at: float | None = None) -> None:
+        super().tokens(request_id, count, at)
+        with self._cond:
+            if self._pending and math.isinf(self._pending[-1][0]):
+                _, request, client = self._pending[-1]
+                self._pending[-1] = (time.perf_counter(), request, client)
+                self._cond.notify_all()
+
+
 def test_greedy_tokens_equal_hf_with_chunked_prefill_and_arrivals_mid_decode(tiny_checkpoint, tmp_path):
     # A budget of 6 tokens per step splits the 17-token prompt over three steps; pages of 8 tokens make every request
-    # span several pages. The third request arrives while the first two decode.
+    # span several pages. The third request arrives once the first two decode.
     cfg = compose(
         tiny_checkpoint,
         tmp_path,
@@ -73,7 +88,7 @@ def test_greedy_tokens_equal_hf_with_chunked_prefill_and_arrivals_mid_decode(tin
     paged = start(HFPagedBackend, cfg)
     try:
         assert [g.token_ids for g in paged.generate(requests)] == expected
-        stream = RequestStream(requests, offsets=[0.0, 0.0, 0.03])
+        stream = ArrivesMidDecode(requests, offsets=[0.0, 0.0, math.inf])
         stream.start()
         assert paged.serve_collecting(stream, max_batch=3) == {r.id: ids for r, ids in zip(requests, expected)}
     finally:
