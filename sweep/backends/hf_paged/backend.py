@@ -51,6 +51,13 @@ def check_transformers_version(installed: str) -> None:
         )
 
 
+def admission_time(output: Any, handed_at: float) -> float:
+    """When the manager first scheduled the request (`GenerationOutput.lifespan[0]`; releases without it: when the
+    request was handed to the manager)."""
+    scheduled = getattr(output, "lifespan", (-1, -1))[0]
+    return scheduled if scheduled > 0 else handed_at
+
+
 def new_token_times(output: Any, seen: int) -> list[float]:
     """Host times of the tokens `output` has beyond the first `seen`. The manager stamps every token it appends; a
     request it preempted and re-queued starts a new list of stamps, so missing ones are taken as now."""
@@ -235,7 +242,7 @@ class HFPagedBackend(Backend):
 
     def serve_collecting(self, stream: RequestStream, max_batch: int) -> dict[str, list[int]]:
         """serve(), returning every request's output token ids by request id."""
-        in_flight: dict[str, tuple[Request, int]] = {}  # manager id -> (request, tokens relayed so far)
+        in_flight: dict[str, tuple[Request, float, int]] = {}  # manager id -> (request, handed at, tokens relayed)
         outputs: dict[str, list[int]] = {}
         while not stream.exhausted:
             if not in_flight:  # idle: sleep until the next arrival
@@ -243,7 +250,7 @@ class HFPagedBackend(Backend):
             else:
                 arrived = stream.take(max_batch - len(in_flight))
             for request in arrived:
-                in_flight[self.submit(request)] = (request, 0)
+                in_flight[self.submit(request)] = (request, time.perf_counter(), 0)
             if not in_flight:
                 continue
             next_arrival = stream.next_arrival()
@@ -253,13 +260,13 @@ class HFPagedBackend(Backend):
             output = self.next_output(timeout)
             if output is None:
                 continue
-            request, seen = in_flight[output.request_id]
+            request, handed_at, seen = in_flight[output.request_id]
             if seen == 0:
-                stream.admitted(request.id, at=output.lifespan[0])
+                stream.admitted(request.id, at=admission_time(output, handed_at))
             times = new_token_times(output, seen)
             for t in times:
                 stream.tokens(request.id, 1, at=t)
-            in_flight[output.request_id] = (request, seen + len(times))
+            in_flight[output.request_id] = (request, handed_at, seen + len(times))
             if output.is_finished():
                 del in_flight[output.request_id]
                 if len(output.generated_tokens) != request.output_len:
@@ -268,7 +275,7 @@ class HFPagedBackend(Backend):
                         f"{request.output_len}: transformers' continuous batching stopped it early"
                     )
                 outputs[request.id] = output.generated_tokens
-                stream.finished(request.id, at=output.lifespan[1])
+                stream.finished(request.id, at=stream.records[request.id].token_times[-1])
         return outputs
 
     def generate(self, requests: list[Request]) -> list[Generation]:
