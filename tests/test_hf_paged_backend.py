@@ -86,8 +86,13 @@ def test_greedy_tokens_equal_hf_with_chunked_prefill_and_arrivals_mid_decode(tin
     requests = make_requests([5, 17, 9], output_len=24)
     expected = hf_tokens(cfg, requests)
     paged = start(HFPagedBackend, cfg)
+    step_tokens: list[int] = []  # tokens each forward pass embeds: prefill chunks and decodes together
+    embeddings = paged.manager.model.get_input_embeddings()
+    embeddings.register_forward_hook(lambda module, args, out: step_tokens.append(args[0].numel()))
     try:
         assert [g.token_ids for g in paged.generate(requests)] == expected
+        assert max(step_tokens) == 6  # the budget bounds every step, and prefill fills it
+        assert sum(step_tokens) == sum(r.input_len + r.output_len - 1 for r in requests)  # nothing computed twice
         stream = ArrivesMidDecode(requests, offsets=[0.0, 0.0, math.inf])
         stream.start()
         assert paged.serve_collecting(stream, max_batch=3) == {r.id: ids for r, ids in zip(requests, expected)}
