@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,6 +129,17 @@ def test_kv_cache_and_step_settings_reach_transformers(tiny_checkpoint, tmp_path
         ).kv_blocks()
         == 3 * 2
     )
+
+
+def test_new_token_times_take_the_managers_stamps_and_survive_a_requeue():
+    out = SimpleNamespace(generated_tokens=[7, 8, 9], timestamps=[1.0, 2.0, 3.0])
+    assert hf_paged.new_token_times(out, seen=1) == [2.0, 3.0]
+    assert hf_paged.new_token_times(out, seen=3) == []
+    # A request the manager preempted and re-queued keeps its tokens but starts its stamps anew: now stands in.
+    requeued = SimpleNamespace(generated_tokens=[7, 8, 9, 10], timestamps=[])
+    before = time.perf_counter()
+    times = hf_paged.new_token_times(requeued, seen=2)
+    assert len(times) == 2 and all(t >= before for t in times)
 
 
 REFUSALS = [

@@ -62,6 +62,8 @@ def new_token_times(output: Any, seen: int) -> list[float]:
     """Host times of the tokens `output` has beyond the first `seen`. The manager stamps every token it appends; a
     request it preempted and re-queued starts a new list of stamps, so missing ones are taken as now."""
     new = len(output.generated_tokens) - seen
+    if new <= 0:
+        return []
     stamps = output.timestamps or []
     return stamps[-new:] if len(stamps) >= new else [time.perf_counter()] * new
 
