@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sweep.backends.compiled.config import CompiledBackendConfig
 from sweep.backends.hf.config import HFBackendConfig
+from sweep.backends.hf_paged.config import HFPagedBackendConfig
 from sweep.backends.trt.config import TRTBackendConfig
 from sweep.config import BackendConfig
 
@@ -48,6 +49,12 @@ BACKENDS: dict[str, BackendSpec] = {
             CompiledBackendConfig,
             "sweep.backends.compiled.backend:CompiledBackend",
             "static KV cache, torch.compile, CUDA graphs, in-flight batching; the compile cache is the engine",
+        ),
+        BackendSpec(
+            "hf_paged",
+            HFPagedBackendConfig,
+            "sweep.backends.hf_paged.backend:HFPagedBackend",
+            "transformers' continuous batching: paged KV cache, in-flight batching, chunked prefill; builds nothing",
         ),
         BackendSpec(
             "trt",
