@@ -26,17 +26,17 @@ log = logging.getLogger(__name__)
 # Shapes of the tiny model: big enough to exercise GQA, rope and a multi-layer KV cache, small enough for CI.
 TINY_SHAPE = dict(
     vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,
+    intermediate_size=256,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     max_position_embeddings=4096,
     rope_theta=10000.0,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
 )
-TINY_FORMAT_VERSION = 1  # bump when the generator changes, so old tiny checkpoints are not reused
+TINY_FORMAT_VERSION = 2  # bump when the generator changes, so old tiny checkpoints are not reused
 
 
 @dataclass(frozen=True)
