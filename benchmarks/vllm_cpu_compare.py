@@ -70,7 +70,7 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
             f"cache_dir={args.work.resolve() / 'engines_cache'}",
             f"tracker.uri={uri}",
             "tracker.experiment=vllm_cpu_compare",
-            f"tracker.run_name={name}",
+            f"tracker.run_name={name.replace(' · ', '-').replace(' ', '-')}",
         ]
     )
     started = time.perf_counter()
