@@ -1,9 +1,11 @@
 """`python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from sweep.compose import register_configs
+from sweep.compose import register_configs, unknown_key
 
 register_configs()
 
@@ -16,4 +18,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     main()

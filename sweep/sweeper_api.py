@@ -22,6 +22,8 @@ from sweep.validate import check_figure
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
+# The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
+SWEPT_KEYS_ENV = "SWEEP_SWEPT_KEYS"
 TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
@@ -30,6 +32,7 @@ DEFAULT_BEST_CONFIG_DIR = Path("conf") / "best"
 __all__ = [
     "RESULT_FILE",
     "STUDY_TAG",
+    "SWEPT_KEYS_ENV",
     "TRIAL_TAG",
     "ConfigError",
     "best_config_path",

@@ -359,7 +359,9 @@ class ParentRun:
     def log_settings(self, search: OptunaSearch, space: dict, fixed: list[str], study: optuna.Study) -> None:
         if not self.run_id:
             return
-        self.run.set_tags({"sweep.kind": "optuna", "optuna.study": study.study_name})
+        self.run.set_tags(
+            {"sweep.kind": "optuna", "optuna.study": study.study_name, "mlflow.runName": study.study_name}
+        )
         self.run.log_params(
             {
                 "optuna.sampler": search.sampler_name,
@@ -426,7 +428,9 @@ def study_plots(study: optuna.Study, objectives: dict[str, str]) -> dict[str, Pa
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     makers = {
         "param_importances": lambda: ovm.plot_param_importances(
-            study, target=lambda t: sign * t.values[0], target_name=f"{'-' if sign < 0 else ''}{names[0]}"
+            study,
+            target=lambda t: sign * t.values[0],
+            target_name=names[0],  # the sign only orders; not shown
         ),
     }
     if len(names) == 1:
