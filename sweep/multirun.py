@@ -20,13 +20,14 @@ from trackers import PARENT_RUN_ENV, make_tracker
 log = logging.getLogger(__name__)
 
 
-def swept_keys(config: DictConfig) -> list[str]:
-    """The keys this multirun varies: sweeps on its command line (`a=1,2`, `choice(...)`) and a search preset's."""
+def sweeps(config: DictConfig) -> dict[str, str]:
+    """What this multirun varies, key -> sweep: its command line's (`a=1,2`, `choice(...)`) and a search preset's."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
-    return keys + [k for k in (config.hydra.sweeper.get("params") or {}) if k not in keys]
+    found = {o.key_or_group: o.input_line for o in overrides if o.is_sweep_override()}
+    preset = config.hydra.sweeper.get("params") or {}
+    return found | {k: f"{k}={v}" for k, v in preset.items() if k not in found}
 
 
 class ParentRunCallback(Callback):
@@ -41,13 +42,15 @@ class ParentRunCallback(Callback):
         sweeper = config.hydra.sweeper._target_.rsplit(".", 1)[-1]
         tags = {"sweep.kind": "multirun", "sweep.sweeper": sweeper}
         kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
-        name = config.tracker.run_name or f"{kind}: {' '.join(overrides)}"[:250]
+        swept = sweeps(config)
+        name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
         self.tracker = make_tracker(config.tracker)
         self.run = self.tracker.start_run(name, tags)
+        self.tracker.expand_in_view(self.run.run_id)  # the UI's runs table opens with this sweep's runs shown
         self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         os.environ[PARENT_RUN_ENV] = self.run.run_id
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
         atexit.register(self._end, "FAILED")
 
