@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--store", default="mlruns/mlflow.db", help="the SQLite store sweep recorded into")
     parser.add_argument("--experiment", default="sweep")
     parser.add_argument("--out", default="docs", help="directory for the PNG files")
-    parser.add_argument("--size", default="1440,820", help="browser window, width,height")
+    parser.add_argument("--size", default="1600,600", help="browser window, width,height")
     args = parser.parse_args()
 
     browser = next((b for b in BROWSERS if shutil.which(b)), None)

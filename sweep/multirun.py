@@ -46,7 +46,6 @@ class ParentRunCallback(Callback):
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
         self.tracker = make_tracker(config.tracker)
         self.run = self.tracker.start_run(name, tags)
-        self.tracker.expand_in_view(self.run.run_id)  # the UI's runs table opens with this sweep's runs shown
         self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         os.environ[PARENT_RUN_ENV] = self.run.run_id

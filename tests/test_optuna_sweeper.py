@@ -73,6 +73,10 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == list(range(6))
+    assert parent.info.run_name == "tpe6"  # named after its study
+    assert all(
+        r.info.run_name.startswith(f"trial {r.data.tags['optuna_trial']}: tiny/hf max_batch_size=") for r in children
+    )
     assert parent.info.status == "FINISHED"
     assert parent.data.params["optuna.sampler"] == "tpe" and parent.data.params["optuna.n_jobs"] == "2"
     assert "engine.max_batch_size" in parent.data.params["optuna.search_space"]

@@ -44,9 +44,6 @@ class Tracker(ABC):
     def set_view(self, params: list[str], metrics: list[str]) -> None:
         """Columns a UI shows for the experiment's runs by default (a tracker without a UI ignores it)."""
 
-    def expand_in_view(self, parent_run_id: str) -> None:
-        """Show a parent run's children in the UI's default view (a tracker without a UI ignores it)."""
-
     def run_url(self, run_id: str) -> str | None:
         """Where a person opens the run, or None."""
         return None

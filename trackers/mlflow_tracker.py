@@ -27,7 +27,6 @@ METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows al
 # sets the runs table's columns: the only column default a client can give.
 UI_VIEW_KEY = "sweep"
 UI_QUERY = f"workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
-EXPANDED_PARENTS = 20  # sweeps whose child runs the default view shows unfolded
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
@@ -109,22 +108,12 @@ class MLflowTracker(Tracker):
         columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
         current = self.client.get_experiment(self.experiment_id).tags
         key = f"mlflow.sharedViewState.{UI_VIEW_KEY}"
-        view = json.loads(current.get(key) or "{}")  # keeps the parents expand_in_view unfolded
-        view.update(selectedColumns=columns, orderByKey="attributes.start_time", orderByAsc=False)
+        # MLflow's shared views carry columns, order and filters, but never which parents are unfolded
+        view = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
         wanted = {"mlflow.experimentKind": "custom_model_development", key: json.dumps(view)}
         for name, value in wanted.items():
             if current.get(name) != value:
                 self.client.set_experiment_tag(self.experiment_id, name, value)
-
-    def expand_in_view(self, parent_run_id: str) -> None:
-        """The shared view lists parents expanded by id: add this one (the latest EXPANDED_PARENTS are kept)."""
-        import json
-
-        key = f"mlflow.sharedViewState.{UI_VIEW_KEY}"
-        view = json.loads(self.client.get_experiment(self.experiment_id).tags.get(key) or "{}")
-        expanded = [rid for rid in view.get("runsExpanded", {}) if rid != parent_run_id][-EXPANDED_PARENTS + 1 :]
-        view["runsExpanded"] = dict.fromkeys([*expanded, parent_run_id], True)
-        self.client.set_experiment_tag(self.experiment_id, key, json.dumps(view))
 
     def run_url(self, run_id: str) -> str:
         """Where the run opens in the UI: on the tracking server itself, or on `mlflow ui` over this store."""
