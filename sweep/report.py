@@ -227,7 +227,7 @@ def context_lines(report: Report) -> list[str]:
         found = sorted({str(v) for v in runs.get(col, pd.Series(dtype=str)).dropna() if str(v)})
         return ", ".join(found) or "-"
 
-    lines = [f"- **selection**: {report.selection}: {len(runs)} finished runs of {sum(report.counts.values())}"]
+    lines = [f"- **selection**: {report.selection}: {len(runs)} runs with figures of {sum(report.counts.values())}"]
     failed = {status: n for status, n in report.counts.items() if status != "FINISHED" and n}
     if failed:
         lines[-1] += " (" + ", ".join(f"{n} {status.lower()}" for status, n in failed.items()) + ")"
