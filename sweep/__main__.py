@@ -2,11 +2,12 @@
 
 import logging
 import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from sweep.compose import register_configs
+from sweep.compose import register_configs, unknown_key
 from trackers.store import redact
 
 register_configs()
@@ -43,4 +44,7 @@ def redact_log_records() -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
+    if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from pathlib import Path
 from typing import Iterable
@@ -10,7 +11,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.backends.registry import BACKENDS
-from sweep.config import SweepConfig
+from sweep.config import (
+    ATTN_IMPLEMENTATIONS,
+    DEVICES,
+    DTYPES,
+    EngineConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    SweepConfig,
+    TrackerConfig,
+    WorkloadConfig,
+)
 from sweep.figures import FIGURES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -28,8 +39,53 @@ def register_configs() -> None:
     cs.store(group="hydra/help", name="sweep", node={"app_name": "sweep", "template": help_text()})
 
 
+# The groups `python -m sweep --help` lists, in this order, with what choosing one means.
+GROUPS = {
+    "model": "the checkpoint: tiny is generated locally; the others are hub ids at a pinned revision",
+    "backend": "the inference engine (below)",
+    "workload": "latency: one request at a time; throughput: all requests at t0, batched",
+    "tracker": "mlflow records into ./mlruns/mlflow.db (or tracker.uri); none records nothing",
+    "search": "an Optuna search preset: sets hydra/sweeper=optuna and a search space (use with -m)",
+}
+# What the main keys mean; `== The composed config ==` below shows their defaults. Hydra fills the help in as a
+# string.Template: a literal dollar sign is written $$.
+KEYS = f"""\
+  device                 {", ".join(DEVICES)} (auto: CUDA when present, else the CPU)
+  model.dtype            the checkpoint's native dtype, a fact about the model (used when engine.dtype=auto)
+  engine.dtype           the dtype the engine runs in: {", ".join(DTYPES)}
+                         (auto: model.dtype on a GPU, float32 on a CPU)
+  engine.*               build options; each backend honours some and records the rest as ignored:
+                         max_batch_size, max_input_len, max_seq_len, max_num_tokens, attn_implementation
+                         ({", ".join(ATTN_IMPLEMENTATIONS)}), compile_mode and cuda_graphs (compiled),
+                         gemm_plugin, gpt_attention_plugin, context_fmha, paged_kv_cache, tokens_per_block (trt)
+  workload.*             num_requests, warmup_requests, iterations, input_len, output_len,
+                         length_distribution (fixed, normal with input_len_std, output_len_std), batch_size,
+                         dataset (JSONL in trtllm-bench's format), seed
+  objective.metric       the figure a sweep optimises (a name from the list below); objective.direction
+  tracker.uri            an MLflow tracking URI (default $$MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db);
+                         tracker.experiment, tracker.run_name (default: model, backend and what the sweep varies)
+  cache_dir              where built engines are kept (engines_cache)"""
+SWEEPS = """\
+  -m key=a,b,c                  a grid over the values (Hydra's basic sweeper): one MLflow child run per point
+  -m hydra/sweeper=optuna 'engine.max_batch_size=choice(1,2,4,8)' 'engine.max_num_tokens=range(256,4097,256)'
+                                an Optuna search over choice(), range(), interval(); other overrides stay fixed
+  -m search=throughput          the same through a preset in conf/search/ (throughput, pareto)
+  hydra.sweeper.*               sampler (tpe, random, grid, gp), seed, n_trials, n_jobs, study_name, storage,
+                                objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
+                                max_failure_rate, best_config_dir"""
+
+
+def config_groups() -> str:
+    """The groups in conf/ and their options (Hydra's own list would show the internal backend schemas too)."""
+    lines = []
+    for group, meaning in GROUPS.items():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group + ':':<10} {', '.join(options)}\n  {'':<10} {meaning}")
+    return "\n".join(lines)
+
+
 def help_text() -> str:
-    """`python -m sweep --help`: the groups and config as Hydra lists them, plus backends and figures by name."""
+    """`python -m sweep --help`: groups, backends, keys, sweeps and figures from the registries, then the config."""
     backends = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in BACKENDS.items())
     figures = "\n".join(
         f"  {f.name + ('_<stat>' if f.distribution else ''):<36} {f.unit or '-':<6} {f.better or '-':<7} {f.meaning}"
@@ -40,11 +96,19 @@ def help_text() -> str:
   python -m sweep [group=option ...] [key=value ...]      one run
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
+  python -m sweep.report                                  a comparison report of the latest sweep
 
-== Config groups (choose one option each) ==
-$APP_CONFIG_GROUPS
-Backend schemas (*_schema) are internal; choose a backend by its name:
+== Config groups (choose one option each: group=option) ==
+{config_groups()}
+
+== Backends ==
 {backends}
+
+== Keys (key=value) ==
+{KEYS}
+
+== Sweeps (-m) ==
+{SWEEPS}
 
 == Figures: objective.metric, hydra.sweeper.objectives and .constraints take these names ==
 Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 mean stdev min max.
@@ -54,6 +118,42 @@ Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 m
 == The composed config ==
 $CONFIG
 $FLAGS_HELP"""
+
+
+def known_keys() -> set[str]:
+    """Every key a command line may set without `+`: the schema's fields, every backend's, the groups."""
+    sections = {
+        "model": ModelConfig,
+        "engine": EngineConfig,
+        "workload": WorkloadConfig,
+        "tracker": TrackerConfig,
+        "objective": ObjectiveConfig,
+    }
+    keys = set(GROUPS) | {f.name for f in dataclasses.fields(SweepConfig)}
+    for section, schema in sections.items():
+        keys |= {f"{section}.{f.name}" for f in dataclasses.fields(schema)}
+    for spec in BACKENDS.values():
+        keys |= {f"backend.{f.name}" for f in dataclasses.fields(spec.config_class)}
+    return keys
+
+
+def unknown_key(args: Iterable[str]) -> str | None:
+    """One line for the first `key=value` whose key the config does not have, with the nearest known keys.
+
+    Hydra's own error would advise `+key=value`, which adds the typo as a new key instead of fixing it."""
+    import difflib
+
+    keys = known_keys()
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~", "hydra")) or "/" in key or "@" in key:
+            continue
+        if key in keys or key.startswith("tracker.tags."):  # tracker.tags is a dict: any name is a tag
+            continue
+        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no key is close to it;"
+        return f"{key} is not a key of the config: {hint} (`python -m sweep --help` lists the keys)"
+    return None
 
 
 def compose(overrides: Iterable[str] = ()) -> DictConfig:

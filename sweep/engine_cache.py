@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
@@ -69,6 +71,28 @@ def engine_key(key_inputs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
+@contextmanager
+def progress(what: str, every_s: float = 15.0) -> Iterator[None]:
+    """A line every `every_s` seconds while a long step (a compile, an engine build) runs, and one when it ends."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info("still %s: %.0f s so far", what, time.perf_counter() - start)
+
+    thread = threading.Thread(target=beat, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if elapsed >= every_s:
+        log.info("done %s in %.0f s", what, elapsed)
+
+
 @dataclass
 class CacheEntry:
     path: Path
@@ -97,14 +121,15 @@ class EngineCache:
             if (final / MANIFEST).is_file():
                 manifest, problem = read_verified(final)
                 if problem is None:
-                    log.info("engine cache hit: %s", final)
+                    log.info("engine cache hit: reusing %s", final)
                     return CacheEntry(final, manifest, hit=True, build_time_s=time.perf_counter() - start)
                 log.warning("engine cache entry %s is damaged (%s): rebuilding it", final, problem)
             self._remove_stale(backend_dir, key)
             tmp = Path(tempfile.mkdtemp(dir=backend_dir, prefix=f".tmp-{key}-"))
             try:
-                log.info("engine cache miss: building %s", final)
-                extra = build(tmp)
+                log.info("engine cache miss: making %s", final)
+                with progress(f"building the {backend} engine"):
+                    extra = build(tmp)
                 build_time = time.perf_counter() - start
                 manifest = {
                     "key": key,

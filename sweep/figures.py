@@ -159,6 +159,16 @@ FIGURES: tuple[Figure, ...] = (
 
 BY_NAME = {f.name: f for f in FIGURES}
 
+# The seed's comparison table, with peak GPU memory: the report's table and the MLflow UI's default columns.
+HEADLINE = (
+    "e2e_latency_ms_p50",
+    "e2e_latency_ms_p99",
+    "ttft_ms_p50",
+    "tpot_ms_p50",
+    "output_throughput_tok_s",
+    "gpu_peak_memory_gb",
+)
+
 
 def metric_names() -> dict[str, Figure]:
     """Every metric name a run can record, with the figure it belongs to."""

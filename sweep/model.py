@@ -116,11 +116,19 @@ def download_from_hub(hub_id: str, revision: str | None) -> Path:
     )
 
     log.info("resolving %s@%s through huggingface_hub", hub_id, revision)
+    # Without a reachable hub, huggingface_hub retries five times over ~24 s and logs every attempt twice;
+    # a 3-second connect decides instead, and the local cache alone is searched.
+    unreachable = (
+        None if huggingface_hub.constants.HF_HUB_OFFLINE else hub_unreachable(huggingface_hub.constants.ENDPOINT)
+    )
+    if unreachable:
+        log.info("the hub cannot be reached (%s): looking in the local Hugging Face cache only", unreachable)
     try:
         path = huggingface_hub.snapshot_download(
             hub_id,
             revision=revision,
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"],
+            local_files_only=bool(unreachable),
         )
     except RepositoryNotFoundError as exc:
         raise ConfigError(f"model.hub_id={hub_id!r}: no such model on the hub (or it is gated): {exc}") from None
@@ -132,6 +140,20 @@ def download_from_hub(hub_id: str, revision: str | None) -> Path:
             "Hugging Face cache; download it on a connected machine, or point model.path at a local checkpoint"
         ) from None
     return Path(path)
+
+
+def hub_unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why the hub's host cannot be connected to (name lookup, refused, timeout), or None when it can."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def weights_files(path: Path) -> tuple[tuple[str, int, int], ...]:

@@ -19,15 +19,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.errors import ConfigError
 from sweep.run import JOB_ERROR_FILE
+from sweep.sweeper_api import SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
 log = logging.getLogger(__name__)
 
 
+def sweeps(config: DictConfig) -> dict[str, str]:
+    """What this multirun varies, key -> sweep: its command line's (`a=1,2`, `choice(...)`) and a search preset's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    found = {o.key_or_group: o.input_line for o in overrides if o.is_sweep_override()}
+    preset = config.hydra.sweeper.get("params") or {}
+    return found | {k: f"{k}={v}" for k, v in preset.items() if k not in found}
+
+
 class ParentRunCallback(Callback):
     def __init__(self) -> None:
         self.run: Any = None
+        self.tracker: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A sweeper that can check its settings does so now, so that a set-up error records nothing.
@@ -41,9 +53,14 @@ class ParentRunCallback(Callback):
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         overrides = list(config.hydra.overrides.task)
-        tags = {"sweep.kind": "multirun", "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1]}
+        sweeper = config.hydra.sweeper._target_.rsplit(".", 1)[-1]
+        tags = {"sweep.kind": "multirun", "sweep.sweeper": sweeper}
+        kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
+        swept = sweeps(config)
+        name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
         try:
-            self.run = make_tracker(config.tracker).start_run(config.tracker.run_name or "sweep", tags)
+            self.tracker = make_tracker(config.tracker)
+            self.run = self.tracker.start_run(redact(name), tags)
             self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
             self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         except Exception as exc:  # Hydra would only warn and run the jobs as orphans: stop the sweep instead
@@ -51,6 +68,7 @@ class ParentRunCallback(Callback):
             self._end("FAILED")
             sys.exit(1)
         os.environ[PARENT_RUN_ENV] = self.run.run_id
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
         atexit.register(self._end, "FAILED")
 
@@ -58,7 +76,14 @@ class ParentRunCallback(Callback):
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         failed, jobs = failed_jobs(Path(config.hydra.sweep.dir))
         if self.run is not None:
-            self._report(config)
+            report = self._report(config)
+            if report is not None and config.hydra.sweeper._target_.endswith("BasicSweeper"):
+                self._summarise_grid(report)  # a search's sweeper logs its own study summary
+            run_id = self.run.run_id
+            command = self.tracker.ui_command()
+            print(f"sweep {run_id}: {self.tracker.run_url(run_id)}" + (f"  (after: {command})" if command else ""))
+            if report is not None:
+                print(f"report: {report.files['comparison.md'].resolve()}")
         if not failed:
             self._end("FINISHED")
             return
@@ -69,13 +94,13 @@ class ParentRunCallback(Callback):
         self._end("FAILED")
         sys.exit(1)
 
-    def _report(self, config: DictConfig) -> None:
+    def _report(self, config: DictConfig) -> Any:
         """The comparison report (sweep/report.py), logged to the parent so the UI shows it beside the runs."""
         from sweep.report import ReportError, build_report
         from trackers.mlflow_tracker import default_uri
 
         try:
-            build_report(
+            return build_report(
                 config.tracker.uri or default_uri(),
                 config.tracker.experiment,
                 Path(config.hydra.sweep.dir) / "report",
@@ -85,11 +110,23 @@ class ParentRunCallback(Callback):
             )
         except ReportError as exc:  # e.g. every job failed: the sweep's own status says so
             log.warning("no report for this sweep: %s", exc)
+            return None
+
+    def _summarise_grid(self, report: Any) -> None:
+        """What a search's parent holds, for a grid: the best run's value and settings, and the run counts."""
+        best = report.best
+        self.run.log_metrics(
+            {f"best.{report.objective}": best[f"metrics.{report.objective}"]}
+            | {f"runs.{status.lower()}": n for status, n in report.counts.items()}
+        )
+        settings = {f"best.{p.removeprefix('params.')}": best[p] for p in report.swept}
+        self.run.log_params(settings | {"best.run_id": best["run_id"]})
 
     def _end(self, status: str) -> None:
         if self.run is not None:
             self.run.end(status)
             os.environ.pop(PARENT_RUN_ENV, None)
+            os.environ.pop(SWEPT_KEYS_ENV, None)
             self.run = None
 
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from sweep.backends.base import Backend
 from sweep.backends.registry import BACKENDS
-from sweep.engine_cache import CacheEntry, EngineCache
+from sweep.engine_cache import CacheEntry, EngineCache, progress
 from sweep.errors import ConfigError
 from sweep.model import ModelSource, model_sizes, resolve_model
 from sweep.telemetry import environment
@@ -121,5 +121,6 @@ def start_engine(plan: Plan) -> StartedEngine:
     entry = plan.cache.get_or_build(plan.backend.name, plan.key_inputs, plan.backend.build)
     build_s = time.perf_counter() - t
     t = time.perf_counter()
-    plan.backend.load(entry.path)
+    with progress(f"loading the {plan.backend.name} engine"):
+        plan.backend.load(entry.path)
     return StartedEngine(entry, build_s, time.perf_counter() - t)

@@ -22,10 +22,17 @@ from sweep.benchmark import run_benchmark
 from sweep.config import SLO_KEYS
 from sweep.engine_cache import CacheEntry, engine_key
 from sweep.errors import ConfigError
+from sweep.figures import HEADLINE
 from sweep.metrics import RequestTiming, roofline_figures
 from sweep.plan import Plan, make_plan, start_engine
-from sweep.summary import summary_table
-from sweep.sweeper_api import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun, write_result
+from sweep.summary import summary_table, unsteady_figures
+from sweep.sweeper_api import (
+    SUMMARY_TO_LOG_ENV,
+    SWEPT_KEYS_ENV,
+    TRIAL_TAG,
+    refuse_search_without_multirun,
+    write_result,
+)
 from sweep.telemetry import device_bandwidth
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -37,6 +44,12 @@ JOB_ERROR_FILE = "error.txt"  # in a multirun job's output directory: why the jo
 
 class RecordError(RuntimeError):
     """The tracker refused the finished run's figures; they are safe in the run's output directory."""
+
+
+# The MLflow UI's default columns beside the headline figures: what tells runs apart.
+UI_PARAMS = ["model.name", "backend.name", "engine.dtype", "engine.max_batch_size", "workload.scenario"]
+# Keys that never name a run: where it is recorded, and the sweeper's own settings and presets.
+UNNAMED_KEYS = ("tracker", "hydra", "search", "model", "backend")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -64,12 +77,13 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         "backend": p.backend.name,
         "model": p.model.name,
         "device": p.device,
+        "dtype": p.dtype,
         "gpu": p.env.get("gpu_name", "none"),
         "scenario": cfg.workload.scenario,
-        "sweep.git_commit": p.env.get("sweep_git_commit"),
         **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()},
     }
-    with tracker.run(cfg.tracker.run_name, tags, parent_run_id) as rec:
+    tracker.set_view(UI_PARAMS, list(HEADLINE))
+    with tracker.run(run_name(cfg, p), tags, parent_run_id) as rec:
         rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
@@ -129,6 +143,8 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
                 print(summary_table("not recorded", figures))
             where = f"its figures and artifacts are in {out}" if out else "its figures are printed above"
             raise RecordError(f"the tracker refused the finished run ({type(exc).__name__}: {exc}); {where}") from exc
+        if unsteady := unsteady_figures(figures):
+            rec.set_tags({"figures.unsteady": ",".join(unsteady)})
         if out is not None:  # a sweeper reads every figure of a job from here, with its run's id
             write_result(out, figures, rec.run_id)
         title = (
@@ -144,10 +160,45 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
                 f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
                 f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
             )
+    if rec.run_id:
+        command = tracker.ui_command()
+        print(f"run {rec.run_id}: {tracker.run_url(rec.run_id)}" + (f"  (after: {command})" if command else ""))
     return figures[cfg.objective.metric]
 
 
 SATURATION = 0.95  # an open-loop run whose achieved rate falls below this share of the offered rate is saturated
+
+
+def run_name(cfg: DictConfig, p: Plan) -> str:
+    """What the run is: model, backend and the settings that vary across its sweep (given alone: on its command
+    line), e.g. `trial 3: tiny/hf max_batch_size=4 attn_implementation=sdpa`. tracker.run_name overrides it."""
+    if cfg.tracker.run_name:
+        return cfg.tracker.run_name
+    swept = os.environ.get(SWEPT_KEYS_ENV)
+    keys = swept.split(",") if swept is not None else command_line_keys()
+    settings = [setting(cfg, key) for key in keys if key and key.split(".")[0].split("/")[0] not in UNNAMED_KEYS]
+    name = " ".join([f"{p.model.name}/{p.backend.name}", *filter(None, settings)])
+    trial = cfg.tracker.tags.get(TRIAL_TAG)
+    return f"trial {trial}: {name}" if trial is not None else name
+
+
+def command_line_keys() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task]
+
+
+def setting(cfg: DictConfig, key: str) -> str | None:
+    """`engine.max_batch_size` -> 'max_batch_size=4'; a config group (`workload`) -> its option ('throughput')."""
+    from hydra.core.hydra_config import HydraConfig
+
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, DictConfig) or (value is None and "." not in key):
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        return choices.get(key)
+    return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def is_saturated(figures: dict[str, float]) -> bool | None:

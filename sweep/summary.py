@@ -5,6 +5,9 @@ from __future__ import annotations
 from sweep.figures import FIGURES
 
 DISTRIBUTION_STATS = ("p50", "p90", "p95", "p99", "mean")
+# Iterations of one run whose throughput differs by more than this share of the median were measured on a busy
+# or unsteady machine: the run says so (summary line and the tag `figures.unsteady`).
+UNSTEADY_SPREAD = 0.25
 # Per-run figures worth a line at the end of a run, in this order; the rest stay in the tracker and results.json.
 SCALAR_FIGURES = (
     "output_throughput_tok_s",
@@ -43,5 +46,25 @@ def summary_table(title: str, figures: dict[str, float]) -> str:
             if f"{name}_min" in figures:
                 spread = f"   (min {figures[f'{name}_min']:.2f}, max {figures[f'{name}_max']:.2f})"
             lines.append(f"{f.label:<24}{figures[name]:>12.2f} {f.unit}{spread}")
+    for name in unsteady_figures(figures)[:1]:  # the throughputs move together: the first one says it
+        f = by_name[name]
+        low, high, spread = figures[f"{name}_min"], figures[f"{name}_max"], iteration_spread(figures, name)
+        lines.append(f"WARNING: {f.label} ranged {low:.2f}-{high:.2f} {f.unit} over the iterations,")
+        lines.append(
+            f"  {spread:.0%} of the median (limit {UNSTEADY_SPREAD:.0%}): a busy machine? rerun before trusting it"
+        )
     rule = "-" * max(len(line) for line in lines)
     return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
+def iteration_spread(figures: dict[str, float], name: str) -> float | None:
+    """(max - min) / median of a per-iteration figure, or None without several iterations."""
+    low, high, median = figures.get(f"{name}_min"), figures.get(f"{name}_max"), figures.get(name)
+    if low is None or high is None or not median or figures.get("iterations", 0) < 2:
+        return None
+    return (high - low) / median
+
+
+def unsteady_figures(figures: dict[str, float]) -> list[str]:
+    """The per-iteration figures whose iterations disagree by more than UNSTEADY_SPREAD."""
+    return [f.name for f in FIGURES if f.spread and (iteration_spread(figures, f.name) or 0.0) > UNSTEADY_SPREAD]

@@ -30,6 +30,8 @@ from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.store import store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
+# The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
+SWEPT_KEYS_ENV = "SWEEP_SWEPT_KEYS"
 TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
@@ -41,6 +43,7 @@ SUMMARY_TO_LOG_ENV = "SWEEP_SUMMARY_TO_LOG"
 __all__ = [
     "RESULT_FILE",
     "STUDY_TAG",
+    "SWEPT_KEYS_ENV",
     "TRIAL_TAG",
     "SUMMARY_TO_LOG_ENV",
     "ConfigError",

@@ -7,7 +7,8 @@ from conftest import mlflow_runs, run_sweep
 CASES = [
     (["engine.max_batch_size=0"], "engine.max_batch_size=0 is not allowed; it must be >= 1"),
     (["engine.max_batch_size=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
-    (["engine.no_such_option=1"], "Key 'no_such_option' not in 'EngineConfig'"),
+    (["engine.no_such_option=1"], "engine.no_such_option is not a key of the config"),
+    (["engine.max_batch=4"], "engine.max_batch is not a key of the config: did you mean engine.max_batch_size?"),
     (["model=no-such-model"], "Could not find 'model/no-such-model'"),
     (["engine.dtype=float8"], "engine.dtype='float8' is not allowed; choose one of: auto, float32, float16, bfloat16"),
     (["workload.scenario=offline"], "workload.scenario='offline' is not allowed; choose one of: latency, throughput"),
@@ -38,3 +39,25 @@ def test_bad_input_is_refused_before_anything_is_built_or_recorded(tmp_path, ove
     assert mlflow_runs(tmp_path) == []
     engines = [p for p in (tmp_path / "engines_cache").glob("*/*") if p.parent.name != "checkpoints"]
     assert engines == []
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path):
+    # Offline mode not set, and the hub's address refuses connections: what a machine without network sees
+    # (HF_ENDPOINT points at a closed local port, so no request leaves this machine).
+    result = run_sweep(tmp_path, "model=qwen2.5-7b", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    errors = [line for line in output.splitlines() if "ERROR" in line or "WARNING" in line]
+    assert len(errors) == 1 and "the hub cannot be reached" in errors[0], output
+    assert "Retrying" not in output and "Traceback" not in output
+    assert mlflow_runs(tmp_path) == []
+
+
+def test_help_lists_the_real_choices_and_explains_sweeps(tmp_path):
+    result = run_sweep(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "backend:   compiled, hf, trt" in text and "_schema" not in text
+    assert "model.dtype" in text and "engine.dtype" in text
+    assert "hydra/sweeper=optuna" in text and "search=throughput" in text and "hydra.sweeper.*" in text
+    assert "output_throughput_tok_s" in text

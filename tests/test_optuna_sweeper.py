@@ -101,6 +101,10 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
     assert len(trials) == 6 and len(children) == len(measured)  # a point measured once is reused, not run again
     assert all(r.info.status == "FINISHED" for r in children)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [t.number for t in measured]
+    assert parent.info.run_name == "tpe6"  # named after its study
+    assert all(
+        r.info.run_name.startswith(f"trial {r.data.tags['optuna_trial']}: tiny/hf max_batch_size=") for r in children
+    )
     assert parent.info.status == "FINISHED"
     assert parent.data.params["optuna.sampler"] == "tpe" and parent.data.params["optuna.n_jobs"] == "2"
     assert "engine.max_batch_size" in parent.data.params["optuna.search_space"]

@@ -41,6 +41,17 @@ class Tracker(ABC):
     def attach(self, run_id: str) -> TrackedRun:
         """A run another process started (a sweep's parent), to log into."""
 
+    def set_view(self, params: list[str], metrics: list[str]) -> None:
+        """Columns a UI shows for the experiment's runs by default (a tracker without a UI ignores it)."""
+
+    def run_url(self, run_id: str) -> str | None:
+        """Where a person opens the run, or None."""
+        return None
+
+    def ui_command(self) -> str | None:
+        """The command that serves the UI behind run_url, when none serves it already."""
+        return None
+
     @contextlib.contextmanager
     def run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> Iterator[TrackedRun]:
         """A run that can never stay RUNNING: an exception ends it FAILED with the error, Ctrl-C ends it KILLED."""

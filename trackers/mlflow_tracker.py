@@ -29,6 +29,17 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
 REACH_TIMEOUT_S = 3.0
 
+METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows all 17, timings carry fewer
+
+# The MLflow 3.x UI opens an experiment in its GenAI view (traces) unless the URL asks for the model-training
+# view: it follows the `workflowType` URL parameter, else the switch's last position in the browser (default
+# GenAI); the `mlflow.experimentKind` experiment tag is read by versions without that switch.
+# A view shared through the experiment tag `mlflow.sharedViewState.<key>` and opened with `viewStateShareKey=<key>`
+# sets the runs table's columns: the only column default a client can give.
+UI_VIEW_KEY = "sweep"
+UI_QUERY = f"workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
 
 def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
@@ -57,6 +68,11 @@ class TrackerUnreachable(ValueError):
     """The tracking server does not answer (a ConfigError for sweep, which trackers cannot import)."""
 
 
+def rounded(value: float) -> float:
+    value = float(value)
+    return value if value.is_integer() else float(f"{value:.{METRIC_DIGITS}g}")
+
+
 class MLflowRun(TrackedRun):
     def __init__(self, client: Any, run_id: str):
         self.client = client
@@ -73,7 +89,7 @@ class MLflowRun(TrackedRun):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, rounded(v), now, 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), BATCH):
             retry_when_locked(self.client.log_batch, self.run_id, metrics=items[i : i + BATCH])
 
@@ -119,6 +135,37 @@ class MLflowTracker(Tracker):
             if not found:
                 raise
             return found.experiment_id
+
+    def set_view(self, params: list[str], metrics: list[str]) -> None:
+        """The runs table's columns and the model-training view as the experiment's default in the MLflow UI."""
+        import json
+
+        columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+        current = self.client.get_experiment(self.experiment_id).tags
+        key = f"mlflow.sharedViewState.{UI_VIEW_KEY}"
+        # MLflow's shared views carry columns, order and filters, but never which parents are unfolded
+        view = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+        wanted = {"mlflow.experimentKind": "custom_model_development", key: json.dumps(view)}
+        for name, value in wanted.items():
+            if current.get(name) != value:
+                self.client.set_experiment_tag(self.experiment_id, name, value)
+
+    def run_url(self, run_id: str) -> str:
+        """Where the run opens in the UI: on the tracking server itself, or on `mlflow ui` over this store."""
+        return f"{self._ui_base()}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_QUERY}"
+
+    def experiment_url(self) -> str:
+        """The experiment's runs table, with the default columns (set_view)."""
+        return f"{self._ui_base()}/#/experiments/{self.experiment_id}/runs?{UI_QUERY}"
+
+    def ui_command(self) -> str | None:
+        return None if self._served() else f"mlflow ui --backend-store-uri {self.uri}"
+
+    def _served(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    def _ui_base(self) -> str:
+        return self.uri.rstrip("/") if self._served() else LOCAL_UI
 
     def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
         tags = {k: str(v) for k, v in tags.items() if v is not None} | owner_tags()

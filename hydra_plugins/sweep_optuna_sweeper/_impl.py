@@ -934,7 +934,9 @@ def study_plots(study: optuna.Study, objectives: dict[str, str], out: Path) -> d
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     makers = {
         "param_importances": lambda: ovm.plot_param_importances(
-            study, target=lambda t: sign * t.values[0], target_name=f"{'-' if sign < 0 else ''}{names[0]}"
+            study,
+            target=lambda t: sign * t.values[0],
+            target_name=names[0],  # the sign only orders; not shown
         ),
     }
     if len(names) == 1:

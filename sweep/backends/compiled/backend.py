@@ -185,7 +185,9 @@ class CompiledBackend(Backend):
         cache_file = engine_dir / COMPILE_CACHE
         if cache_file.is_file():
             info = torch.compiler.load_cache_artifacts(cache_file.read_bytes())
-            log.info("hot-loaded torch compile caches from %s: %s", cache_file, info)
+            entries = sum(len(keys) for keys in info.artifacts.values()) if info else 0
+            log.info("loaded %d compiled artifacts from the engine cache; compiling from them", entries)
+            log.debug("torch compile cache: %s", info)
         self._start_engine()
         log.info("engine ready: model %.1f s, compile + warm-up %.1f s (from cache)", self.model_load_s, self.warmup_s)
 
@@ -199,6 +201,11 @@ class CompiledBackend(Backend):
         fuse_projections(model)
         self.model_load_s = time.perf_counter() - start
 
+        log.info(
+            "preparing prefill and decode (compile_mode=%s, cuda_graphs=%s) and warming up",
+            e.compile_mode,
+            e.cuda_graphs,
+        )
         start = time.perf_counter()
         self.plan = compile_plan(e.compile_mode, e.cuda_graphs, self.device)
         with torch.inference_mode():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sweep.backends.base import Backend, Generation
 from sweep.workload import Request
+
+log = logging.getLogger(__name__)
 
 
 class TokenClock:
@@ -58,6 +61,7 @@ class HFBackend(Backend):
     artifact_options = ()  # it builds nothing: one cache entry per model, dtype and device
 
     def build(self, engine_dir: Path) -> dict[str, Any]:
+        log.info("hf builds nothing: it serves the checkpoint as it is")
         return {"artifact": "none", "note": "hf runs the checkpoint as it is; nothing is built"}
 
     def load(self, engine_dir: Path) -> None:
