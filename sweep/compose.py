@@ -15,12 +15,7 @@ from sweep.config import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
-    EngineConfig,
-    ModelConfig,
-    ObjectiveConfig,
     SweepConfig,
-    TrackerConfig,
-    WorkloadConfig,
 )
 from sweep.figures import FIGURES
 
@@ -43,9 +38,12 @@ def register_configs() -> None:
 GROUPS = {
     "model": "the checkpoint: tiny is generated locally; the others are hub ids at a pinned revision",
     "backend": "the inference engine (below)",
-    "workload": "latency: one request at a time; throughput: all requests at t0, batched",
+    "workload": "when requests arrive: latency (one client), throughput (all at t0), concurrency (N clients), "
+    "rate (open loop at workload.request_rate)",
+    "slo": "service-level objectives for goodput (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)",
     "tracker": "mlflow records into ./mlruns/mlflow.db (or tracker.uri); none records nothing",
-    "search": "an Optuna search preset: sets hydra/sweeper=optuna and a search space (use with -m)",
+    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput) or max_rate, the "
+    "highest request rate held under the SLO",
 }
 # What the main keys mean; `== The composed config ==` below shows their defaults. Hydra fills the help in as a
 # string.Template: a literal dollar sign is written $$.
@@ -122,16 +120,13 @@ $FLAGS_HELP"""
 
 def known_keys() -> set[str]:
     """Every key a command line may set without `+`: the schema's fields, every backend's, the groups."""
-    sections = {
-        "model": ModelConfig,
-        "engine": EngineConfig,
-        "workload": WorkloadConfig,
-        "tracker": TrackerConfig,
-        "objective": ObjectiveConfig,
-    }
-    keys = set(GROUPS) | {f.name for f in dataclasses.fields(SweepConfig)}
-    for section, schema in sections.items():
-        keys |= {f"{section}.{f.name}" for f in dataclasses.fields(schema)}
+    import typing
+
+    keys = set(GROUPS)
+    for name, schema in typing.get_type_hints(SweepConfig).items():
+        keys.add(name)
+        if dataclasses.is_dataclass(schema):  # a section: model, engine, workload, slo, tracker, objective
+            keys |= {f"{name}.{f.name}" for f in dataclasses.fields(schema)}
     for spec in BACKENDS.values():
         keys |= {f"backend.{f.name}" for f in dataclasses.fields(spec.config_class)}
     return keys

@@ -14,9 +14,11 @@ per-request records it returns (sweep.metrics.RequestTiming).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -140,3 +142,38 @@ class RequestStream:
         if missing or not self.exhausted:
             raise RuntimeError(f"the engine stopped with requests unserved, e.g. {(missing or ['?'])[0]}")
         return [self.records[r.id] for r in self.requests]
+
+
+async def serve_in_flight(
+    stream: RequestStream,
+    max_in_flight: int,
+    relay: Callable[[Request], Awaitable[None]],
+    stop: Callable[[set[asyncio.Task]], None] | None = None,
+) -> None:
+    """The loop of an engine that batches in flight behind a streaming API (trt, vllm): each request is handed to
+    `relay` as it arrives, up to `max_in_flight` at once; `relay` reports its admission, tokens and finish.
+
+    One failed request fails the iteration: `stop` tells the engine to drop the others, which are then cancelled
+    and awaited, so none stays bound to an event loop that is about to close.
+    """
+    in_flight: set[asyncio.Task] = set()
+    while not stream.exhausted:
+        for request in stream.take(max_in_flight - len(in_flight)):
+            in_flight.add(asyncio.create_task(relay(request)))
+        next_arrival = stream.next_arrival()
+        full = len(in_flight) >= max_in_flight
+        # Wake for the next arrival, unless every slot is taken (or none is due): then for the next finish.
+        timeout = None if next_arrival is None or full else max(next_arrival - time.perf_counter(), 0.0)
+        if not in_flight:
+            if timeout is not None:
+                await asyncio.sleep(timeout)
+            continue
+        done, in_flight = await asyncio.wait(in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        failed = [task for task in done if task.exception() is not None]
+        if failed:
+            if stop is not None:
+                stop(in_flight)
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            raise failed[0].exception()

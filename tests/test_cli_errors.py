@@ -57,7 +57,7 @@ def test_help_lists_the_real_choices_and_explains_sweeps(tmp_path):
     result = run_sweep(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "backend:   compiled, hf, trt" in text and "_schema" not in text
+    assert "backend:   compiled, hf, hf_paged, trt, vllm" in text and "_schema" not in text
     assert "model.dtype" in text and "engine.dtype" in text
     assert "hydra/sweeper=optuna" in text and "search=throughput" in text and "hydra.sweeper.*" in text
     assert "output_throughput_tok_s" in text

@@ -138,7 +138,7 @@ BAD_INPUTS = {
         "workload.num_requests=100000000 is not allowed; it must be <= 100000",
     ),
     "compiled engine larger than host memory": (
-        lambda t, c: ["backend=compiled", "engine.max_batch_size=100000000"],
+        lambda t, c: ["backend=compiled", "engine.max_batch_size=100000000", "engine.max_num_tokens=100000000"],
         "more than the host's",
     ),
     "TPOT objective with 1 output token (item 5)": (
@@ -244,7 +244,7 @@ def test_a_run_the_store_refuses_keeps_its_figures_locally_and_says_where(tmp_pa
     (tmp_path / "out").mkdir()
     with pytest.raises(run_module.RecordError, match=f"its figures and artifacts are in {tmp_path / 'out'}"):
         run_module.execute(config(tmp_path, f"model.path={tiny_checkpoint}", "workload.output_len=2", *SMALL))
-    figures = json.loads((tmp_path / "out" / "figures.json").read_text())
+    figures = json.loads((tmp_path / "out" / "figures.json").read_text())["figures"]
     assert figures["output_throughput_tok_s"] > 0
     assert {p.name for p in (tmp_path / "out" / "artifacts").iterdir()} >= {"config.yaml", "results.json"}
     (recorded,) = mlflow_runs(tmp_path)
@@ -446,7 +446,7 @@ print(cfg.hydra.sweep.dir, cfg.hydra.sweep.dir, cfg.hydra.run.dir)
 def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     import optuna
 
-    from hydra_plugins.sweep_optuna_sweeper._impl import ParentRun
+    from hydra_plugins.sweep_optuna_sweeper._impl import Budget, ParentRun
     from trackers import PARENT_RUN_ENV
     from trackers.mlflow_tracker import MLflowTracker
 
@@ -457,7 +457,8 @@ def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: t.suggest_int("engine.max_batch_size", 1, 8), n_trials=3)
-    ParentRun(cfg).log_summary(SimpleNamespace(objectives={"output_throughput_tok_s": "maximize"}), study)
+    search = SimpleNamespace(s=SimpleNamespace(objectives={"output_throughput_tok_s": "maximize"}))
+    ParentRun(cfg).log_summary(search, study, Budget(None, "cpu"))
     assert list((tmp_path / "tmp").iterdir()) == []
     plots = list((tmp_path / "mlruns" / "artifacts").rglob("plots/*.png"))
     assert {p.stem for p in plots} == {"optimization_history", "param_importances"}

@@ -172,13 +172,15 @@ def test_a_rate_run_records_arrivals_and_every_figure_can_be_recomputed_from_its
     assert {"arrival_s", "admitted_s", "first_token_s", "finish_s", "queue_ms"} <= set(header)
     recomputed = benchmark_figures(timings, {"ttft_ms": 40.0, "tpot_ms": 5.0}) | load_figures(timings)
     assert "achieved_rate_req_s" in recomputed
+    logged = json.loads(open(f"{local}/results.json").read())["figures"]  # every digit; MLflow keeps 5
     for name, value in recomputed.items():
-        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+        assert logged[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+        assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-9), name
     # The arrival schedule is the seeded one, reproducible: iteration 0's gaps are those of its seed.
     arrivals = sorted(t.arrival for t in timings if t.iteration == 0)
     assert np.allclose(arrivals, open_loop_offsets(6, 30.0, 1.0, seed=0 + 1000), atol=1e-9)
     results = json.loads(open(f"{local}/results.json").read())
-    assert results["figures"]["goodput_req_s"] == pytest.approx(metrics["goodput_req_s"])
+    assert results["figures"]["goodput_req_s"] == pytest.approx(metrics["goodput_req_s"], rel=1e-4)
 
 
 # -- load sweeps and the max-rate search ----------------------------------------------------------------------------

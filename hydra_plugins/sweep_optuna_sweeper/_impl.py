@@ -452,6 +452,10 @@ class OptunaSearch:
         self.write_best_config(study, s.fixed, parent)
         return results
 
+    def what(self) -> str:
+        """`tiny/hf`: the model and backend every trial's run name starts with, as a single run's does."""
+        return f"{self.config.model.name}/{self.config.backend.name}"
+
     def compose(self, overrides: list[str]) -> DictConfig:
         return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
 
@@ -492,7 +496,7 @@ class OptunaSearch:
             if not repeats and key in launching:
                 twins.append((trial, launching[key]))
                 continue
-            name = f"trial {trial.number}: {settings_text(trial.params)}"
+            name = f"trial {trial.number}: {self.what()} {settings_text(trial.params)}"
             try:
                 overrides = self.job_overrides(study, s, trial.params, {sweeper_api.TRIAL_TAG: trial.number}, name)
                 reason = self.infeasible(overrides)

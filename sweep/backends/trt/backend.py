@@ -42,7 +42,7 @@ from sweep.backends.trt.options import (
     trtllm_build_argv,
 )
 from sweep.errors import ConfigError
-from sweep.serving import RequestStream
+from sweep.serving import RequestStream, serve_in_flight
 from sweep.workload import Request, Workload
 
 log = logging.getLogger(__name__)
@@ -269,23 +269,9 @@ class TRTBackend(Backend):
                 stream.tokens(request.id, new)
             stream.finished(request.id)
 
-        in_flight: set[asyncio.Task] = set()
-        while not stream.exhausted:
-            for request in stream.take(max_in_flight - len(in_flight)):
-                in_flight.add(asyncio.create_task(relay(request)))
-            next_arrival = stream.next_arrival()
-            full = len(in_flight) >= max_in_flight
-            # Wake for the next arrival, unless every slot is taken (or none is due): then for the next finish.
-            timeout = None if next_arrival is None or full else max(next_arrival - time.perf_counter(), 0.0)
-            if in_flight:
-                done, in_flight = await asyncio.wait(in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                failed = [task for task in done if task.exception() is not None]
-                if failed:  # one failed request fails the iteration; the others are aborted, not left bound
-                    runtime.abort_streams(streams, list(in_flight))
-                    await asyncio.gather(*in_flight, return_exceptions=True)
-                    raise failed[0].exception()
-            elif timeout is not None:
-                await asyncio.sleep(timeout)
+        await serve_in_flight(
+            stream, max_in_flight, relay, stop=lambda tasks: runtime.abort_streams(streams, list(tasks))
+        )
 
     def close(self) -> None:
         if self.llm is not None:
