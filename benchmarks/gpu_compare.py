@@ -284,13 +284,11 @@ def top_kernels(kernels: list, n: int = 8) -> list[dict[str, Any]]:
 
 
 def decode_roofline(p, batch: int, context: float, step_ms: float) -> dict[str, float]:
-    from sweep.metrics import roofline_efficiency
+    from sweep.metrics import roofline_figures
     from sweep.telemetry import device_bandwidth
 
-    bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
-    fig = roofline_efficiency(
-        p.sizes["model_bytes"], p.sizes["kv_bytes_per_token"], batch, context, bandwidth, step_ms / 1e3
-    )
+    bandwidth = device_bandwidth(p.cache.root, p.env)["bytes_per_s"]
+    fig = roofline_figures(p.sizes, p.model.shape.vocab_size, batch, context, bandwidth, step_ms / 1e3)
     return {**fig, "decode_tok_s": batch / (step_ms / 1e3), "device_bandwidth_gb_s": bandwidth / 1e9}
 
 

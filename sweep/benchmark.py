@@ -1,16 +1,20 @@
-"""Benchmark: warm up, then run the workload `iterations` times under the NVML sampler, and compute the figures."""
+"""Benchmark: warm up, then offer the workload `iterations` times under the NVML sampler, and compute the figures.
+
+The scenario decides when each request is offered (sweep/serving.py); the backend serves them as they arrive.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from sweep.backends.base import Backend
-from sweep.metrics import RequestTiming, benchmark_figures
+from sweep.metrics import RequestTiming, benchmark_figures, load_figures
+from sweep.serving import RequestStream, open_loop_offsets
 from sweep.telemetry import GPUSampler, host_peak_rss_gb, torch_memory_figures
 from sweep.workload import Request, Workload
 
@@ -23,21 +27,31 @@ class BenchmarkResult:
     timings: list[RequestTiming]
 
 
-def run_once(backend: Backend, requests: list[Request], scenario: str, batch_size: int, iteration: int):
-    if scenario == "throughput":
-        return backend.serve(requests, batch_size, iteration)
-    timings = []  # latency: one request at a time, each arriving when the previous one is done
-    for req in requests:
-        arrival = time.perf_counter()
-        (gen,) = backend.generate([req])
-        timings.append(RequestTiming(req.id, req.input_len, req.output_len, arrival, gen.token_times, iteration))
-    return timings
+def request_stream(requests: list[Request], wcfg: Any, iteration: int) -> RequestStream:
+    """The scenario's arrival process: latency is one closed-loop client, throughput is every request at t0."""
+    if wcfg.scenario == "latency":
+        return RequestStream(requests, clients=1, iteration=iteration)
+    if wcfg.scenario == "concurrency":
+        return RequestStream(requests, clients=wcfg.concurrency, iteration=iteration)
+    rate = wcfg.request_rate if wcfg.scenario == "rate" else math.inf
+    # Each iteration draws its own arrivals from the seed, so iterations differ but the run is reproducible.
+    offsets = open_loop_offsets(len(requests), rate, wcfg.burstiness, wcfg.seed + 1000 * (iteration + 1))
+    return RequestStream(requests, offsets=offsets, iteration=iteration)
 
 
-def run_benchmark(backend: Backend, workload: Workload, wcfg: Any, batch_size: int) -> BenchmarkResult:
+def run_once(backend: Backend, requests: list[Request], wcfg: Any, batch_size: int, iteration: int):
+    stream = request_stream(requests, wcfg, iteration)
+    stream.start()
+    backend.serve(stream, batch_size)
+    return stream.results()
+
+
+def run_benchmark(
+    backend: Backend, workload: Workload, wcfg: Any, batch_size: int, slo: dict[str, float]
+) -> BenchmarkResult:
     if workload.warmup:
         with tqdm(total=1, desc="warm-up", unit="pass", leave=False) as bar:
-            run_once(backend, workload.warmup, wcfg.scenario, batch_size, iteration=-1)
+            run_once(backend, workload.warmup, wcfg, batch_size, iteration=-1)
             bar.update()
     if backend.device == "cuda":
         import torch
@@ -47,8 +61,10 @@ def run_benchmark(backend: Backend, workload: Workload, wcfg: Any, batch_size: i
     timings: list[RequestTiming] = []
     with GPUSampler() as sampler:
         for iteration in tqdm(range(wcfg.iterations), desc=f"{wcfg.scenario} iterations", unit="it"):
-            timings += run_once(backend, workload.measured, wcfg.scenario, batch_size, iteration)
-    figures = benchmark_figures(timings)
+            timings += run_once(backend, workload.measured, wcfg, batch_size, iteration)
+    figures = benchmark_figures(timings, slo)
+    if wcfg.scenario == "rate":
+        figures.update(load_figures(timings))
     figures.update(sampler.figures(int(figures["output_tokens"])))
     figures.update(torch_memory_figures(backend.device))
     figures["host_peak_rss_gb"] = host_peak_rss_gb()

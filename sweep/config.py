@@ -15,7 +15,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 PLUGIN_DTYPES = ("auto", "disable", "float16", "bfloat16", "float32")
-SCENARIOS = ("latency", "throughput")
+SCENARIOS = ("latency", "throughput", "concurrency", "rate")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 LENGTH_DISTRIBUTIONS = ("fixed", "normal")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("maximize", "minimize")
@@ -72,7 +73,20 @@ class WorkloadConfig:
     output_len_std: float = 0.0
     dataset: Optional[str] = None  # JSONL in trtllm-bench's format: task_id, prompt or input_ids, output_tokens
     batch_size: Optional[int] = None  # requests in flight in throughput mode; None = engine.max_batch_size
+    concurrency: int = 1  # scenario=concurrency: clients in a closed loop
+    request_rate: float = float("inf")  # scenario=rate: offered requests per second (inf: all at t0)
+    burstiness: float = 1.0  # scenario=rate: shape of the gamma-distributed gaps (1 = Poisson)
     seed: int = 0
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives; a request is good when it meets every one that is set (vLLM's goodput)."""
+
+    name: str = "none"
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    e2e_ms: Optional[float] = None
 
 
 @dataclass
@@ -96,6 +110,7 @@ class SweepConfig:
     backend: Any = MISSING  # a BackendConfig subclass, chosen by the backend group
     engine: EngineConfig = field(default_factory=EngineConfig)
     workload: WorkloadConfig = MISSING
+    slo: SloConfig = field(default_factory=SloConfig)
     tracker: TrackerConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     device: str = "auto"

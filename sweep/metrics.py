@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -19,7 +19,8 @@ THROUGHPUT_FIGURES = tuple(f.name for f in FIGURES if f.spread)  # per iteration
 
 @dataclass
 class RequestTiming:
-    """One request's clock: arrival, and the time each output token became available on the host."""
+    """One request's clock (perf_counter seconds): arrival (offered), admitted (its prefill starts), and the time
+    each output token became available on the host. `t0` is its iteration's start, for relative times."""
 
     request_id: str
     input_len: int
@@ -27,6 +28,12 @@ class RequestTiming:
     arrival: float
     token_times: list[float]
     iteration: int = 0
+    admitted: float | None = None
+    t0: float = 0.0
+
+    @property
+    def queue(self) -> float | None:
+        return None if self.admitted is None else self.admitted - self.arrival
 
     @property
     def ttft(self) -> float:
@@ -43,7 +50,30 @@ class RequestTiming:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return chunk_gaps(self.token_times)
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return chunk_sizes(self.token_times)
+
+
+def chunk_sizes(token_times: list[float]) -> list[int]:
+    """Tokens per streamed chunk: tokens that reached the host in one response carry the same timestamp."""
+    sizes: list[int] = []
+    for i, t in enumerate(token_times):
+        if i and t == token_times[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def chunk_gaps(token_times: list[float]) -> list[float]:
+    """ITL per chunk, as vLLM's benchmark and AIPerf's inter-chunk latency count it: the gap between consecutive
+    responses. With one token per response this is every gap between tokens; a response carrying several tokens
+    adds one gap, not one gap plus zeros for the tokens that shared its timestamp."""
+    starts = [t for i, t in enumerate(token_times) if i == 0 or t != token_times[i - 1]]
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -80,14 +110,63 @@ def check_output_counts(timings: list[RequestTiming]) -> None:
         )
 
 
-def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
-    """Every per-request and per-run figure, flattened to `<figure>_<stat>` names."""
+def meets_slo(t: RequestTiming, slo: dict[str, float]) -> bool:
+    """vLLM's goodput: a request is good when it meets every SLO that is set (ttft_ms, tpot_ms, e2e_ms)."""
+    if "ttft_ms" in slo and t.ttft * 1e3 > slo["ttft_ms"]:
+        return False
+    if "tpot_ms" in slo and t.tpot is not None and t.tpot * 1e3 > slo["tpot_ms"]:
+        return False
+    return not ("e2e_ms" in slo and t.e2e * 1e3 > slo["e2e_ms"])
+
+
+def iteration_goodput(timings: list[RequestTiming], slo: dict[str, float]) -> dict[str, float]:
+    """Good requests and their output tokens per second over the iteration's duration, and the share good."""
+    good = [t for t in timings if meets_slo(t, slo)]
+    duration = iteration_throughput(timings)["duration_s"]
+    return {
+        "goodput_req_s": len(good) / duration,
+        "goodput_tok_s": sum(len(t.token_times) for t in good) / duration,
+        "slo_attainment_pct": 100.0 * len(good) / len(timings),
+    }
+
+
+def per_second(times: list[float]) -> float | None:
+    """Events per second over their own window: (n - 1) / (last - first); None for fewer than two or no spread."""
+    if len(times) < 2 or max(times) == min(times):
+        return None
+    return (len(times) - 1) / (max(times) - min(times))
+
+
+def load_figures(timings: list[RequestTiming]) -> dict[str, float]:
+    """Offered and achieved request rates of an open-loop run, per iteration, median over iterations.
+
+    Offered: arrivals per second over the arrival window. Achieved: admissions per second over the admission
+    window. An engine that keeps up admits at the rate requests arrive; one that does not falls behind.
+    """
+    offered, achieved = [], []
+    for i in sorted({t.iteration for t in timings}):
+        batch = [t for t in timings if t.iteration == i]
+        o = per_second([t.arrival for t in batch])
+        a = per_second([t.admitted for t in batch if t.admitted is not None])
+        if o is not None and a is not None:
+            offered.append(o)
+            achieved.append(a)
+    if not offered:
+        return {}
+    return {"offered_rate_req_s": statistics.median(offered), "achieved_rate_req_s": statistics.median(achieved)}
+
+
+def benchmark_figures(timings: list[RequestTiming], slo: dict[str, float] | None = None) -> dict[str, float]:
+    """Every per-request and per-run figure, flattened to `<figure>_<stat>` names. `slo` (any of ttft_ms, tpot_ms,
+    e2e_ms) adds goodput."""
     check_output_counts(timings)
     per_request = {
         "ttft_ms": [t.ttft * 1e3 for t in timings],
         "tpot_ms": [t.tpot * 1e3 for t in timings if t.tpot is not None],
         "itl_ms": [gap * 1e3 for t in timings for gap in t.itls],
+        "tokens_per_chunk": [n for t in timings for n in t.chunk_sizes],
         "e2e_latency_ms": [t.e2e * 1e3 for t in timings],
+        "queue_ms": [t.queue * 1e3 for t in timings if t.queue is not None],
     }
     figures: dict[str, float] = {}
     for name, values in per_request.items():
@@ -100,19 +179,40 @@ def benchmark_figures(timings: list[RequestTiming]) -> dict[str, float]:
         figures[name] = statistics.median(values)
         figures[f"{name}_min"] = min(values)
         figures[f"{name}_max"] = max(values)
+    if slo:
+        per_goodput = [iteration_goodput([t for t in timings if t.iteration == i], slo) for i in iterations]
+        for name in per_goodput[0]:
+            figures[name] = statistics.median(it[name] for it in per_goodput)
     figures["iterations"] = len(iterations)
     figures["output_tokens"] = sum(len(t.token_times) for t in timings)
     return figures
 
 
-def roofline_efficiency(
-    weight_bytes: int, kv_bytes_per_token: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
+def decode_step_bytes(
+    sizes: Mapping[str, float], vocab_size: int, batch_size: int, mean_context: float
+) -> tuple[float, float]:
+    """Bytes one decode step must read (the floor's numerator), and the same with every weight counted.
+
+    A step reads every weight but the input embedding table, one row of that table per sequence, and each
+    sequence's KV cache at its context length. gpt-fast's "bandwidth achieved" counts every weight instead; that
+    count is kept beside it by name (sizes: sweep.model.model_sizes).
+    """
+    kv = batch_size * mean_context * sizes["kv_bytes_per_token"]
+    table = sizes["input_embedding_bytes"]
+    rows = batch_size * table / vocab_size
+    return sizes["model_bytes"] - table + rows + kv, sizes["model_bytes"] + kv
+
+
+def roofline_figures(
+    sizes: Mapping[str, float], vocab_size: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
 ) -> dict[str, float]:
-    """Decode is memory-bound: a step must read the weights once and every sequence's KV cache once."""
-    step_bytes = weight_bytes + batch_size * mean_context * kv_bytes_per_token
-    floor_s = step_bytes / bandwidth
+    """Decode is memory-bound: its floor per step is the bytes it must read over the device bandwidth."""
+    read, all_weights = decode_step_bytes(sizes, vocab_size, batch_size, mean_context)
+    floor_s = read / bandwidth
     return {
+        "decode_bytes_per_step": read,
         "decode_floor_ms": floor_s * 1e3,
         "roofline_efficiency": floor_s / tpot_s,
+        "roofline_efficiency_all_weights": all_weights / bandwidth / tpot_s,
         "roofline_floor_tok_s": batch_size / floor_s,
     }

@@ -24,19 +24,22 @@ from sweep.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Shapes of the tiny model: big enough to exercise GQA, rope and a multi-layer KV cache, small enough for CI.
+# Head size 64 (hidden_size / num_attention_heads) is one every engine's attention kernel supports (TensorRT-LLM's
+# MMHA and vLLM's CPU attention reject 16). It is derived, never written as head_dim: vLLM ignores an explicit
+# head_dim on Qwen2 and would silently compute a different one.
 TINY_SHAPE = dict(
     vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=128,
+    intermediate_size=256,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     max_position_embeddings=4096,
     rope_theta=10000.0,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
 )
-TINY_FORMAT_VERSION = 1  # bump when the generator changes, so old tiny checkpoints are not reused
+TINY_FORMAT_VERSION = 2  # bump when the generator changes, so old tiny checkpoints are not reused
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,8 @@ def build_byte_tokenizer():
 
 
 def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
-    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token."""
+    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token, and
+    the bytes of the input embedding table that a decode step does not read whole."""
     from safetensors import safe_open
 
     numel = 0
@@ -235,4 +239,7 @@ def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
         "model_params": numel,
         "model_bytes": numel * itemsize,
         "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * itemsize,
+        # A decode step reads one row of the input embedding table per sequence, not the table; a tied table is
+        # also the LM head, which reads all of it, so then nothing is left out of the decode floor.
+        "input_embedding_bytes": 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size * itemsize,
     }

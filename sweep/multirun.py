@@ -16,7 +16,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from sweep.errors import ConfigError
 from sweep.run import JOB_ERROR_FILE
+from sweep.validate import check_sweep
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
@@ -28,6 +30,10 @@ class ParentRunCallback(Callback):
         self.run: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_sweep(config)
+        except ConfigError:
+            return  # no parent for a sweep that cannot run; its sweeper raises the error (Hydra swallows ours)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         overrides = list(config.hydra.overrides.task)

@@ -175,7 +175,36 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         )
         ax.legend()
         paths.append(_save(fig, out / "pareto_front.png"))
+    if (curve := load_curve(runs, out)) is not None:
+        paths.append(curve)
     return paths
+
+
+SLO_TARGET_PCT = 99.0  # where the load curve marks the SLO as broken
+
+
+def load_curve(runs: pd.DataFrame, out: Path) -> Path | None:
+    """The latency-throughput curve of a load sweep (workload.request_rate varied): output throughput, TTFT P99
+    and TPOT P99 against the offered rate, with the first rate whose SLO attainment fell below the target."""
+    col = "params.workload.request_rate"
+    if col not in runs or runs[col].nunique() < 2:
+        return None
+    import matplotlib.pyplot as plt
+
+    data = runs.assign(rate=runs[col].astype(float)).sort_values("rate")
+    panels = [m for m in ("output_throughput_tok_s", "ttft_ms_p99", "tpot_ms_p99") if f"metrics.{m}" in data]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    broken = None
+    if "metrics.slo_attainment_pct" in data:
+        below = data[data["metrics.slo_attainment_pct"] < SLO_TARGET_PCT]
+        broken = below["rate"].min() if not below.empty else None
+    for ax, metric in zip(axes[0], panels):
+        ax.plot(data["rate"], data[f"metrics.{metric}"], "o-")
+        ax.set(xlabel="offered rate (req/s)", ylabel=label(metric), title=label(metric, with_unit=False))
+        if broken is not None:
+            ax.axvline(broken, color="tab:red", linestyle="--", label=f"SLO attainment < {SLO_TARGET_PCT:g}%")
+            ax.legend(fontsize=8)
+    return _save(fig, out / "load_curve.png")
 
 
 def _is_number(text: str) -> bool:

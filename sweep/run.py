@@ -19,9 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.benchmark import run_benchmark
+from sweep.config import SLO_KEYS
 from sweep.engine_cache import CacheEntry, engine_key
 from sweep.errors import ConfigError
-from sweep.metrics import roofline_efficiency
+from sweep.metrics import RequestTiming, roofline_figures
 from sweep.plan import Plan, make_plan, start_engine
 from sweep.summary import summary_table
 from sweep.sweeper_api import write_result
@@ -72,6 +73,10 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
+        # Measured (once per board) before any engine is loaded: one resident skews it (sweep/telemetry.py).
+        bandwidth = device_bandwidth(p.cache.root, p.env) if p.device == "cuda" else None
+        if bandwidth:
+            rec.set_tags({"device_bandwidth.method": bandwidth["method"]})
         log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
         started = start_engine(p)
         entry = started.entry
@@ -80,7 +85,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         engine_figures = p.backend.engine_figures()
         try:
             t = time.perf_counter()
-            result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size)
+            result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
             phases["phase_benchmark_s"] = time.perf_counter() - t
         finally:
             p.backend.close()
@@ -90,22 +95,25 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         figures["engine_cache_hit"] = float(entry.hit)
         figures.update(engine_figures)
         figures.update(p.sizes)
-        if p.device == "cuda" and "tpot_ms_p50" in figures:
+        if bandwidth and "tpot_ms_p50" in figures:
             mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)
-            bandwidth = device_bandwidth(p.cache.root, p.env["gpu_name"])
-            figures["device_bandwidth_gb_s"] = bandwidth / 1e9
+            figures["device_bandwidth_gb_s"] = bandwidth["bytes_per_s"] / 1e9
+            figures["device_bandwidth_spread_pct"] = bandwidth["spread_pct"]
             figures.update(
-                roofline_efficiency(
-                    figures["model_bytes"],
-                    figures["kv_bytes_per_token"],
+                roofline_figures(
+                    p.sizes,
+                    p.model.shape.vocab_size,
                     p.batch_size,
                     mean_context,
-                    bandwidth,
+                    bandwidth["bytes_per_s"],
                     figures["tpot_ms_p50"] / 1e3,
                 )
             )
         if cfg.objective.metric not in figures:  # make_plan refuses what it can foresee; never record without it
             raise RuntimeError(f"objective.metric={cfg.objective.metric!r} was not recorded by this run")
+        saturated = is_saturated(figures)
+        if saturated is not None:
+            rec.set_tags({"saturated": saturated})
         t = time.perf_counter()
         out = job_output_dir()
         artifacts = run_artifacts(cfg, p, entry, figures, result.timings)
@@ -128,7 +136,26 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
             f"batch {p.batch_size}"
         )
         print(summary_table(title, figures))
+        if saturated:
+            print(
+                f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
+                f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
+            )
     return figures[cfg.objective.metric]
+
+
+SATURATION = 0.95  # an open-loop run whose achieved rate falls below this share of the offered rate is saturated
+
+
+def is_saturated(figures: dict[str, float]) -> bool | None:
+    """None where the run had no offered rate (closed loop, or everything at t0)."""
+    if "offered_rate_req_s" not in figures:
+        return None
+    return figures["achieved_rate_req_s"] < SATURATION * figures["offered_rate_req_s"]
+
+
+def slo_targets(cfg: DictConfig) -> dict[str, float]:
+    return {key: float(cfg.slo[key]) for key in SLO_KEYS if cfg.slo[key] is not None}
 
 
 def run_artifacts(cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> dict[str, str]:
@@ -145,6 +172,7 @@ def run_artifacts(cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, ti
         "engine/manifest.json": json.dumps(manifest, indent=2, sort_keys=True, default=str),
         "results.json": json.dumps(results, indent=2, sort_keys=True, default=str),
         "requests.csv": requests_csv(timings),
+        "token_times.jsonl": token_times_jsonl(timings),
     }
 
 
@@ -165,15 +193,84 @@ def record_artifacts(rec: Any, artifacts: dict[str, str], entry: CacheEntry) -> 
         rec.log_artifact(entry.path / "build.log", "engine")
 
 
-def requests_csv(timings: list) -> str:
-    """The per-request table (pandas would cost most of a second to import, for one CSV)."""
+REQUEST_COLUMNS = (
+    "iteration",
+    "request_id",
+    "input_len",
+    "output_len",
+    "arrival_s",
+    "admitted_s",
+    "first_token_s",
+    "finish_s",
+    "queue_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_latency_ms",
+)
+
+
+def requests_csv(timings: list[RequestTiming]) -> str:
+    """The per-request table; times in seconds from the iteration's start (pandas would cost most of a second to
+    import, for one CSV)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["iteration", "request_id", "input_len", "output_len", "ttft_ms", "tpot_ms", "e2e_latency_ms"])
+    writer.writerow(REQUEST_COLUMNS)
     for t in timings:
+        admitted = "" if t.admitted is None else t.admitted - t.t0
+        queue = "" if t.queue is None else t.queue * 1e3
         tpot = "" if t.tpot is None else t.tpot * 1e3
-        writer.writerow([t.iteration, t.request_id, t.input_len, len(t.token_times), t.ttft * 1e3, tpot, t.e2e * 1e3])
+        writer.writerow(
+            [
+                t.iteration,
+                t.request_id,
+                t.input_len,
+                len(t.token_times),
+                t.arrival - t.t0,
+                admitted,
+                t.token_times[0] - t.t0,
+                t.token_times[-1] - t.t0,
+                queue,
+                t.ttft * 1e3,
+                tpot,
+                t.e2e * 1e3,
+            ]
+        )
     return out.getvalue()
+
+
+def token_times_jsonl(timings: list[RequestTiming]) -> str:
+    """Every output token's host time, in seconds from its iteration's start, one request per line."""
+    return "".join(
+        json.dumps(
+            {"iteration": t.iteration, "request_id": t.request_id, "token_times_s": [x - t.t0 for x in t.token_times]}
+        )
+        + "\n"
+        for t in timings
+    )
+
+
+def timings_from_artifacts(requests_text: str, token_times_text: str) -> list[RequestTiming]:
+    """The run's requests rebuilt from its two artifacts (each iteration's start at 0): every figure the run
+    logged can be recomputed from these with sweep.metrics."""
+    tokens = {}
+    for line in token_times_text.splitlines():
+        row = json.loads(line)
+        tokens[(row["iteration"], row["request_id"])] = row["token_times_s"]
+    timings = []
+    for row in csv.DictReader(io.StringIO(requests_text)):
+        iteration = int(row["iteration"])
+        timings.append(
+            RequestTiming(
+                row["request_id"],
+                int(row["input_len"]),
+                int(row["output_len"]),
+                float(row["arrival_s"]),
+                tokens[(iteration, row["request_id"])],
+                iteration,
+                admitted=float(row["admitted_s"]) if row["admitted_s"] else None,
+            )
+        )
+    return timings
 
 
 def job_output_dir() -> Path | None:

@@ -10,6 +10,11 @@ SCALAR_FIGURES = (
     "output_throughput_tok_s",
     "total_token_throughput_tok_s",
     "request_throughput_req_s",
+    "offered_rate_req_s",
+    "achieved_rate_req_s",
+    "goodput_req_s",
+    "goodput_tok_s",
+    "slo_attainment_pct",
     "build_time_s",
     "compile_and_warmup_s",
     "gpu_util_pct_mean",
@@ -18,6 +23,7 @@ SCALAR_FIGURES = (
     "energy_j",
     "tokens_per_j",
     "roofline_efficiency",
+    "roofline_efficiency_all_weights",
     "host_peak_rss_gb",
 )
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from sweep.errors import ConfigError
 from sweep.plan import make_plan
-from sweep.validate import check_figure
+from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.store import store_lock
 
@@ -36,6 +36,7 @@ __all__ = [
     "ConfigError",
     "best_config_path",
     "check_figure",
+    "check_sweep",
     "infeasible",
     "parent_run",
     "read_result",

@@ -5,11 +5,13 @@ A GPU figure on a CPU run is absent from the results, never 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import threading
 import time
@@ -159,6 +161,7 @@ def environment(device: str) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
     env.update(
         gpu_name=props.name,
+        gpu_uuid=f"GPU-{props.uuid}",  # two boards of one name differ; the bandwidth cache is keyed on this
         gpu_compute_capability=f"{props.major}.{props.minor}",
         cuda=torch.version.cuda,
     )
@@ -170,34 +173,79 @@ def environment(device: str) -> dict[str, Any]:
             gpu_power_limit_w=nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1e3,
             gpu_sm_clock_mhz_at_start=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
             gpu_mem_clock_mhz_at_start=nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+            gpu_mem_clock_mhz_max=nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM),
             gpu_memory_total_gb=nvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9,
         )
     return env
 
 
-def device_bandwidth(cache_dir: Path, gpu_name: str) -> float:
-    """Device memory bandwidth in bytes/s (bytes read + written by a large device-to-device copy), cached per GPU."""
-    path = cache_dir / "device" / f"bandwidth-{gpu_name.replace(' ', '_')}.json"
+BANDWIDTH_SIZES_GIB = (1, 4)  # far past any L2 cache (an H200 has 60 MB)
+BANDWIDTH_REPEATS = 20
+BANDWIDTH_WARMUP_S = 1.0
+BANDWIDTH_METHOD = (
+    f"device-to-device copy of {' and '.join(map(str, BANDWIDTH_SIZES_GIB))} GiB, bytes read + written, "
+    f"{BANDWIDTH_REPEATS} repeats per size timed with CUDA events after {BANDWIDTH_WARMUP_S:g} s of copies, on an idle "
+    "device before any engine is loaded; the figure is the best size's median, its spread (max - min) / median"
+)
+
+
+def device_bandwidth(cache_dir: Path, env: dict[str, Any]) -> dict[str, Any]:
+    """Device memory bandwidth (bytes/s) with its spread, measured once per board and cached.
+
+    Call it before any engine is loaded: a resident engine (CUDA graphs, its memory pools, a hot or throttled
+    board after a benchmark) moved the figure by 10% depending on which backend ran first. The cache key is the
+    board's UUID, the driver and the maximum memory clock, not the GPU's name, which different boards share.
+    """
+    identity = {k: env.get(k) for k in ("gpu_uuid", "driver", "gpu_mem_clock_mhz_max")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / "device" / f"bandwidth-{digest}.json"
     if path.is_file():
-        return json.loads(path.read_text())["bytes_per_s"]
+        return json.loads(path.read_text())
+    result = {"gpu": env.get("gpu_name"), **identity, **measure_device_bandwidth()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)  # two runs measuring at once both write a whole file
+    return result
+
+
+def measure_device_bandwidth() -> dict[str, Any]:
     import torch
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, far beyond any cache
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    times.sort()
-    bandwidth = 2 * (1 << 30) / times[len(times) // 2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"gpu": gpu_name, "bytes_per_s": bandwidth}))
-    return bandwidth
+    medians: dict[int, float] = {}
+    spreads: dict[int, float] = {}
+    for gib in BANDWIDTH_SIZES_GIB:
+        n = gib << 30
+        try:
+            src = torch.empty(n, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("no room for a %d GiB bandwidth measurement; skipped", gib)
+            continue
+        deadline = time.perf_counter() + BANDWIDTH_WARMUP_S  # clocks rise from idle before anything is timed
+        while time.perf_counter() < deadline:
+            dst.copy_(src)
+            torch.cuda.synchronize()
+        rates = []
+        for _ in range(BANDWIDTH_REPEATS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            rates.append(2 * n / (start.elapsed_time(end) / 1e3))
+        del src, dst
+        torch.cuda.empty_cache()  # the engine that loads next gets this memory back
+        medians[gib] = statistics.median(rates)
+        spreads[gib] = 100 * (max(rates) - min(rates)) / medians[gib]
+    if not medians:
+        raise RuntimeError(f"no room on the device for a {min(BANDWIDTH_SIZES_GIB)} GiB bandwidth measurement")
+    best = max(medians, key=medians.__getitem__)
+    log.info("device bandwidth: %s", ", ".join(f"{g} GiB {m / 1e9:.0f} GB/s" for g, m in medians.items()))
+    return {
+        "bytes_per_s": medians[best],
+        "spread_pct": spreads[best],
+        "size_gib": best,
+        "median_gb_s_per_size": {str(g): m / 1e9 for g, m in medians.items()},
+        "method": BANDWIDTH_METHOD,
+    }

@@ -20,6 +20,7 @@ from sweep.config import (
     LENGTH_DISTRIBUTIONS,
     PLUGIN_DTYPES,
     SCENARIOS,
+    SLO_KEYS,
 )
 from sweep.errors import ConfigError
 from sweep.figures import objective_names, unknown_figure_message
@@ -38,8 +39,13 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def at_least(key: str, value: Any, minimum: float) -> None:
-    if value < minimum:
+    if math.isnan(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be >= {minimum}")
+
+
+def positive(key: str, value: Any) -> None:
+    if math.isnan(value) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be > 0")
 
 
 def at_most(key: str, value: Any, maximum: float, why: str) -> None:
@@ -97,10 +103,10 @@ def validate(cfg: Any) -> None:
     choice("workload.length_distribution", w.length_distribution, LENGTH_DISTRIBUTIONS)
     for key in ("num_requests", "iterations", "input_len", "output_len"):
         at_least(f"workload.{key}", w[key], 1)
-    for key in ("warmup_requests", "input_len_std", "output_len_std"):
-        at_least(f"workload.{key}", w[key], 0)
     for key in ("input_len_std", "output_len_std"):
         finite(f"workload.{key}", w[key])
+    for key in ("warmup_requests", "input_len_std", "output_len_std"):
+        at_least(f"workload.{key}", w[key], 0)
     for key in ("num_requests", "warmup_requests"):
         at_most(f"workload.{key}", w[key], MAX_REQUESTS, "a larger workload takes minutes just to make")
     at_most("workload.iterations", w.iterations, MAX_ITERATIONS, "repeat the run instead")
@@ -111,7 +117,25 @@ def validate(cfg: Any) -> None:
                 f"workload.batch_size={w.batch_size} is not allowed; "
                 f"it must be <= engine.max_batch_size={e.max_batch_size}"
             )
+    at_least("workload.concurrency", w.concurrency, 1)
+    positive("workload.request_rate", w.request_rate)  # inf is allowed: every request at t0
+    positive("workload.burstiness", w.burstiness)
+    if math.isinf(w.burstiness):
+        raise ConfigError(f"workload.burstiness={w.burstiness!r} is not allowed; it must be a finite number > 0")
+    for key in SLO_KEYS:
+        if cfg.slo[key] is not None:
+            positive(f"slo.{key}", cfg.slo[key])
     check_figure("objective.metric", cfg.objective.metric)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))
     check_tracker(cfg.tracker)
+
+
+def check_sweep(config: Any) -> None:
+    """What a multirun needs before its parent run opens: a max-rate search judges rates by an SLO."""
+    sweeper = str(config.hydra.sweeper.get("_target_", ""))
+    if sweeper.endswith("MaxRateSweeper") and all(config.slo[key] is None for key in SLO_KEYS):
+        raise ConfigError(
+            f"slo={config.slo.name!r} sets no objective, and search=max_rate judges each rate by one; "
+            "set slo=interactive or slo=batch, or slo.ttft_ms / slo.tpot_ms / slo.e2e_ms"
+        )

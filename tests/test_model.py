@@ -4,6 +4,7 @@ import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sweep.backends.trt.options import MMHA_HEAD_SIZES
 from sweep.model import ModelShape, ModelSource, generate_tiny_checkpoint, model_sizes, weights_digest
 
 
@@ -19,6 +20,12 @@ def test_tiny_checkpoint_is_deterministic_per_seed_and_loads_like_any_checkpoint
     ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "hello" and len(ids) == 5  # one token per byte
     sizes = model_sizes(ModelSource("tiny", a, {}, ModelShape.read(a)), "float32")
+    # Head size 64, which TensorRT-LLM's attention plugin (MMHA_HEAD_SIZES) and vLLM's CPU attention support, is
+    # derived from hidden_size / heads: an explicit head_dim would be ignored by vLLM for Qwen2. Still GQA.
+    config = json.loads((a / "config.json").read_text())
+    shape = ModelShape.read(a)
+    assert "head_dim" not in config and shape.head_dim == 64 and shape.head_dim in MMHA_HEAD_SIZES
+    assert shape.num_kv_heads < shape.num_heads
     assert sizes["model_params"] == sum(p.numel() for p in model.parameters())
     assert sizes["model_bytes"] == 4 * sizes["model_params"]
 

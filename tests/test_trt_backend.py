@@ -25,6 +25,7 @@ from sweep.backends.trt.config import TRTBackendConfig
 from sweep.config import EngineConfig
 from sweep.engine_cache import engine_key
 from sweep.errors import ConfigError
+from sweep.serving import RequestStream
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "trtllm_1_2_fields.json").read_text())
@@ -267,14 +268,19 @@ def test_no_length_override_for_consistent_options():
 # -- versions and the cache key ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["1.2.0", "1.2.1", "1.2.0rc2", "1.2.0.post1"])
-def test_supported_versions(version):
+@pytest.mark.parametrize(
+    "version",
+    ["1.2.0", "1.2.1", "1.2.0rc2", "1.2.0.post1", "1.2.0rc6.post3", "1.3.0rc0", "1.3.0rc5.post2", "1.3.0rc15"],
+)
+def test_releases_with_the_engine_path_are_supported(version):
     trt.check_supported_version(version)
 
 
-@pytest.mark.parametrize("version", ["1.1.0", "1.3.0rc1", "1.20.0", "0.21.0", "2.0.0"])
-def test_unsupported_versions_are_refused(version):
-    with pytest.raises(ConfigError, match=rf"supports tensorrt-llm 1\.2\.x only.*found tensorrt-llm {version}"):
+@pytest.mark.parametrize(
+    "version", ["1.1.0", "1.3.0rc22", "1.3.0", "1.4.0rc1", "1.20.0", "0.21.0", "2.0.0", "nonsense"]
+)
+def test_releases_without_the_engine_path_are_refused(version):
+    with pytest.raises(ConfigError, match=rf"up to 1\.3\.0rc15, the last release.*found tensorrt-llm {version}"):
         trt.check_supported_version(version)
 
 
@@ -397,10 +403,15 @@ class FakeLLM:
     """Fake: records what sweep passes to tensorrt_llm._tensorrt_engine.LLM and streams made-up tokens."""
 
     instances: list[FakeLLM] = []
+    fail_request: int | None = None  # max_tokens of a request whose stream fails after two tokens
 
     def __init__(self, model, **kwargs):
         self.model, self.kwargs, self.shut_down = model, kwargs, False
         self.in_flight = self.max_in_flight = 0
+        self.aborted: list[int] = []
+        # ModelLoader times the conversion and the build steps (tensorrt_llm/llmapi/llm_utils.py).
+        steps = [("Loading model from HF", 0.25), ("Building TRT-LLM engine", 2.0)] if "build_config" in kwargs else []
+        self.llm_build_stats = SimpleNamespace(build_steps_info=steps)
         FakeLLM.instances.append(self)
         # build() must capture both into build.log: Python prints, and C++ or MPI workers writing to fd 2.
         print("fake builder output on stdout")
@@ -416,17 +427,34 @@ class FakeLLM:
     def generate_async(self, token_ids, sampling_params, streaming):
         assert streaming and sampling_params.kwargs["ignore_eos"]
         asyncio.get_running_loop()  # sweep must call this inside an event loop, as the streaming API expects
-        return self.stream(sampling_params.kwargs["max_tokens"])
+        return FakeStream(self, sampling_params.kwargs["max_tokens"])
 
-    async def stream(self, n):
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        ids = []
-        for i in range(n):
-            await asyncio.sleep(0.001)
-            ids.append(i)
-            yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))])
-        self.in_flight -= 1
+
+class FakeStream:
+    """Fake: a streamed GenerationResult (async iterator of RequestOutput-shaped responses, abort(), finished)."""
+
+    def __init__(self, llm, n):
+        self.llm, self.n, self.finished, self.ids = llm, n, False, []
+
+    def __aiter__(self):
+        self.llm.in_flight += 1
+        self.llm.max_in_flight = max(self.llm.max_in_flight, self.llm.in_flight)
+        return self
+
+    async def __anext__(self):
+        if len(self.ids) == self.n:
+            self.finished = True
+            self.llm.in_flight -= 1
+            raise StopAsyncIteration
+        await asyncio.sleep(0.001)
+        if self.n == FakeLLM.fail_request and len(self.ids) == 2:
+            self.finished = True
+            raise RuntimeError("fake executor error")
+        self.ids.append(len(self.ids))
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(self.ids))])
+
+    def abort(self):
+        self.llm.aborted.append(self.n)
 
 
 class Recorder:
@@ -480,39 +508,48 @@ def install_fake_tensorrt_llm(monkeypatch):
     )
 
 
-def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_path):
+def fake_backend(monkeypatch, tmp_path, shape=None, **engine):
+    """A TRTBackend on a stand-in tensorrt_llm and a config.json-only checkpoint (Qwen2.5-7B's attention shape)."""
     from omegaconf import OmegaConf
 
     from sweep.model import ModelShape, ModelSource
-    from sweep.workload import Request, Workload
 
     install_fake_tensorrt_llm(monkeypatch)
     FakeLLM.instances.clear()
     model_dir = tmp_path / "hf"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["Qwen2ForCausalLM"],
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-                "num_hidden_layers": 2,
-                "hidden_size": 3584,
-                "vocab_size": 1000,
-                "max_position_embeddings": 4096,
-            }
-        )
-    )
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 2,
+        "hidden_size": 3584,
+        "vocab_size": 1000,
+        "max_position_embeddings": 4096,
+        **(shape or {}),
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
     cfg = OmegaConf.create(
         {
-            "engine": {**{f.name: f.default for f in fields(EngineConfig)}, "max_batch_size": 4},
+            "engine": {**{f.name: f.default for f in fields(EngineConfig)}, "max_batch_size": 4, **engine},
             "backend": {f.name: f.default for f in fields(TRTBackendConfig)},
         }
     )
-    backend = TRTBackend(
-        cfg, ModelSource("fake", model_dir, {}, ModelShape.read(model_dir)), device="cuda", dtype="bfloat16"
-    )
-    requests = [Request(f"r{i}", [1, 2, 3], output_len=5 + i) for i in range(6)]
+    model = ModelSource("fake", model_dir, {}, ModelShape.read(model_dir))
+    return TRTBackend(cfg, model, device="cuda", dtype="bfloat16")
+
+
+def fake_requests(n=6):
+    from sweep.workload import Request
+
+    return [Request(f"r{i}", [1, 2, 3], output_len=5 + i) for i in range(n)]
+
+
+def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_path):
+    from sweep.workload import Workload
+
+    backend = fake_backend(monkeypatch, tmp_path)
+    requests = fake_requests()
     backend.check(Workload(warmup=[], measured=requests))
     assert not any("max_num_tokens" in w for w in backend.warnings)  # 4 * 2048 = 8192: nothing to clamp
     assert any("use_fp8_context_fmha" in w for w in backend.warnings)
@@ -521,29 +558,115 @@ def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_pat
     engine_dir.mkdir()
     manifest = backend.build(engine_dir)
     built = FakeLLM.instances[-1]
-    assert built.model == str(model_dir) and built.kwargs["dtype"] == "bfloat16" and built.shut_down
+    assert built.model == str(backend.model.path) and built.kwargs["dtype"] == "bfloat16"
     assert built.kwargs["build_config"].max_seq_len == 2048
     assert built.kwargs["build_config"].plugin_config.paged_kv_cache is True
+    assert built.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": False}
     build_log = (engine_dir / "build.log").read_text()
     assert "fake builder output on stdout" in build_log and "fake native output on fd 2" in build_log
     assert manifest["trtllm_build_command"].startswith("trtllm-build --checkpoint_dir")
     assert "--max_seq_len 2048" in manifest["trtllm_build_command"]
     assert manifest["warnings"] == backend.warnings
+    assert manifest["build_steps_s"] == {"Loading model from HF": 0.25, "Building TRT-LLM engine": 2.0}
     assert {"config.json", "rank0.engine", "build.log"} <= set(manifest["engine_files"])
 
+    # A miss: the LLM that built the engine serves it; the engine is not loaded a second time.
     backend.load(engine_dir)
-    loaded = FakeLLM.instances[-1]
-    assert loaded.model == str(engine_dir)
-    assert loaded.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": False}
+    assert FakeLLM.instances == [built] and not built.shut_down
+    figures = backend.engine_figures()
+    assert figures["build_time_s"] >= 2.25 and set(figures) == {"build_time_s", "model_load_s"}
 
-    timings = backend.serve(requests, batch_size=2, iteration=0)
+    stream = RequestStream(requests, offsets=[0.0] * len(requests))  # all arrive at t0
+    stream.start()
+    backend.serve(stream, max_batch=2)
+    timings = stream.results()
     assert [len(t.token_times) for t in timings] == [r.output_len for r in requests]
-    assert len({t.arrival for t in timings}) == 1  # all arrive at t0
-    assert loaded.max_in_flight == 2  # no more than batch_size requests in flight
+    assert len({t.arrival for t in timings}) == 1
+    assert all(t.admitted >= t.arrival for t in timings)
+    assert built.max_in_flight == 2  # no more than max_batch requests in flight
+
+    # Arrivals over time: the runtime gets each request when it arrives, not before.
+    stream = RequestStream(requests[:3], offsets=[0.0, 0.05, 0.1])
+    stream.start()
+    backend.serve(stream, max_batch=2)
+    late = stream.results()[2]
+    assert late.admitted - stream.t0 >= 0.1 and late.admitted >= late.arrival
     (single,) = backend.generate([requests[0]])
     assert single.token_ids == list(range(5))
     backend.close()
-    assert loaded.shut_down
+    assert built.shut_down
+
+    # A hit: another run loads the saved engine, with the same runtime settings.
+    hit = TRTBackend(backend.cfg, backend.model, device="cuda", dtype="bfloat16")
+    hit.load(engine_dir)
+    loaded = FakeLLM.instances[-1]
+    assert loaded is not built and loaded.model == str(engine_dir)
+    assert loaded.kwargs["kv_cache_config"].kwargs == built.kwargs["kv_cache_config"].kwargs
+    assert set(hit.engine_figures()) == {"model_load_s"}  # the build time of a hit is 0, recorded by the run
+    hit.close()
+
+
+def test_build_time_leaves_out_the_executor_start():
+    # LLM(model=hf_dir, build_config=...) took 10 s: 2.25 s of timed build steps, the rest starting the executor.
+    steps = [("Loading model from HF", 0.25), ("Building TRT-LLM engine", 2.0)]
+    assert runtime.split_build_time(10.0, 0.5, steps) == {"build_time_s": 2.75, "model_load_s": 7.75}
+    assert runtime.split_build_time(10.0, 0.5, []) == {"build_time_s": 10.5}  # nothing timed: all of it
+
+
+def test_a_failed_request_fails_the_iteration_and_aborts_the_others(monkeypatch, tmp_path):
+    backend = fake_backend(monkeypatch, tmp_path)
+    backend.load(tmp_path)
+    llm = FakeLLM.instances[-1]
+    monkeypatch.setattr(FakeLLM, "fail_request", 7)  # the third request (output_len 7) fails after two tokens
+    with pytest.raises(RuntimeError, match="fake executor error"):
+        backend.serve(all_at_t0(fake_requests(4)), max_batch=4)
+    assert sorted(llm.aborted) == [5, 6, 8]  # every other request still in flight was stopped
+    monkeypatch.setattr(FakeLLM, "fail_request", None)
+    stream = all_at_t0(fake_requests(2))
+    backend.serve(stream, max_batch=2)  # the engine still serves afterwards
+    assert [len(t.token_times) for t in stream.results()] == [5, 6]
+
+
+def all_at_t0(requests) -> RequestStream:
+    stream = RequestStream(requests, offsets=[0.0] * len(requests))
+    stream.start()
+    return stream
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"paged_kv_cache": False}, r"engine.paged_kv_cache=False is not allowed for backend=trt; it must be true"),
+        ({"gpt_attention_plugin": "disable"}, r"engine.gpt_attention_plugin='disable' is not allowed for backend=trt"),
+    ],
+)
+def test_options_the_llm_api_cannot_serve_are_refused(monkeypatch, tmp_path, engine, message):
+    from sweep.workload import Workload
+
+    backend = fake_backend(monkeypatch, tmp_path, **engine)
+    with pytest.raises(ConfigError, match=message + r".*batches in flight"):
+        backend.check(Workload(warmup=[], measured=fake_requests()))
+    assert FakeLLM.instances == []  # refused before anything was built
+
+
+def test_an_unsupported_head_size_is_refused_before_building(monkeypatch, tmp_path):
+    from sweep.workload import Workload
+
+    backend = fake_backend(monkeypatch, tmp_path, shape={"hidden_size": 64, "num_attention_heads": 4})
+    with pytest.raises(ConfigError, match=r"attention head size 16, which backend=trt does not support; .*32, 48, 64"):
+        backend.check(Workload(warmup=[], measured=fake_requests()))
+    assert list(trt.MMHA_HEAD_SIZES) == FIXTURE["mmha_supported_head_sizes"]
+
+
+def test_worker_environment_is_set_for_the_worker_and_restored(monkeypatch):
+    monkeypatch.delenv("TLLM_WORKER_USE_SINGLE_PROCESS", raising=False)
+    monkeypatch.setenv("TLLM_LOG_LEVEL", "error")
+    settings = SimpleNamespace(log_level="debug", single_process_worker=True)
+    with runtime.worker_environment(settings):
+        assert os.environ["TLLM_LOG_LEVEL"] == "debug" and os.environ["TLLM_WORKER_USE_SINGLE_PROCESS"] == "1"
+    assert os.environ["TLLM_LOG_LEVEL"] == "error" and "TLLM_WORKER_USE_SINGLE_PROCESS" not in os.environ
+    with runtime.worker_environment(SimpleNamespace(log_level="info", single_process_worker=False)):
+        assert "TLLM_WORKER_USE_SINGLE_PROCESS" not in os.environ
 
 
 def test_memory_estimate_does_not_reserve_kv_for_every_slot():

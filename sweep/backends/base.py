@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming
 from sweep.model import ModelSource
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 
@@ -27,6 +27,8 @@ class Backend(ABC):
     # The honoured options that shape the built artifact: they, and nothing else of engine.*, go into the cache
     # key (dtype is keyed on its own, resolved). A backend that builds nothing has none.
     artifact_options: ClassVar[tuple[str, ...]]
+    # The attention head sizes the engine's kernels support; None: any (eager and SDPA attention in torch).
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg
@@ -41,6 +43,7 @@ class Backend(ABC):
 
     def check(self, workload: Workload) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
+        self.check_head_size()
         e = self.cfg.engine
         max_position_embeddings = self.model.shape.max_position_embeddings
         honoured = set(self.honoured_options)
@@ -60,6 +63,14 @@ class Backend(ABC):
                     f"engine.max_seq_len={e.max_seq_len} is longer than the model supports "
                     f"(max_position_embeddings={max_position_embeddings})"
                 )
+
+    def check_head_size(self) -> None:
+        allowed, head_dim = self.supported_head_sizes, self.model.shape.head_dim
+        if allowed is not None and head_dim not in allowed:
+            raise ConfigError(
+                f"model {self.model.name!r} has attention head size {head_dim}, which backend={self.name} does not "
+                f"support; supported head sizes: {', '.join(map(str, allowed))}"
+            )
 
     def memory_estimate_bytes(self, model_bytes: int, kv_bytes_per_token: int) -> int:
         """Device memory the engine needs at its limits: weights plus a full KV cache for every slot."""
@@ -100,15 +111,22 @@ class Backend(ABC):
     def generate(self, requests: list[Request]) -> list[Generation]:
         """Greedy generation of exactly request.output_len tokens for each request, as one batch."""
 
-    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
-        """All requests arrive at t0; static batches of `batch_size` run in waves. In-flight batchers override."""
-        t0 = time.perf_counter()
-        timings = []
-        for start in range(0, len(requests), batch_size):
-            wave = requests[start : start + batch_size]
-            for req, gen in zip(wave, self.generate(wave)):
-                timings.append(RequestTiming(req.id, req.input_len, req.output_len, t0, gen.token_times, iteration))
-        return timings
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        """Serve requests as they arrive, until the stream is exhausted; report each one's admission, tokens and
+        finish to the stream (its clock stamps them).
+
+        Static batching, for engines that run one batch to its end: whenever the engine is free it takes up to
+        `max_batch` requests that have arrived and generates them as one batch; requests that arrive meanwhile
+        wait, and their queue time shows it. In-flight batchers override this and admit requests between steps.
+        """
+        while batch := stream.take(max_batch, wait=True):
+            admitted = time.perf_counter()
+            for req in batch:
+                stream.admitted(req.id, admitted)
+            for req, gen in zip(batch, self.generate(batch)):
+                for t in gen.token_times:
+                    stream.tokens(req.id, 1, at=t)
+                stream.finished(req.id, at=gen.token_times[-1])
 
     def engine_figures(self) -> dict[str, float]:
         """Figures of the engine itself (e.g. compile time, which a cache hit still pays in part), as metrics."""

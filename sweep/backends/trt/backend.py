@@ -1,11 +1,13 @@
 """trt: TensorRT-LLM engines through the TensorRT-engine path of tensorrt-llm 1.2.x.
 
 `tensorrt_llm.LLM` is the PyTorch backend in 1.2 and rejects `build_config`; the engine path is
-`tensorrt_llm._tensorrt_engine.LLM`. Upstream removed that path after 1.2, so only 1.2.x is accepted.
+`tensorrt_llm._tensorrt_engine.LLM`. Upstream removed that path in July 2026, so only the releases that still ship
+it are accepted (options.has_engine_path: 1.2.x and 1.3.0rc0 to rc15).
 
-Build: HF checkpoint dir in, `LLM(model=hf_dir, build_config=...)` converts and builds, `llm.save(dir)` writes
-config.json + rank0.engine. Load: `LLM(model=engine_dir)`. Serve: requests are submitted at once with
-`generate_async(streaming=True)` and the runtime's in-flight batcher schedules them.
+Build: HF checkpoint dir in, `LLM(model=hf_dir, build_config=...)` converts and builds, then starts its executor
+(worker, engine load, KV cache); `llm.save(dir)` writes config.json + rank0.engine. That LLM then serves the run, so
+a cache miss loads the engine once. Load on a hit: `LLM(model=engine_dir)`. Serve: requests are submitted at once
+with `generate_async(streaming=True)` and the runtime's in-flight batcher schedules them.
 
 tensorrt_llm is imported through runtime.import_tensorrt_llm(), after its version has been checked.
 """
@@ -23,10 +25,12 @@ from sweep.backends.base import Backend, Generation
 from sweep.backends.trt import runtime
 from sweep.backends.trt.options import (
     LOG_LEVELS,
+    MMHA_HEAD_SIZES,
     OPTION_MAP,
     build_config_kwargs,
     cache_key_libraries,
     check_fields,
+    check_servable,
     convert_checkpoint_note,
     effective_max_num_tokens,
     field_names,
@@ -38,7 +42,7 @@ from sweep.backends.trt.options import (
     trtllm_build_argv,
 )
 from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming
+from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
 
 log = logging.getLogger(__name__)
@@ -48,11 +52,13 @@ class TRTBackend(Backend):
     name = "trt"
     honoured_options = tuple(m.option for m in OPTION_MAP)
     artifact_options = tuple(m.option for m in OPTION_MAP if m.option != "dtype")
+    supported_head_sizes = MMHA_HEAD_SIZES
 
     def __init__(self, cfg: Any, model: Any, device: str, dtype: str):
         super().__init__(cfg, model, device, dtype)
         self.llm: Any = None
         self.warnings: list[str] = []
+        self.timings: dict[str, float] = {}  # build_time_s and model_load_s, as engine_figures() reports them
 
     # -- before anything is built ---------------------------------------------------------------------------
     @classmethod
@@ -70,8 +76,9 @@ class TRTBackend(Backend):
         version = runtime.import_tensorrt_llm().__version__  # first: without it nothing else here can be checked
         if self.device != "cuda":
             raise ConfigError(f"backend=trt needs a CUDA GPU, but device resolved to {self.device!r}")
+        check_servable(self.engine_options())
         self.check_runtime_settings()
-        super().check(workload)
+        super().check(workload)  # lengths, and the head size against MMHA_HEAD_SIZES
         build_kw, plugin_kw, plugin_defaults = self.check_against_installed(version)
         self.check_prompt_fits(workload, build_kw, {**plugin_defaults, **plugin_kw})
         architecture = self.model.shape.architecture
@@ -126,6 +133,7 @@ class TRTBackend(Backend):
 
     # -- engine ---------------------------------------------------------------------------------------------
     def build(self, engine_dir: Path) -> dict[str, Any]:
+        """Build and save the engine; keep the LLM that built it (its executor is running) to serve this run."""
         import tensorrt_llm
         from tensorrt_llm._tensorrt_engine import LLM
         from tensorrt_llm.builder import BuildConfig
@@ -138,15 +146,21 @@ class TRTBackend(Backend):
         log.info("building a TensorRT-LLM engine from %s; build log: %s", self.model.path, log_path)
         self.set_log_level()
         try:
-            with runtime.output_to(log_path):
-                llm = LLM(model=str(self.model.path), dtype=self.dtype, build_config=build_config)
-                try:
-                    llm.save(str(engine_dir))
-                finally:
-                    llm.shutdown()
+            with runtime.output_to(log_path), runtime.worker_environment(self.cfg.backend):
+                start = time.perf_counter()
+                self.llm = LLM(
+                    model=str(self.model.path), dtype=self.dtype, build_config=build_config, **self.runtime_kwargs()
+                )
+                constructed = time.perf_counter()
+                self.llm.save(str(engine_dir))
+                saved = time.perf_counter()
         except BaseException:
             log.error("TensorRT-LLM engine build failed; last lines of its log:\n%s", runtime.log_tail(log_path))
+            self.close()
             raise
+        steps = [(str(name), float(s)) for name, s in self.llm.llm_build_stats.build_steps_info]
+        self.timings = runtime.split_build_time(constructed - start, saved - constructed, steps)
+        self.set_token_ids()
         return {
             "artifact": "tensorrt-llm engine (TensorRT-engine path)",
             "tensorrt_llm_version": tensorrt_llm.__version__,
@@ -157,29 +171,49 @@ class TRTBackend(Backend):
             "trtllm_build_command": shlex.join(trtllm_build_argv(engine)),
             "convert_checkpoint": convert_checkpoint_note(self.dtype),
             "warnings": self.warnings,
+            "build_steps_s": dict(steps),
+            **self.timings,
             "engine_files": sorted(p.name for p in engine_dir.iterdir()),
         }
 
+    def runtime_kwargs(self) -> dict[str, Any]:
+        """What the LLM call gets beyond the engine: the KV cache and chunked prefill (backend.*)."""
+        from tensorrt_llm.llmapi.llm_args import KvCacheConfig
+
+        return {
+            "kv_cache_config": KvCacheConfig(**kv_cache_kwargs(self.cfg.backend)),
+            "enable_chunked_prefill": self.cfg.backend.enable_chunked_prefill,
+        }
+
     def set_log_level(self) -> None:
+        """tensorrt_llm's logger in this process; the worker reads TLLM_LOG_LEVEL (runtime.worker_environment)."""
         from tensorrt_llm.logger import logger
 
         logger.set_level(self.cfg.backend.log_level)
 
-    def load(self, engine_dir: Path) -> None:
-        from tensorrt_llm._tensorrt_engine import LLM
-        from tensorrt_llm.llmapi.llm_args import KvCacheConfig
+    def set_token_ids(self) -> None:
         from transformers import AutoTokenizer
 
-        self.set_log_level()
         tokenizer = AutoTokenizer.from_pretrained(self.model.path)
         self.end_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
-        self.llm = LLM(
-            model=str(engine_dir),
-            tokenizer=str(self.model.path),  # the saved engine directory holds no tokenizer files
-            kv_cache_config=KvCacheConfig(**kv_cache_kwargs(self.cfg.backend)),
-            enable_chunked_prefill=self.cfg.backend.enable_chunked_prefill,
-        )
+
+    def load(self, engine_dir: Path) -> None:
+        if self.llm is not None:  # built in this process: its LLM already serves the engine it just saved
+            return
+        from tensorrt_llm._tensorrt_engine import LLM
+
+        self.set_log_level()
+        self.set_token_ids()
+        start = time.perf_counter()
+        with runtime.worker_environment(self.cfg.backend):
+            # llm.save copies the checkpoint's tokenizer* files too, but the checkpoint stays the one source of it.
+            self.llm = LLM(model=str(engine_dir), tokenizer=str(self.model.path), **self.runtime_kwargs())
+        self.timings = {"model_load_s": time.perf_counter() - start}
+
+    def engine_figures(self) -> dict[str, float]:
+        """On a miss, build_time_s is the build alone and model_load_s the executor start it included."""
+        return dict(self.timings)
 
     # -- serving --------------------------------------------------------------------------------------------
     def sampling_params(self, request: Request) -> Any:
@@ -187,29 +221,71 @@ class TRTBackend(Backend):
 
         return SamplingParams(**sampling_kwargs(request.output_len, self.end_id, self.pad_id))
 
-    async def stream_one(self, request: Request, slots: asyncio.Semaphore) -> Generation:
+    async def stream_one(self, request: Request, slots: asyncio.Semaphore, streams: list[Any]) -> Generation:
         async with slots:
             # Called inside the event loop, so the result gets an asyncio queue and can be awaited token by token.
             stream = self.llm.generate_async(
                 request.input_ids, sampling_params=self.sampling_params(request), streaming=True
             )
+            streams.append(stream)
             return await runtime.collect_stream(stream)
 
     async def stream_all(self, requests: list[Request], in_flight: int) -> list[Generation]:
-        slots = asyncio.Semaphore(in_flight)
-        return list(await asyncio.gather(*(self.stream_one(r, slots) for r in requests)))
+        """Every request's stream; if one fails, the others are aborted and awaited before the error is raised.
+
+        Left running, they would stay bound to this event loop after asyncio.run closes it, and the executor would
+        keep delivering their tokens into a dead loop.
+        """
+        slots, streams = asyncio.Semaphore(in_flight), []
+        tasks = [asyncio.ensure_future(self.stream_one(r, slots, streams)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            runtime.abort_streams(streams, tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         return asyncio.run(self.stream_all(requests, in_flight=len(requests)))
 
-    def serve(self, requests: list[Request], batch_size: int, iteration: int) -> list[RequestTiming]:
-        """All requests arrive at t0; up to batch_size are in flight; the runtime batches them as they come and go."""
-        t0 = time.perf_counter()
-        generations = asyncio.run(self.stream_all(requests, in_flight=batch_size))
-        return [
-            RequestTiming(r.id, r.input_len, r.output_len, t0, g.token_times, iteration)
-            for r, g in zip(requests, generations)
-        ]
+    def serve(self, stream: RequestStream, max_batch: int) -> None:
+        """Requests go to the runtime as they arrive (up to `max_batch` in flight); its in-flight batcher admits
+        them between steps. `admitted` is when a request was handed to the runtime: its own queue is not visible."""
+        asyncio.run(self.serve_async(stream, max_batch))
+
+    async def serve_async(self, stream: RequestStream, max_in_flight: int) -> None:
+        streams: list[Any] = []
+
+        async def relay(request: Request) -> None:
+            stream.admitted(request.id)
+            responses = self.llm.generate_async(
+                request.input_ids, sampling_params=self.sampling_params(request), streaming=True
+            )
+            streams.append(responses)
+            seen = 0
+            async for step in responses:
+                new = len(step.outputs[0].token_ids) - seen
+                seen += new
+                stream.tokens(request.id, new)
+            stream.finished(request.id)
+
+        in_flight: set[asyncio.Task] = set()
+        while not stream.exhausted:
+            for request in stream.take(max_in_flight - len(in_flight)):
+                in_flight.add(asyncio.create_task(relay(request)))
+            next_arrival = stream.next_arrival()
+            full = len(in_flight) >= max_in_flight
+            # Wake for the next arrival, unless every slot is taken (or none is due): then for the next finish.
+            timeout = None if next_arrival is None or full else max(next_arrival - time.perf_counter(), 0.0)
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                failed = [task for task in done if task.exception() is not None]
+                if failed:  # one failed request fails the iteration; the others are aborted, not left bound
+                    runtime.abort_streams(streams, list(in_flight))
+                    await asyncio.gather(*in_flight, return_exceptions=True)
+                    raise failed[0].exception()
+            elif timeout is not None:
+                await asyncio.sleep(timeout)
 
     def close(self) -> None:
         if self.llm is not None:

@@ -21,5 +21,9 @@ class TRTBackendConfig(BackendConfig):
     max_tokens_in_kv_cache: Optional[int] = None
     # LLM(enable_chunked_prefill=...): needed when a prompt is longer than the engine's max_num_tokens.
     enable_chunked_prefill: bool = False
-    # tensorrt_llm's logger level during build and serving (trtllm-build --log_level choices).
+    # tensorrt_llm's logger level during build and serving (trtllm-build --log_level choices); the worker process
+    # gets it through TLLM_LOG_LEVEL.
     log_level: str = "info"
+    # TLLM_WORKER_USE_SINGLE_PROCESS=1: run the executor's worker in this process instead of an MPI-spawned one
+    # (for machines where the mpi4py spawn fails; one GPU only).
+    single_process_worker: bool = False

@@ -7,13 +7,16 @@ tensorrt_llm.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from sweep.errors import ConfigError
 
+# Releases that still ship tensorrt_llm._tensorrt_engine, the TensorRT-engine path this backend drives: 1.2.x, and
+# the 1.3 release candidates published before the path was deleted on main (PR #15918, July 2026). The newest
+# release known to have it is LAST_WITH_ENGINE_PATH; how this was determined is in the README's trt section.
 SUPPORTED_SERIES = "1.2"
+LAST_WITH_ENGINE_PATH = "1.3.0rc15"
 INSTALL_HINT = (
     "install it with: pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvidia.com "
     "(or pip install -e '.[trt]' --extra-index-url https://pypi.nvidia.com), plus MPI: "
@@ -21,6 +24,9 @@ INSTALL_HINT = (
 )
 # tensorrt_llm/commands/build.py: the choices of trtllm-build --log_level (its logger's severity_map).
 LOG_LEVELS = ("internal_error", "error", "warning", "info", "verbose", "debug", "trace")
+# cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/decoderMaskedMultiheadAttention.cpp,
+# MMHA_SUPPORTED_HEAD_SIZES: the GPT attention plugin fails a build with "Head size N is not supported by MMHA".
+MMHA_HEAD_SIZES = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
 # tensorrt_llm/builder.py build(): reduce_fusion survives only for these architectures and tp_size > 1.
 REDUCE_FUSION_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "MedusaForCausalLM")
 
@@ -130,15 +136,49 @@ def check_fields(kwargs: Mapping[str, Any], valid: list[str], owner: str, versio
         )
 
 
+def check_servable(engine: Mapping[str, Any]) -> None:
+    """Refuse options that build an engine the LLM API cannot serve.
+
+    The LLM API always batches in flight (_TrtLLM._build_model: batching_type INFLIGHT), and the runtime's
+    TrtGptModelInflightBatching needs the GPT attention plugin and a paged KV cache, so either one off gives an
+    engine that fails when it loads.
+    """
+    why = "the LLM API always batches in flight, which needs the GPT attention plugin and a paged KV cache"
+    if not engine["paged_kv_cache"]:
+        raise ConfigError(
+            f"engine.paged_kv_cache={engine['paged_kv_cache']} is not allowed for backend=trt; it must be true ({why})"
+        )
+    if engine["gpt_attention_plugin"] == "disable":
+        raise ConfigError(
+            "engine.gpt_attention_plugin='disable' is not allowed for backend=trt; choose auto, float16, float32 or "
+            f"bfloat16 ({why})"
+        )
+
+
+def has_engine_path(version: str) -> bool:
+    """Whether this tensorrt-llm release ships tensorrt_llm._tensorrt_engine: 1.2.x, or 1.3.0rc0 to rc15."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    last = Version(LAST_WITH_ENGINE_PATH)
+    if v.release[:2] == (1, 2):
+        return True
+    return v.release == last.release and v.pre is not None and v.pre[0] == "rc" and v.pre <= last.pre
+
+
 def check_supported_version(version: Optional[str]) -> None:
     if version is None:
         raise ConfigError(
             f"backend=trt needs tensorrt-llm {SUPPORTED_SERIES}.x, which is not installed; {INSTALL_HINT}"
         )
-    if not re.fullmatch(r"1\.2(\..*)?", version):
+    if not has_engine_path(version):
         raise ConfigError(
-            f"backend=trt supports tensorrt-llm {SUPPORTED_SERIES}.x only (its TensorRT-engine path, "
-            f"tensorrt_llm._tensorrt_engine, was removed after 1.2); found tensorrt-llm {version}. {INSTALL_HINT}"
+            f"backend=trt supports tensorrt-llm {SUPPORTED_SERIES}.x up to {LAST_WITH_ENGINE_PATH}, the last release "
+            f"known to ship its TensorRT-engine path (tensorrt_llm._tensorrt_engine, removed afterwards); found "
+            f"tensorrt-llm {version}. {INSTALL_HINT}"
         )
 
 
@@ -182,8 +222,9 @@ def effective_max_num_tokens(build_kw: Mapping[str, Any], plugin: Mapping[str, A
     if not plugin["remove_input_padding"]:  # padded batches: the builder sizes for the worst case itself
         return ceiling
     n = min(build_kw["max_num_tokens"], ceiling)
-    if not plugin["context_fmha"] and n < build_kw["max_input_len"]:
-        return build_kw["max_input_len"]
+    max_input_len = min(build_kw["max_input_len"], build_kw["max_seq_len"])  # clipped first (_init_max_seq_len)
+    if not plugin["context_fmha"] and n < max_input_len:
+        return max_input_len
     if plugin["context_fmha"] and n < plugin["tokens_per_block"]:
         return plugin["tokens_per_block"]
     return n
@@ -217,8 +258,11 @@ def fusion_overrides(plugin: Mapping[str, Any], architecture: str, tp_size: int)
         reduce_fusion = False
     if plugin["user_buffer"] and not reduce_fusion:
         notes.append("user_buffer is forced off because reduce_fusion is off")
-    if plugin["norm_quant_fusion"] and (reduce_fusion or architecture != "LlamaForCausalLM"):
-        notes.append(f"norm_quant_fusion is forced off (only Llama with NVFP4 keeps it; architecture {architecture})")
+    if plugin["norm_quant_fusion"]:  # the builder keeps it for an NVFP4-quantized Llama only; sweep never quantizes
+        notes.append(
+            f"norm_quant_fusion is forced off (only an NVFP4-quantized Llama keeps it; architecture {architecture}, "
+            "unquantized)"
+        )
     return notes
 
 

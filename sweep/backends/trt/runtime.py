@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from sweep.backends.base import Generation
 from sweep.backends.trt.options import INSTALL_HINT, check_supported_version
@@ -87,6 +87,43 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(fd)
 
 
+@contextmanager
+def worker_environment(backend_cfg: Any) -> Iterator[None]:
+    """The environment the executor's worker starts with, set while the LLM is created.
+
+    The worker is another process: it reads its log level from TLLM_LOG_LEVEL (tensorrt_llm/logger.py), not from
+    this process's logger. TLLM_WORKER_USE_SINGLE_PROCESS=1 runs the worker in this process instead of spawning it
+    through mpi4py, whose spawn is a common first-run failure (NVIDIA/TensorRT-LLM#5495).
+    """
+    wanted = {"TLLM_LOG_LEVEL": backend_cfg.log_level}
+    if backend_cfg.single_process_worker:
+        wanted["TLLM_WORKER_USE_SINGLE_PROCESS"] = "1"
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def split_build_time(construct_s: float, save_s: float, steps: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Separate the build from the executor start that `LLM(model=hf_dir, build_config=...)` also does.
+
+    The constructor converts and builds (ModelLoader times each step into llm_build_stats.build_steps_info), then
+    starts the executor: worker, engine load, KV cache. build_time_s = the timed steps + saving the engine;
+    model_load_s = the rest of the constructor. Without step timings nothing can be separated: the whole
+    constructor counts as the build.
+    """
+    if not steps:
+        return {"build_time_s": construct_s + save_s}
+    built = sum(seconds for _, seconds in steps)
+    return {"build_time_s": built + save_s, "model_load_s": max(construct_s - built, 0.0)}
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -95,6 +132,20 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 # -- streaming: per-token host timestamps -------------------------------------------------------------------------
+
+
+def abort_streams(streams: Sequence[Any], tasks: Sequence[Any]) -> None:
+    """Stop every unfinished request: GenerationResult.abort() asks the executor to drop it
+    (tensorrt_llm/executor/result.py), and cancelling its task stops waiting for it here."""
+    for stream in streams:
+        abort = getattr(stream, "abort", None)
+        if abort is not None and not getattr(stream, "finished", False):
+            try:
+                abort()
+            except Exception:  # the executor may be what failed; the error being raised says so
+                pass
+    for task in tasks:
+        task.cancel()
 
 
 async def collect_stream(stream: Any) -> Generation:

@@ -1,0 +1,1 @@
+"""`hydra/sweeper=max_rate`: the highest request rate an engine sustains under an SLO, by bisection."""
