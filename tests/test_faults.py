@@ -252,12 +252,13 @@ def test_a_run_the_store_refuses_keeps_its_figures_locally_and_says_where(tmp_pa
 
 
 # -- item 3: SIGTERM and kill -9 ---------------------------------------------------------------------------------
-def wait_for_running_run(workdir: Path, proc: subprocess.Popen) -> None:
+def wait_for_benchmark(workdir: Path, proc: subprocess.Popen) -> None:
+    """Until the run's engine is ready (its cache tag is set just before the benchmark starts)."""
     from trackers.store import store_lock
 
-    for _ in range(600):
+    while proc.poll() is None:
         with store_lock(f"sqlite:///{workdir}/mlruns/mlflow.db"):  # the run's process may be creating the store
-            if any(r.info.status == "RUNNING" for r in mlflow_runs(workdir)) or proc.poll() is not None:
+            if any(r.info.status == "RUNNING" and "engine.cache_hit" in r.data.tags for r in mlflow_runs(workdir)):
                 return
         time.sleep(0.2)
 
@@ -266,19 +267,19 @@ def test_sigterm_during_a_benchmark_ends_the_run_killed(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweep", "workload.num_requests=500", "workload.output_len=32"],
+        [sys.executable, "-m", "sweep", "workload.num_requests=2000", "workload.output_len=32"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    wait_for_running_run(tmp_path, proc)
+    wait_for_benchmark(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, output
     (run,) = mlflow_runs(tmp_path)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", output[-3000:]
     assert run.data.tags["error"] == "KeyboardInterrupt: terminated by SIGTERM"
 
 
