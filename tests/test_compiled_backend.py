@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_config, make_requests
 
 from sweep.backends.compiled.backend import CompiledBackend
 from sweep.backends.hf.backend import HFBackend
-from sweep.compose import compose as compose_config
 from sweep.errors import ConfigError
-from sweep.model import generate_tiny_checkpoint
 from sweep.plan import make_plan, start_engine
 from sweep.serving import RequestStream
 from sweep.workload import Request, Workload
@@ -26,32 +25,6 @@ from sweep.workload import Request, Workload
 REPO = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return generate_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"), seed=0)
-
-
-def compose(checkpoint: Path, cache_dir: Path, *overrides: str):
-    base = [
-        f"model.path={checkpoint}",
-        f"cache_dir={cache_dir}",
-        "tracker=none",
-        "device=cpu",
-        "engine.dtype=float32",
-        "engine.max_seq_len=64",
-        "workload.input_len=8",
-        "workload.output_len=8",
-    ]
-    return compose_config(base + list(overrides))
-
-
-def make_requests(lengths: list[int], output_len: int = 12, seed: int = 1) -> list[Request]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        Request(f"r{i}", torch.randint(3, 250, (n,), generator=gen).tolist(), output_len) for i, n in enumerate(lengths)
-    ]
 
 
 def start(backend_cls, cfg, cache_dir: Path):
@@ -67,7 +40,7 @@ def start(backend_cls, cfg, cache_dir: Path):
 def test_greedy_tokens_equal_hf_on_a_batch(tiny_checkpoint, tmp_path, attn, scheduler):
     # Three prompts of different lengths in an engine of four rows: static pads them (left padding, a dummy row),
     # in flight gives each its own row.
-    cfg = compose(
+    cfg = cpu_config(
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
@@ -97,7 +70,9 @@ def test_greedy_tokens_equal_hf_on_a_batch(tiny_checkpoint, tmp_path, attn, sche
 
 
 def test_each_request_gets_its_own_output_length_and_times(tiny_checkpoint, tmp_path):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2")
+    cfg = cpu_config(
+        tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2"
+    )
     compiled, _ = start(CompiledBackend, cfg, tmp_path)
     try:
         short, long = make_requests([4, 6], output_len=9)
@@ -111,7 +86,9 @@ def test_each_request_gets_its_own_output_length_and_times(tiny_checkpoint, tmp_
 
 
 def test_second_build_is_a_cache_hit_with_the_same_tokens(tiny_checkpoint, tmp_path):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2")
+    cfg = cpu_config(
+        tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2"
+    )
     requests = make_requests([5, 6])
     first, miss = start(CompiledBackend, cfg, tmp_path)
     try:
@@ -129,18 +106,18 @@ def test_second_build_is_a_cache_hit_with_the_same_tokens(tiny_checkpoint, tmp_p
 
 
 def test_unsupported_options_fail_before_building(tiny_checkpoint, tmp_path):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.attn_implementation=flash_attention_2")
+    cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.attn_implementation=flash_attention_2")
     with pytest.raises(ConfigError, match="engine.attn_implementation"):
         make_plan(cfg)
     # Left padding: a static batch runs to its longest input plus its longest output, past what either request needs;
     # in flight each request has a row of its own, so only each one's input + output must fit.
     workload = Workload(warmup=[], measured=[Request("a", [5] * 10, 2), Request("b", [5] * 2, 10)])
     static = make_plan(
-        compose(tiny_checkpoint, tmp_path, "backend=compiled", "backend.scheduler=static", "engine.max_seq_len=16")
+        cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "backend.scheduler=static", "engine.max_seq_len=16")
     )
     with pytest.raises(ConfigError, match="engine.max_seq_len=16"):
         static.backend.check(workload)
-    inflight = make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16")).backend
+    inflight = make_plan(cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.max_seq_len=16")).backend
     inflight.check(workload)
     with pytest.raises(ConfigError, match=r"engine.max_seq_len=16 cannot hold the workload's longest input \+ output"):
         inflight.check(Workload(warmup=[], measured=[Request("c", [5] * 10, 7)]))
@@ -166,19 +143,19 @@ def test_unsupported_options_fail_before_building(tiny_checkpoint, tmp_path):
 )
 def test_inflight_engines_that_cannot_run_are_refused_before_building(tiny_checkpoint, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        make_plan(compose(tiny_checkpoint, tmp_path, "backend=compiled", *overrides))
+        make_plan(cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", *overrides))
     assert not (tmp_path / "compiled").exists()
 
 
 def inflight_engine(checkpoint: Path, cache_dir: Path, *overrides: str):
-    cfg = compose(checkpoint, cache_dir, "backend=compiled", "engine.compile_mode=none", *overrides)
+    cfg = cpu_config(checkpoint, cache_dir, "backend=compiled", "engine.compile_mode=none", *overrides)
     return start(CompiledBackend, cfg, cache_dir)[0]
 
 
 def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_path):
     # Two clients in a closed loop: each finish sends that client's next request while the other one is decoding
     # (or prefilling), so requests join a running batch; a 4-token budget splits the longer prompts over steps.
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
+    cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3", "engine.max_num_tokens=4")
     requests = [
@@ -296,7 +273,7 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
 @pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
 @pytest.mark.parametrize("scheduler", ["static", "inflight"])
 def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path, scheduler):
-    cfg = compose(
+    cfg = cpu_config(
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
@@ -321,7 +298,7 @@ def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpo
     "mode,graphs", [("reduce-overhead", True), ("default", True), ("none", True), ("default", False)]
 )
 def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, graphs):
-    cfg = compose(
+    cfg = cpu_config(
         tiny_checkpoint,
         tmp_path,
         "backend=compiled",
@@ -348,7 +325,7 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
 @needs_cuda
 @pytest.mark.parametrize("mode", ["reduce-overhead", "none"])
 def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, mode):
-    cfg = compose(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda")
+    cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda")
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled = inflight_engine(
         tiny_checkpoint,

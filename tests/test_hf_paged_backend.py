@@ -10,13 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from conftest import mlflow_runs, run_sweep
+from conftest import cpu_config, make_requests, mlflow_runs, run_sweep
 
 from sweep.backends.hf.backend import HFBackend
 from sweep.backends.hf_paged import backend as hf_paged
 from sweep.backends.hf_paged.backend import HFPagedBackend
-from sweep.compose import compose as compose_config
 from sweep.errors import ConfigError
 from sweep.plan import make_plan, start_engine
 from sweep.serving import RequestStream
@@ -24,25 +22,7 @@ from sweep.workload import Request
 
 
 def compose(checkpoint: Path, cache_dir: Path, *overrides: str):
-    base = [
-        f"model.path={checkpoint}",
-        f"cache_dir={cache_dir}",
-        "tracker=none",
-        "device=cpu",
-        "backend=hf_paged",
-        "engine.dtype=float32",
-        "engine.max_seq_len=64",
-        "workload.input_len=8",
-        "workload.output_len=8",
-    ]
-    return compose_config(base + list(overrides))
-
-
-def make_requests(lengths: list[int], output_len: int = 12, seed: int = 1) -> list[Request]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        Request(f"r{i}", torch.randint(3, 250, (n,), generator=gen).tolist(), output_len) for i, n in enumerate(lengths)
-    ]
+    return cpu_config(checkpoint, cache_dir, "backend=hf_paged", *overrides)
 
 
 def start(backend_cls, cfg):

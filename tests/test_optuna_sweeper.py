@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import optuna
 import pytest
-from conftest import mlflow_runs, run_sweep
+from conftest import QUICK, mlflow_runs, run_sweep
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -31,15 +31,7 @@ from sweep.compose import compose
 from sweep.errors import ConfigError
 from sweep.sweeper_api import WarmStartInputs
 
-QUICK = [
-    "workload=throughput",
-    "workload.num_requests=2",
-    "workload.warmup_requests=0",
-    "workload.iterations=1",
-    "workload.input_len=8",
-    "workload.output_len=4",
-    "hydra.sweeper.n_jobs=1",
-]
+QUICK = [*QUICK, "hydra.sweeper.n_jobs=1"]
 
 
 def parse(*overrides):

@@ -5,19 +5,10 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import mlflow_runs, run_sweep
+from conftest import QUICK, mlflow_runs, run_sweep
 
 from sweep.report import main as report_main
 from sweep.summary import summary_table, unsteady_figures
-
-QUICK = [
-    "workload=throughput",
-    "workload.num_requests=2",
-    "workload.warmup_requests=0",
-    "workload.iterations=1",
-    "workload.input_len=8",
-    "workload.output_len=4",
-]
 
 
 @pytest.fixture(scope="module")
