@@ -63,26 +63,32 @@ OSL = 128
 
 
 # -- 1. the checkpoint --------------------------------------------------------------------------------------------
-def make_checkpoint(path: Path, shape: dict, device: str) -> Path:
+def make_checkpoint(path: Path, shape: dict, device: str, architecture: str = "qwen2", dtype: str = "float16") -> Path:
+    """A checkpoint of this shape with random weights (config + safetensors + a byte-level tokenizer), written once:
+    speed does not depend on weight values when EOS is ignored. architecture: qwen2 or llama."""
     if (path / "config.json").is_file():
         return path
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     from sweep.model import build_byte_tokenizer
 
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[architecture]
     start = time.perf_counter()
     tokenizer = build_byte_tokenizer()
-    config = Qwen2Config(
+    config = config_class(
         **shape,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float16",
+        torch_dtype=dtype,
     )
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: a second on a GPU instead of minutes of CPU init
-        model = Qwen2ForCausalLM(config).to(torch.float16)
+        model = model_class(config).to(getattr(torch, dtype))
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from gpu_compare import make_checkpoint  # noqa: E402
 
 from hydra_plugins.sweep_max_rate_sweeper._impl import Probe, max_sustainable, next_rate  # noqa: E402
 from sweep.compose import compose  # noqa: E402
@@ -44,33 +45,6 @@ SMALL = dict(
     num_key_value_heads=1, max_position_embeddings=4096,
 )  # fmt: skip
 ATTAINMENT = 99.0
-
-
-def make_checkpoint(path: Path, shape: dict, device: str) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sweep.model import build_byte_tokenizer
-
-    start = time.perf_counter()
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):  # built where it runs: seconds on a GPU instead of minutes of CPU init
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(path)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    log.info("wrote %s in %.0f s", path, time.perf_counter() - start)
-    return path
 
 
 def run_point(args, checkpoint: Path, name: str, overrides: list[str], rate: float) -> dict[str, Any]:
@@ -160,7 +134,7 @@ def main() -> None:
     variants = dict(v.split("=", 1) for v in args.variant) or {"hf": "backend=hf", "compiled": "backend=compiled"}
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = make_checkpoint(args.work / ("small" if args.small else "llama-3.1-8b"),
-                                 SMALL if args.small else LLAMA_31_8B, args.device)  # fmt: skip
+                                 SMALL if args.small else LLAMA_31_8B, args.device, "llama", "bfloat16")  # fmt: skip
     gpu = "cpu"
     if args.device == "cuda":
         import torch
