@@ -191,12 +191,16 @@ class HFPagedBackend(Backend):
         generation = transformers.GenerationConfig(do_sample=False, eos_token_id=-1)  # greedy, EOS never stops
         cb_config = transformers.ContinuousBatchingConfig(**self.continuous_batching_kwargs())
         started = time.perf_counter()
-        with torch.inference_mode():
+        # Not inference_mode: from 5.24 the manager's thread runs in the caller's mode, but up to 5.19 it runs in
+        # none, and cache pages made as inference tensors could then not be written ("Inplace update to inference
+        # tensor outside InferenceMode"). Frozen weights and no_grad record no autograd graph in either release.
+        model.requires_grad_(False)
+        with torch.no_grad():
             self.manager = model.init_continuous_batching(
                 generation_config=generation, continuous_batching_config=cb_config
             )
             self.manager.warmup()  # captures the CUDA graphs, when on, before any request is timed
-            self.manager.start()  # the thread runs in the caller's inference mode
+            self.manager.start()
         self.warmup_s = time.perf_counter() - started
         resolved = self.manager.continuous_batching_config
         log.info(
