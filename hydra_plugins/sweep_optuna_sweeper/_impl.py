@@ -169,6 +169,18 @@ def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
     return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
 
 
+def end_before_building(
+    study: optuna.Study, trial: optuna.Trial, state: TrialState, attr: str, why: str, parent: Any, progress: Any
+) -> None:
+    """A trial that ends before anything is built: told to Optuna, a child run that says why, a progress line."""
+    trial.set_user_attr(attr, why)
+    study.tell(trial, state=state)
+    parent.record_child(
+        trial.number, study.study_name, trial.params, "FAILED" if state == TrialState.FAIL else "PRUNED", why
+    )
+    progress.line(study, trial)
+
+
 def settings_text(params: dict[str, Any]) -> str:
     """`max_batch_size=8 attn_implementation=sdpa`: a trial's settings, by the last part of each key."""
     return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
@@ -503,17 +515,11 @@ class OptunaSearch:
             except Exception as exc:  # one trial's preparation failed (e.g. its dataset): that trial fails, no more
                 error = f"{type(exc).__name__}: {exc}"[:2000]
                 log.warning("trial %d failed before building: %s", trial.number, error)
-                trial.set_user_attr("error", error)
-                study.tell(trial, state=TrialState.FAIL)
-                parent.record_child(trial.number, study.study_name, trial.params, "FAILED", error)
-                progress.line(study, trial)
+                end_before_building(study, trial, TrialState.FAIL, "error", error, parent, progress)
                 continue
             if reason:
                 log.info("trial %d pruned before building: %s", trial.number, reason)
-                trial.set_user_attr("pruned_reason", reason)
-                study.tell(trial, state=TrialState.PRUNED)
-                parent.record_child(trial.number, study.study_name, trial.params, "PRUNED", reason)
-                progress.line(study, trial)
+                end_before_building(study, trial, TrialState.PRUNED, "pruned_reason", reason, parent, progress)
                 continue
             runnable.append((trial, overrides))
             launching[key] = trial
