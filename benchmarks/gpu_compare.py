@@ -20,7 +20,6 @@ Steps, each printed and saved as it finishes (a run cut short keeps what it did)
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import logging
@@ -489,12 +488,6 @@ def main() -> None:
         write_outputs(merged, args.out, None)
         print(table(merged))
         return
-
-    import sweep.model
-
-    # Every run hashes the checkpoint for its engine key: 15 GB through sha256 each time. The files do not change
-    # within this process, so hash them once.
-    sweep.model.weights_digest = functools.lru_cache(maxsize=None)(sweep.model.weights_digest)
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
