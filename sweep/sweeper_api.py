@@ -8,6 +8,7 @@
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
 - `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
 - where best configs are written: under the user's working directory, never outside it;
+- `gpu_groups`: the GPUs each of several parallel trials or workers is pinned to;
 - `refuse_search_without_multirun`: a search preset given without `-m` is an error, not a single run.
 """
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 
 from sweep.errors import ConfigError
 from sweep.figures import metric_names
+from sweep.gpus import GPU_ENV, gpu_groups
 from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
@@ -47,12 +49,14 @@ __all__ = [
     "TRIAL_TAG",
     "SUMMARY_TO_LOG_ENV",
     "ConfigError",
+    "GPU_ENV",
     "JobResult",
     "WarmStartInputs",
     "best_config_path",
     "check_figure",
     "check_sweep",
     "figure_unit",
+    "gpu_groups",
     "infeasible",
     "memory_for_warm_start",
     "model_identity",

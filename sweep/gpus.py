@@ -1,0 +1,46 @@
+"""Which GPUs each parallel trial or worker gets: contiguous groups of the visible GPUs, as CUDA_VISIBLE_DEVICES.
+
+A group may hold several GPUs (`gpus_per_trial`), so a trial that needs two (tensor parallel) gets two. Visible
+means what this process may use: $CUDA_VISIBLE_DEVICES when set (a SLURM allocation, a user's pick), otherwise
+every GPU NVML counts. On a machine without GPUs there is nothing to pin and every group is None.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sweep.errors import ConfigError
+
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus() -> list[str]:
+    listed = os.environ.get(GPU_ENV)
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no NVML: a CPU machine
+        return []
+
+
+def gpu_groups(count: int, gpus_per_trial: int, key: str, visible: list[str] | None = None) -> list[str | None]:
+    """`count` disjoint groups of `gpus_per_trial` GPUs each; ConfigError naming `key` if they do not fit."""
+    if gpus_per_trial < 1:
+        raise ConfigError(f"gpus_per_trial={gpus_per_trial} is not allowed; 1 or more")
+    visible = visible_gpus() if visible is None else visible
+    if not visible:
+        return [None] * count
+    fits = len(visible) // gpus_per_trial
+    if count > fits:
+        raise ConfigError(
+            f"{key}={count} with {gpus_per_trial} GPU(s) each needs {count * gpus_per_trial} GPUs, and "
+            f"{len(visible)} are visible ({GPU_ENV}={','.join(visible)}); allowed: {key} <= {fits}"
+        )
+    return [",".join(visible[i * gpus_per_trial : (i + 1) * gpus_per_trial]) for i in range(count)]
