@@ -2,6 +2,12 @@
 
 The parent's id travels to the jobs in $SWEEP_PARENT_RUN_ID, which launchers pass on to their workers.
 A sweeper (hydra_plugins/sweep_optuna_sweeper) finds the parent the same way and logs the study into it.
+
+A sweeper class may offer two hooks: `check_config(config)`, every set-up error before anything is recorded, and
+`shared_parent_run_id(config, start_parent)`, for a study that several processes work on (workers on several
+GPUs or hosts): it returns the parent they share, calling `start_parent()` only when there is none yet. A sweeper
+that leaves the parent to other workers sets $SWEEP_PARENT_STAYS_OPEN: this process then neither reports nor
+ends it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.errors import ConfigError
 from sweep.run import JOB_ERROR_FILE
-from sweep.sweeper_api import SWEPT_KEYS_ENV
+from sweep.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
@@ -42,8 +48,9 @@ class ParentRunCallback(Callback):
         self.tracker: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper_class = get_class(config.hydra.sweeper._target_)
         # A sweeper that can check its settings does so now, so that a set-up error records nothing.
-        check = getattr(get_class(config.hydra.sweeper._target_), "check_config", None)
+        check = getattr(sweeper_class, "check_config", None)
         if check is not None:
             try:
                 check(config)
@@ -52,36 +59,52 @@ class ParentRunCallback(Callback):
                 sys.exit(2)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
+        share = getattr(sweeper_class, "shared_parent_run_id", None)
+        try:
+            self.tracker = make_tracker(config.tracker)
+            if share is None:
+                self._start_parent(config, owned=True)
+            else:  # the study's workers share one parent: it outlives the process that happened to start it
+                run_id = share(config, lambda: self._start_parent(config, owned=False).run_id)
+                self.run = self.run or self.tracker.attach(run_id)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self._end("FAILED")
+            sys.exit(2)
+        except Exception as exc:  # Hydra would only warn and run the jobs as orphans: stop the sweep instead
+            log.error("the sweep's parent run could not be created: %s", redact(f"{type(exc).__name__}: {exc}"))
+            self._end("FAILED")
+            sys.exit(1)
+        os.environ[PARENT_RUN_ENV] = self.run.run_id
+        os.environ[SWEPT_KEYS_ENV] = ",".join(sweeps(config))
+        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
+        atexit.register(self._end, "FAILED")
+
+    def _start_parent(self, config: DictConfig, owned: bool) -> Any:
         overrides = list(config.hydra.overrides.task)
         sweeper = config.hydra.sweeper._target_.rsplit(".", 1)[-1]
         tags = {"sweep.kind": "multirun", "sweep.sweeper": sweeper}
         kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
         swept = sweeps(config)
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
-        try:
-            self.tracker = make_tracker(config.tracker)
-            self.run = self.tracker.start_run(redact(name), tags)
-            self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
-            self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
-        except Exception as exc:  # Hydra would only warn and run the jobs as orphans: stop the sweep instead
-            log.error("the sweep's parent run could not be created: %s", redact(f"{type(exc).__name__}: {exc}"))
-            self._end("FAILED")
-            sys.exit(1)
-        os.environ[PARENT_RUN_ENV] = self.run.run_id
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
-        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
-        atexit.register(self._end, "FAILED")
+        self.run = self.tracker.start_run(redact(name), tags, owned=owned)
+        self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
+        self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
+        return self.run
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         failed, jobs = failed_jobs(Path(config.hydra.sweep.dir))
+        stays_open = bool(os.environ.get(PARENT_STAYS_OPEN_ENV))
         if self.run is not None:
-            report = self._report(config)
+            report = None if stays_open else self._report(config)
             if report is not None and config.hydra.sweeper._target_.endswith("BasicSweeper"):
                 self._summarise_grid(report)  # a search's sweeper logs its own study summary
             run_id = self.run.run_id
             command = self.tracker.ui_command()
-            print(f"sweep {run_id}: {self.tracker.run_url(run_id)}" + (f"  (after: {command})" if command else ""))
+            still = "  (still running: the last of its study's workers ends it)" if stays_open else ""
+            after = f"  (after: {command})" if command else ""
+            print(f"sweep {run_id}: {self.tracker.run_url(run_id)}{still}{after}")
             if report is not None:
                 print(f"report: {report.files['comparison.md'].resolve()}")
         if not failed:
@@ -89,7 +112,7 @@ class ParentRunCallback(Callback):
             return
         message = f"{len(failed)} of {jobs} jobs failed: " + "; ".join(failed)
         log.error("%s", message)
-        if self.run is not None:
+        if self.run is not None and not stays_open:
             self.run.set_tags({"error": message[:5000]})
         self._end("FAILED")
         sys.exit(1)
@@ -123,8 +146,10 @@ class ParentRunCallback(Callback):
         self.run.log_params(settings | {"best.run_id": best["run_id"]})
 
     def _end(self, status: str) -> None:
+        """End the parent, unless the sweeper left it to other workers of its study."""
         if self.run is not None:
-            self.run.end(status)
+            if not os.environ.pop(PARENT_STAYS_OPEN_ENV, None):
+                self.run.end(status)
             os.environ.pop(PARENT_RUN_ENV, None)
             os.environ.pop(SWEPT_KEYS_ENV, None)
             self.run = None

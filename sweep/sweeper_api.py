@@ -2,7 +2,8 @@
 
 - `infeasible(cfg)`: every check a run makes before building, without building or recording anything;
 - `write_result` / `read_result`: where a finished job leaves its figures (and run id) for the sweeper to read;
-- tag names a trial's run carries, and the sweep's parent run;
+- tag names a trial's run carries, and the sweep's parent run (`tracker_location`: where its id is valid);
+- the environment a sweep's worker processes share with it (`WORKER_ENV`, `PARENT_STAYS_OPEN_ENV`);
 - the figure names objectives and constraints may use;
 - `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
@@ -29,13 +30,20 @@ from sweep.gpus import GPU_ENV, gpu_groups
 from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
-from trackers.store import store_lock
+from trackers.mlflow_tracker import default_uri
+from trackers.store import redact, store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
 # The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
 SWEPT_KEYS_ENV = "SWEEP_SWEPT_KEYS"
 TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
+WORKER_TAG = "optuna_worker"  # host:pid of the worker process that asked for the trial
+# Set for the worker processes a sweep started (hydra.sweeper.workers=N): the starting process writes the summary.
+WORKER_ENV = "SWEEP_WORKER"
+# Set by a sweeper that leaves the parent run to other workers still on its study: the multirun callback then
+# neither reports nor ends it; the last worker does.
+PARENT_STAYS_OPEN_ENV = "SWEEP_PARENT_STAYS_OPEN"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 DEFAULT_BEST_CONFIG_DIR = Path("conf") / "best"
 # Set by the sweeper for its jobs: a job then logs its summary table (to the job's log file) instead of printing
@@ -48,6 +56,9 @@ __all__ = [
     "SWEPT_KEYS_ENV",
     "TRIAL_TAG",
     "SUMMARY_TO_LOG_ENV",
+    "PARENT_STAYS_OPEN_ENV",
+    "WORKER_ENV",
+    "WORKER_TAG",
     "ConfigError",
     "GPU_ENV",
     "JobResult",
@@ -63,8 +74,10 @@ __all__ = [
     "parent_run",
     "read_result",
     "store_lock",
+    "redact",
     "refuse_search_without_multirun",
     "resolve_device",
+    "tracker_location",
     "write_result",
 ]
 
@@ -169,6 +182,13 @@ def parent_run(config: DictConfig) -> tuple[Tracker, TrackedRun] | None:
         return None
     tracker = make_tracker(config.tracker)
     return tracker, tracker.attach(run_id)
+
+
+def tracker_location(tracker_cfg: Any) -> str | None:
+    """Where a run id of this tracker config is valid: its store (without user info) and experiment; None untracked."""
+    if tracker_cfg.name == "none":
+        return None
+    return f"{redact(tracker_cfg.uri or default_uri())} {tracker_cfg.experiment}"
 
 
 def best_config_path(directory: str | None, study_name: str) -> Path:

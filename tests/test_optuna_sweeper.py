@@ -2,19 +2,24 @@
 transformers on the tiny model. Nothing is faked."""
 
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 
 import optuna
 import pytest
-from conftest import QUICK, mlflow_runs, run_sweep
+from conftest import QUICK, REPO, mlflow_runs, run_sweep
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._impl import (
     Budget,
+    Heartbeat,
     OptunaSearch,
     ParentRun,
     Progress,
@@ -23,6 +28,7 @@ from hydra_plugins.sweep_optuna_sweeper._impl import (
     best_trials,
     grid_values,
     split_overrides,
+    tally,
     trtllm_bench_setting,
     warm_start_point,
 )
@@ -131,7 +137,8 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
 
 
 def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_path):
-    """Defect 8: only a trial whose sweep died (its heartbeat stopped) is failed, and retried; a live one is left."""
+    """Defect 8: only a trial whose sweep died (its heartbeat stopped) is failed, and retried; a live one is left,
+    and counts towards n_trials: the sweep waits for it instead of running one trial too many."""
     common = [
         "-m",
         "hydra/sweeper=optuna",
@@ -152,19 +159,29 @@ def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_pat
     }
     dead, live = study.ask(space), study.ask(space)
     storage.record_heartbeat(dead._trial_id)
-    storage.record_heartbeat(live._trial_id)
     with sqlite3.connect(db) as con:  # the dead sweep's last heartbeat, long ago (the grace period is 2 minutes)
         con.execute(
             "UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = ?", (dead._trial_id,)
         )
-    result = run_sweep(tmp_path, *common, "hydra.sweeper.n_trials=4")
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with Heartbeat(storage, interval=1) as live_sweep:  # the live sweep beats while it runs its trial
+        live_sweep.beat_for([live])
+        command = [sys.executable, "-m", "sweep", *common, "hydra.sweeper.n_trials=4"]
+        sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while tally(study).counted < 3 and sweep.poll() is None:  # the first trial, the dead one's retry, one more
+            time.sleep(0.5)
+        assert sweep.poll() is None  # 3 counted + the live one make 4: it waits, and asks for no fifth
+        study.tell(live, 1.0)  # the live sweep finishes its trial: nothing else marked it
+        live_sweep.stop_beating_for([live])
+    output = sweep.communicate(timeout=300)[0].decode()
+    assert sweep.returncode == 0, output[-3000:]
     trials = trials_of(tmp_path, "resume")
+    assert len(trials) == 5 and tally(study).counted == 4
     assert trials[dead.number].state == TrialState.FAIL
-    assert trials[live.number].state == TrialState.RUNNING  # still the other sweep's
+    assert trials[live.number].state == TrialState.COMPLETE and trials[live.number].value == 1.0
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == dead.params
-    study.tell(live, 1.0)  # the live sweep finishes its trial: nothing else marked it
 
 
 def test_telling_a_trial_another_sweep_failed_is_a_warning_not_a_crash(caplog):

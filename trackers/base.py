@@ -35,11 +35,20 @@ class TrackedRun(ABC):
 
 class Tracker(ABC):
     @abstractmethod
-    def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun: ...
+    def start_run(
+        self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None, owned: bool = True
+    ) -> TrackedRun:
+        """A new run. An owned run belongs to this process: when the process is gone, a later start ends it KILLED.
+        A run several processes share (a study's parent, which its workers take turns to keep) is not owned."""
 
     @abstractmethod
     def attach(self, run_id: str) -> TrackedRun:
         """A run another process started (a sweep's parent), to log into."""
+
+    def fail_runs(self, tags: dict[str, Any], error: str) -> list[str]:
+        """End FAILED, saying why, every run carrying all these tags that is not FAILED yet (the run of a trial whose
+        worker died, left RUNNING or ended KILLED); their ids. A tracker that keeps nothing has none."""
+        return []
 
     def set_view(self, params: list[str], metrics: list[str]) -> None:
         """Columns a UI shows for the experiment's runs by default (a tracker without a UI ignores it)."""

@@ -167,8 +167,10 @@ class MLflowTracker(Tracker):
     def _ui_base(self) -> str:
         return self.uri.rstrip("/") if self._served() else LOCAL_UI
 
-    def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
-        tags = {k: str(v) for k, v in tags.items() if v is not None} | owner_tags()
+    def start_run(
+        self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None, owned: bool = True
+    ) -> TrackedRun:
+        tags = {k: str(v) for k, v in tags.items() if v is not None} | (owner_tags() if owned else {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = retry_when_locked(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
@@ -195,3 +197,15 @@ class MLflowTracker(Tracker):
 
     def attach(self, run_id: str) -> TrackedRun:
         return MLflowRun(self.client, run_id)
+
+    def fail_runs(self, tags: dict[str, Any], error: str) -> list[str]:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        ended = []
+        for found in self.client.search_runs([self.experiment_id], query):
+            if found.info.status == "FAILED":
+                continue
+            run = MLflowRun(self.client, found.info.run_id)
+            run.set_tags({"error": error})
+            run.end("FAILED")
+            ended.append(found.info.run_id)
+        return ended

@@ -29,7 +29,9 @@ class NoRun(TrackedRun):
 
 
 class NoTracker(Tracker):
-    def start_run(self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None) -> TrackedRun:
+    def start_run(
+        self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None, owned: bool = True
+    ) -> TrackedRun:
         return NoRun()
 
     def attach(self, run_id: str) -> TrackedRun:

@@ -3,17 +3,30 @@
 Each trial is a Hydra job (so any launcher runs it) and an MLflow child run of the sweep's parent run, which the
 multirun callback (sweep/multirun.py) opened. Everything the sweep could refuse is checked by `prepare`, which the
 callback calls before it opens the parent run. The study lives in an RDB storage with Optuna's heartbeat, so a
-sweep that is interrupted and started again continues where it stopped, and two sweeps on one study cooperate.
+sweep that is interrupted and started again continues where it stopped.
+
+Workers: any number of processes running the same command share the study (Optuna's distributed pattern). Each
+asks for its next trial as soon as it is free, while the trials that count and those running elsewhere stay under
+`n_trials`, so the study ends with exactly `n_trials`. They share one parent run through the study's *session* (a
+user attribute: the parent's id, opened by the first process, closed by the last), and a study lock (a file lock
+beside SQLite, an advisory lock in PostgreSQL) makes counting and asking, opening and closing, one process at a
+time. A worker whose heartbeat stops (kill -9, a lost node) has its trial failed, its run ended FAILED, and the
+trial run again by another worker. `hydra.sweeper.workers=N` starts N such workers on this host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 import yaml
@@ -32,6 +45,7 @@ from hydra.core.utils import JobStatus, configure_log
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from sweep import sweeper_api
@@ -51,6 +65,11 @@ CONFIG_GROUPS = ("model", "backend", "workload", "tracker")
 WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
 # Hydra's basic launcher logs every job's full override list: the progress line replaces it on the console.
 LAUNCHER_LOGGER = "hydra._internal.core_plugins.basic_launcher"
+# The study's user attribute that holds its session: the parent run its workers share, and who opened it.
+SESSION_ATTR = "session"
+WORKER_ATTR = "worker"  # a trial's user attribute: the host:pid of the worker that asked for it
+WAIT_POLL_S = 2.0  # how often a worker with nothing left to ask looks at the trials other workers run
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 # -- search space ---------------------------------------------------------------------------------------------
@@ -244,7 +263,7 @@ def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStar
 
 def check_numbers(st: dict[str, Any]) -> None:
     """The sweeper's numeric settings, each within what it can mean."""
-    for key in ("n_trials", "n_jobs", "heartbeat_interval"):
+    for key in ("n_trials", "n_jobs", "heartbeat_interval", "workers", "gpus_per_trial"):
         if st[key] < 1:
             raise ConfigError(f"hydra.sweeper.{key}={st[key]} is not allowed; it must be 1 or more")
     if st["grace_period"] is not None and st["grace_period"] < 1:
@@ -275,6 +294,9 @@ class OptunaSearch:
         self.max_failure_rate = settings["max_failure_rate"]
         self.best_config_dir = settings["best_config_dir"]
         self.s: SearchSettings | None = None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.parent: ParentRun | None = None  # the sweep's parent run, once the sweep runs
+        self.running_here: set[int] = set()  # ids of the trials this process asked for and has not told yet
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
@@ -329,6 +351,13 @@ class OptunaSearch:
             study_name = f"{prefix}-{model_name}-{config.backend.name}-{digest}"
         sweeper_api.best_config_path(self.best_config_dir, study_name)  # a study name must be a file name
         storage_url = st["storage"] or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
+        if not storage_url.startswith(("sqlite:///", "postgresql://", "postgresql+")):
+            raise ConfigError(
+                f"hydra.sweeper.storage={sweeper_api.redact(storage_url)!r} is not allowed; the study's workers share "
+                "it through sqlite:///<file> (one host) or postgresql://<user>@<host>/<database> (any number of hosts)"
+            )
+        if st["workers"] > 1:  # each worker gets its own GPUs: refuse what does not fit before anything runs
+            sweeper_api.gpu_groups(st["workers"], st["gpus_per_trial"], "hydra.sweeper.workers")
         s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials)
         self.check_resume(s, model_id)
         self.model_id = model_id
@@ -374,13 +403,13 @@ class OptunaSearch:
         if s.storage_url.startswith("sqlite:///"):
             Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
-        # (its process died) is failed by the next sweep on the study, and retried once.
+        # (its process died) is failed by the next worker that looks (fail_stale_trials), and retried once.
         with sweeper_api.store_lock(s.storage_url):  # two sweeps creating optuna.db at once would both migrate it
             self.storage = optuna.storages.RDBStorage(
                 s.storage_url,
                 heartbeat_interval=self.settings["heartbeat_interval"],
                 grace_period=self.settings["grace_period"],
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=self.retry_stale_trial,
             )
             study = optuna.create_study(
                 storage=self.storage,
@@ -393,9 +422,44 @@ class OptunaSearch:
             study.set_user_attr("identity", self.identity(s, self.model_id))
         study.set_metric_names(list(s.objectives))  # optuna-dashboard shows the objectives by name
         if self.sampler_name == "grid":
-            enqueue_grid(study, s.space, self.seed)
-        optuna.storages.fail_stale_trials(study)
+            with self.lock(study):  # workers starting together would each enqueue the grid
+                enqueue_grid(study, s.space, self.seed)
         return study
+
+    @contextlib.contextmanager
+    def lock(self, study: optuna.Study) -> Iterator[None]:
+        """One process of the study's workers at a time: counting and asking, opening and closing the session.
+
+        SQLite: the file lock beside the database (one host). PostgreSQL: a session advisory lock, which the server
+        releases when the holding connection dies, so a killed worker never keeps it.
+        """
+        if self.storage.url.startswith("sqlite:///"):
+            with sweeper_api.store_lock(self.storage.url):
+                yield
+            return
+        from sqlalchemy import text
+
+        digest = hashlib.sha256(f"sweep-study:{study.study_name}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks are named by a 64-bit integer
+        with self.storage.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+    def retry_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial whose worker stopped beating (killed, its node lost) was failed: run it again once, and end its
+        MLflow run FAILED, which the dead worker left RUNNING, so that Optuna and MLflow count the same trials."""
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+        again = "not run again: it was a retry already" if trial.system_attrs.get("retry_history") else "run again"
+        why = (
+            f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) stopped recording a heartbeat: failed by "
+            f"{self.worker}, {again}"
+        )
+        log.warning("trial %d failed: %s", trial.number, why)
+        if self.parent is not None:
+            self.parent.fail_trial_runs(study.study_name, trial.number, why)
 
     def warm_start(self, study: optuna.Study, s: SearchSettings) -> None:
         """On a new study, enqueue the point a memory model predicts, before the sampler takes over."""
@@ -418,33 +482,126 @@ class OptunaSearch:
         study.enqueue_trial(point, user_attrs={"warm_start": why})
         log.info("warm start: the first trial tries %s (%s)", settings_text(point), why)
 
+    # -- the session: one parent run for the study's workers -------------------------------------------------
+    def new_session(self, parent_run_id: str | None, tracker: str | None) -> dict[str, Any]:
+        return {"parent_run_id": parent_run_id, "tracker": tracker, "opened_by": self.worker}
+
+    def shared_parent_run_id(self, config: DictConfig, start_parent: Callable[[], str]) -> str:
+        """The parent run of the study's open session in this tracker, or a new one that opens the session.
+
+        The study lock makes this the arbiter among workers that start at the same instant on different hosts.
+        """
+        s = self.prepare(config, list(config.hydra.overrides.task))
+        study = self.open_study(s)
+        where = sweeper_api.tracker_location(config.tracker)
+        with self.lock(study):
+            session = study.user_attrs.get(SESSION_ATTR)
+            if session and session["tracker"] == where and session["parent_run_id"]:
+                log.info("study %s: joining the parent run %s of its workers", s.study_name, session["parent_run_id"])
+                return session["parent_run_id"]
+            run_id = start_parent()
+            study.set_user_attr(SESSION_ATTR, self.new_session(run_id, where))
+            return run_id
+
+    def join_session(self, study: optuna.Study) -> dict[str, Any]:
+        """The session this process works in: the one the multirun callback opened or joined, or (untracked) a new
+        one when none is open."""
+        with self.lock(study):
+            session = study.user_attrs.get(SESSION_ATTR)
+            if session is None:
+                session = self.new_session(None, None)
+                study.set_user_attr(SESSION_ATTR, session)
+        return session
+
+    def close_session(self, study: optuna.Study, session: dict[str, Any]) -> bool:
+        """Whether this process is the last of the session's workers: then it closes the session, and writes the
+        summary and ends the parent run (through the callback). Any other leaves the parent to the last one."""
+        with self.lock(study):
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial is not a live worker
+            elsewhere = [t for t in tally(study).running if t._trial_id not in self.running_here]
+            if not elsewhere and study.user_attrs.get(SESSION_ATTR) == session:
+                study.set_user_attr(SESSION_ATTR, None)
+                return True
+        os.environ[sweeper_api.PARENT_STAYS_OPEN_ENV] = "1"
+        log.info(
+            "study %s: %d trial(s) still run in other workers; the last of them writes the summary",
+            study.study_name,
+            len(elsewhere),
+        )
+        return False
+
     # -- the loop -------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
         s = self.s = self.prepare(self.config, arguments, self.hydra_context.config_loader)
         study = self.open_study(s)
-        parent = ParentRun(self.config)
-        parent.log_settings(self, s, study)
-        self.warm_start(study, s)
+        parent = self.parent = ParentRun(self.config)
+        started_by = os.environ.get(sweeper_api.WORKER_ENV)  # "1/2": one of the workers another process started
+        session = None if started_by else self.join_session(study)
+        if session is not None and session["opened_by"] == self.worker:
+            parent.log_settings(self, s, study)
+        with self.lock(study):
+            self.warm_start(study, s)
         budget = Budget(self.settings["budget_minutes"], self.device)
-        progress = Progress(s.n_trials, s.objectives)
+        counted = tally(study).counted
         log.info(
             "study %s: %d of %d trials done, %d to run (storage %s)",
             study.study_name,
-            _finished(study),
+            counted,
             s.n_trials,
-            max(0, s.n_trials - _finished(study)),
-            s.storage_url,
+            max(0, s.n_trials - counted),
+            sweeper_api.redact(s.storage_url),
         )
-        job_index = _finished(study)
+        try:
+            if self.settings["workers"] > 1:
+                results = self.run_workers(study, s)
+            else:
+                results = self.run_trials(study, s, budget)
+        except BaseException:
+            if session is not None:
+                with contextlib.suppress(Exception):  # the error being raised is what the user must see
+                    self.close_session(study, session)
+            raise
+        if session is None or not self.close_session(study, session):
+            return results
+        self.confirm_top_k(study, s, tally(study).counted, budget)
+        parent.log_summary(self, study, budget)
+        self.write_best_config(study, s.fixed, parent)
+        return results
+
+    def run_trials(self, study: optuna.Study, s: SearchSettings, budget: Budget) -> list:
+        """Ask, launch and tell until the study holds n_trials counted trials and none runs elsewhere.
+
+        Counting and asking happen under the study lock, so workers never ask past n_trials together. A worker
+        with nothing left to ask waits for the trials other workers run: one of them may be a dead worker's,
+        which it then fails (fail_stale_trials) and runs again.
+        """
+        progress = Progress(s.n_trials, s.objectives)
+        job_index = tally(study).counted
         results = []
+        waiting = False
         with Heartbeat(self.storage, self.settings["heartbeat_interval"]) as heartbeat:
-            while (remaining := s.n_trials - _finished(study)) > 0:
-                if not budget.allows_another_batch():
-                    break
-                optuna.storages.fail_stale_trials(study)
-                batch = [study.ask(s.space) for _ in range(min(self.n_jobs, remaining))]
-                heartbeat.beat_for(batch)
-                runnable, twins = self.triage(study, s, batch, parent, progress)
+            while True:
+                with self.lock(study):
+                    optuna.storages.fail_stale_trials(study)
+                    now = tally(study)
+                    room = s.n_trials - now.counted - len(now.running)
+                    batch = []
+                    if room > 0 and budget.allows_another_batch():
+                        batch = [study.ask(s.space) for _ in range(min(self.n_jobs, room))]
+                        heartbeat.beat_for(batch)
+                if not batch:
+                    if room > 0 or not now.running:
+                        break  # the budget is spent, or the study is done
+                    if not waiting:
+                        log.info("nothing left to ask; waiting for %d trial(s) of other workers", len(now.running))
+                    waiting = True
+                    time.sleep(WAIT_POLL_S)
+                    continue
+                waiting = False
+                self.running_here = {t._trial_id for t in batch}
+                for trial in batch:  # a retried trial carries the dead worker's attribute until here
+                    trial.set_user_attr(WORKER_ATTR, self.worker)
+                runnable, twins = self.triage(study, s, batch, self.parent, progress)
                 if runnable:
                     started = time.monotonic()
                     returns = self.launch([o for _, o in runnable], job_index)
@@ -458,11 +615,47 @@ class OptunaSearch:
                     self.reuse(study, trial, study.trials[twin.number])
                     progress.line(study, trial)
                 heartbeat.stop_beating_for(batch)
+                self.running_here = set()
                 self.check_failure_rate(study, s.n_trials)
-        self.confirm_top_k(study, s, job_index, budget)
-        parent.log_summary(self, study, budget)
-        self.write_best_config(study, s.fixed, parent)
         return results
+
+    def run_workers(self, study: optuna.Study, s: SearchSettings) -> list:
+        """hydra.sweeper.workers=N: N copies of this command on this host, each a worker of the study on its own
+        GPUs, with this sweep's parent run in their environment (like torchrun, not a scheduler). Waits for them."""
+        n = self.settings["workers"]
+        groups = sweeper_api.gpu_groups(n, self.settings["gpus_per_trial"], "hydra.sweeper.workers")
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        procs: list[subprocess.Popen] = []
+        try:
+            for i, gpus in enumerate(groups, start=1):
+                out = sweep_dir / f"worker-{i}"
+                command = worker_command(
+                    sys.argv[1:],
+                    {
+                        "hydra.sweeper.workers": "1",
+                        "hydra.sweeper.study_name": s.study_name,
+                        "hydra.sweeper.storage": s.storage_url,
+                        "hydra.sweep.dir": str(out),
+                    },
+                )
+                env = os.environ | {sweeper_api.WORKER_ENV: f"{i}/{n}"}
+                if gpus is not None:
+                    env[sweeper_api.GPU_ENV] = gpus
+                procs.append(subprocess.Popen(command, env=env))
+                log.info("worker %d/%d: pid %d, GPUs %s, outputs in %s", i, n, procs[-1].pid, gpus, out)
+            codes = [proc.wait() for proc in procs]
+        finally:  # Ctrl-C or an error here: no worker outlives the sweep that started it
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
+        failed = [f"worker {i} exited with {code}" for i, code in enumerate(codes, start=1) if code != 0]
+        counted = tally(study).counted
+        if failed and counted < s.n_trials:
+            raise RuntimeError(f"{'; '.join(failed)}; the study holds {counted} of {s.n_trials} trials")
+        if failed:
+            log.warning("%s; the other workers completed the study", "; ".join(failed))
+        return []
 
     def what(self) -> str:
         """`tiny/hf`: the model and backend every trial's run name starts with, as a single run's does."""
@@ -510,7 +703,8 @@ class OptunaSearch:
                 continue
             name = f"trial {trial.number}: {self.what()} {settings_text(trial.params)}"
             try:
-                overrides = self.job_overrides(study, s, trial.params, {sweeper_api.TRIAL_TAG: trial.number}, name)
+                tags = {sweeper_api.TRIAL_TAG: trial.number, sweeper_api.WORKER_TAG: override_value(self.worker)}
+                overrides = self.job_overrides(study, s, trial.params, tags, name)
                 reason = self.infeasible(overrides)
             except Exception as exc:  # one trial's preparation failed (e.g. its dataset): that trial fails, no more
                 error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -552,10 +746,13 @@ class OptunaSearch:
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, ret: Any) -> None:
         state = study.get_trials(deepcopy=False)[trial.number].state
-        if state != TrialState.RUNNING:  # another sweep failed it: its heartbeat lapsed beyond the grace period
+        if state != TrialState.RUNNING:  # another worker failed it: its heartbeat lapsed beyond the grace period
             log.warning(
                 "trial %d was marked %s meanwhile (by another sweep on the study): not told", trial.number, state.name
             )
+            if self.parent is not None:  # Optuna ran it again: its run here must not count as a result
+                why = f"marked {state.name} in the study while it ran: its heartbeat lapsed, and it was run again"
+                self.parent.fail_trial_runs(study.study_name, trial.number, why)
             return
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
@@ -627,7 +824,7 @@ class OptunaSearch:
 
     def check_failure_rate(self, study: optuna.Study, n_trials: int) -> None:
         """Stop once more than max_failure_rate of the planned trials crashed: the rest would likely crash too."""
-        failed = [t for t in study.trials if t.state == TrialState.FAIL]
+        failed = tally(study).failed
         if len(failed) > self.max_failure_rate * n_trials:
             raise RuntimeError(
                 f"{len(failed)} of {n_trials} planned trials failed, above hydra.sweeper.max_failure_rate="
@@ -778,7 +975,7 @@ class Progress:
             outcome = f"{frozen.state.name}: {attrs.get('error', '')}"[:200]
         best = best_trials(study)
         best_text = f"best {self.value_text(best[0].values)} (trial {best[0].number})" if best else "no best yet"
-        finished = _finished(study)
+        finished = tally(study).counted
         elapsed = time.monotonic() - self.started
         left = elapsed / self.count * max(0, self.n_trials - finished)
         log.info(
@@ -847,8 +1044,30 @@ def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: 
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
 
 
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+@dataclass
+class Tally:
+    counted: int  # trials that count towards n_trials
+    running: list[optuna.trial.FrozenTrial]
+    failed: list[optuna.trial.FrozenTrial]  # counted FAIL trials: crashes, not dead workers' trials run again
+
+
+def tally(study: optuna.Study) -> Tally:
+    """COMPLETE, PRUNED and FAIL trials count, less each FAIL that a retry replaced (a dead worker's trial, run
+    again by another worker: the retry counts instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}  # RetryHeartbeatStaleTrialCallback's
+    counted = [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
+    return Tally(
+        len(counted),
+        [t for t in trials if t.state == TrialState.RUNNING],
+        [t for t in counted if t.state == TrialState.FAIL],
+    )
+
+
+def worker_command(arguments: list[str], settings: dict[str, str]) -> list[str]:
+    """This command line for a worker: the same arguments, with `settings` in place of any given for those keys."""
+    kept = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in settings]
+    return [sys.executable, "-m", "sweep", *kept, *(f"{k}={override_value(v)}" for k, v in settings.items())]
 
 
 # -- MLflow parent run ----------------------------------------------------------------------------------------
@@ -880,6 +1099,7 @@ class ParentRun:
                 "optuna.seed": search.seed,
                 "optuna.n_trials": s.n_trials,
                 "optuna.n_jobs": search.n_jobs,
+                "optuna.workers": st["workers"],
                 "optuna.objectives": json.dumps(s.objectives),
                 "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in s.constraints.items()}),
                 "optuna.search_space": json.dumps(space_identity(s.space)),
@@ -887,6 +1107,11 @@ class ParentRun:
                 **{f"optuna.{k}": st[k] for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes")},
             }
         )
+
+    def fail_trial_runs(self, study_name: str, number: int, why: str) -> None:
+        """End FAILED the run of a trial whose worker died (left RUNNING, or KILLED by a later start on its host)."""
+        if self.run_id:
+            self.tracker.fail_runs({sweeper_api.STUDY_TAG: study_name, sweeper_api.TRIAL_TAG: number}, why)
 
     def record_child(self, number: int, study_name: str, params: dict, state: str, reason: str) -> None:
         """A trial that never ran (pruned, or failed in its preparation) gets a child run too, saying why."""

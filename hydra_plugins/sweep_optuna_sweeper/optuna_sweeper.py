@@ -7,7 +7,7 @@ its config and a thin class; optuna and the search loop live in _impl.py, import
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules while scanning for
 # plugins, and dataclasses cannot resolve string annotations there.
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
@@ -22,6 +22,9 @@ class OptunaSweeperConf:
     seed: Optional[int] = 0
     n_trials: int = 20  # trials in the study in all, counting those of an earlier, resumed invocation
     n_jobs: int = 1  # trials asked for at once and handed to the launcher as one batch
+    # worker processes this command starts on this host, each asking the shared study for its next trial when free
+    workers: int = 1
+    gpus_per_trial: int = 1  # GPUs each worker (or parallel trial) is pinned to, from those visible
     # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
     study_name: Optional[str] = None
     resume_mismatched: bool = False  # resume a named study even if its space, objectives or model differ
@@ -46,6 +49,10 @@ class OptunaSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="sweep")
 
 
+def sweeper_settings(config: DictConfig) -> Dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(config.hydra.sweeper, resolve=True).items() if k != "_target_"}
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
@@ -60,10 +67,17 @@ class OptunaSweeper(Sweeper):
         """
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
 
-        settings = {
-            k: v for k, v in OmegaConf.to_container(config.hydra.sweeper, resolve=True).items() if k != "_target_"
-        }
-        OptunaSearch(**settings).prepare(config, list(config.hydra.overrides.task))
+        OptunaSearch(**sweeper_settings(config)).prepare(config, list(config.hydra.overrides.task))
+
+    @staticmethod
+    def shared_parent_run_id(config: DictConfig, start_parent: Callable[[], str]) -> str:
+        """The MLflow parent run of the study's workers: the one they share, or `start_parent()` for the first.
+
+        Called by the multirun callback (sweep/multirun.py) instead of starting a parent of its own.
+        """
+        from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
+
+        return OptunaSearch(**sweeper_settings(config)).shared_parent_run_id(config, start_parent)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
