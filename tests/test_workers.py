@@ -145,6 +145,7 @@ def test_two_workers_from_one_command_share_the_study_and_one_parent(tmp_path, p
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(runs) == 5
     assert parent.data.params["optuna.workers"] == "2" and parent.data.metrics["trials.complete"] == 4
+    assert parent.data.metrics["sweep.job_minutes"] > 0  # the workers' job time, added up in the study's session
     assert [r.info.status for r in children] == ["FINISHED"] * 4
     by_number = {t.number: t for t in study.trials}
     for run in children:  # each trial ran in the worker that asked for it, not in the process that started them

@@ -484,7 +484,8 @@ class OptunaSearch:
 
     # -- the session: one parent run for the study's workers -------------------------------------------------
     def new_session(self, parent_run_id: str | None, tracker: str | None) -> dict[str, Any]:
-        return {"parent_run_id": parent_run_id, "tracker": tracker, "opened_by": self.worker}
+        # job_s: the seconds every worker of the session spent in its trials' jobs, added as each one leaves
+        return {"parent_run_id": parent_run_id, "tracker": tracker, "opened_by": self.worker, "job_s": 0.0}
 
     def shared_parent_run_id(self, config: DictConfig, start_parent: Callable[[], str]) -> str:
         """The parent run of the study's open session in this tracker, or a new one that opens the session.
@@ -513,22 +514,30 @@ class OptunaSearch:
                 study.set_user_attr(SESSION_ATTR, session)
         return session
 
-    def close_session(self, study: optuna.Study, session: dict[str, Any]) -> bool:
-        """Whether this process is the last of the session's workers: then it closes the session, and writes the
-        summary and ends the parent run (through the callback). Any other leaves the parent to the last one."""
+    def leave_session(self, study: optuna.Study, job_s: float, session: dict[str, Any] | None) -> dict | None:
+        """Add this process's job time to the study's session, and close it if this process is the last of its
+        workers: then the session is returned, and this process writes the summary and ends the parent run (through
+        the callback). Any other leaves the parent to the last one. A worker another process started (session None)
+        only adds its time: the process that started it closes."""
         with self.lock(study):
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial is not a live worker
             elsewhere = [t for t in tally(study).running if t._trial_id not in self.running_here]
-            if not elsewhere and study.user_attrs.get(SESSION_ATTR) == session:
-                study.set_user_attr(SESSION_ATTR, None)
-                return True
-        os.environ[sweeper_api.PARENT_STAYS_OPEN_ENV] = "1"
-        log.info(
-            "study %s: %d trial(s) still run in other workers; the last of them writes the summary",
-            study.study_name,
-            len(elsewhere),
-        )
-        return False
+            current = study.user_attrs.get(SESSION_ATTR)
+            ours = current is not None and (session is None or same_session(current, session))
+            last = ours and session is not None and not elsewhere
+            if ours:
+                current["job_s"] += job_s
+                study.set_user_attr(SESSION_ATTR, None if last else current)
+        if last:
+            return current
+        if session is not None:
+            os.environ[sweeper_api.PARENT_STAYS_OPEN_ENV] = "1"
+            log.info(
+                "study %s: %d trial(s) still run in other workers; the parent run is left to the last of them",
+                study.study_name,
+                len(elsewhere),
+            )
+        return None
 
     # -- the loop -------------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
@@ -557,14 +566,14 @@ class OptunaSearch:
             else:
                 results = self.run_trials(study, s, budget)
         except BaseException:
-            if session is not None:
-                with contextlib.suppress(Exception):  # the error being raised is what the user must see
-                    self.close_session(study, session)
+            with contextlib.suppress(Exception):  # the error being raised is what the user must see
+                self.leave_session(study, budget.job_s, session)
             raise
-        if session is None or not self.close_session(study, session):
+        closed = self.leave_session(study, budget.job_s, session)
+        if closed is None:
             return results
         self.confirm_top_k(study, s, tally(study).counted, budget)
-        parent.log_summary(self, study, budget)
+        parent.log_summary(self, study, budget, closed["job_s"])
         self.write_best_config(study, s.fixed, parent)
         return results
 
@@ -933,8 +942,9 @@ class Budget:
         )
         return False
 
-    def figures(self) -> dict[str, float]:
-        job_minutes = self.job_s / 60
+    def figures(self, job_s: float | None = None) -> dict[str, float]:
+        """Wall minutes of this process; job minutes of `job_s` (all the session's workers) or else its own jobs."""
+        job_minutes = (self.job_s if job_s is None else job_s) / 60
         return {
             "sweep.wall_minutes": (time.monotonic() - self.started) / 60,
             "sweep.job_minutes": job_minutes,
@@ -1064,6 +1074,10 @@ def tally(study: optuna.Study) -> Tally:
     )
 
 
+def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["parent_run_id"], a["opened_by"]) == (b["parent_run_id"], b["opened_by"])
+
+
 def worker_command(arguments: list[str], settings: dict[str, str]) -> list[str]:
     """This command line for a worker: the same arguments, with `settings` in place of any given for those keys."""
     kept = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in settings]
@@ -1130,7 +1144,11 @@ class ParentRun:
         run.log_params(params)
         run.end("FINISHED" if state == "PRUNED" else "FAILED")
 
-    def log_summary(self, search: OptunaSearch, study: optuna.Study, budget: Budget) -> None:
+    def log_summary(
+        self, search: OptunaSearch, study: optuna.Study, budget: Budget, job_s: float | None = None
+    ) -> None:
+        """The study's outcome into the parent; job_s: the job seconds of all the session's workers (else this
+        process's)."""
         if not self.run_id:
             return
         value = "values" if len(study.directions) > 1 else "value"
@@ -1147,7 +1165,7 @@ class ParentRun:
             self.run.log_params({f"best.{k}": v for k, v in best[0].params.items()} | {"best.trial": best[0].number})
         counts = {state.name: sum(t.state == state for t in study.trials) for state in TrialState}
         counts["REUSED"] = sum("reused_from" in t.user_attrs for t in study.trials)
-        self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()} | budget.figures())
+        self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()} | budget.figures(job_s))
         with tempfile.TemporaryDirectory(prefix="optuna-plots-") as out:  # the tracker keeps its own copies
             for path in study_plots(study, objectives, Path(out)).values():
                 self.run.log_artifact(path, "plots")

@@ -1,0 +1,124 @@
+"""Scale-out of a search over workers: the same 8-trial grid on the tiny model with 1 worker, then with 2.
+
+Each configuration is one real command, `python -m sweep -m ... hydra.sweeper.workers=N`, in a fresh directory
+(its own Optuna study on SQLite and MLflow store), timed from start to exit. Every worker runs torch on one thread
+(OMP_NUM_THREADS=1), as a worker on a GPU machine owns one GPU: on two free cores, two workers should take a little
+over half the time of one (the start-up and the last, unshared trial do not split). The search time (first trial
+asked to last trial told, from the study) is given beside the wall time, as it leaves Python's start-up out.
+
+    python benchmarks/scale_out.py [--workers 1 2] [--work build/scale_out] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = ["engine.max_batch_size=choice(1,2,4,8)", "engine.attn_implementation=choice(eager,sdpa)"]
+# About 10 s a trial on one CPU thread: long enough that the trials, not the start-ups, dominate.
+WORKLOAD = [
+    "workload=throughput",
+    "workload.num_requests=64",
+    "workload.warmup_requests=0",
+    "workload.iterations=1",
+    "workload.input_len=64",
+    "workload.output_len=64",
+]
+
+
+def run(workers: int, work: Path) -> dict:
+    work.mkdir(parents=True)
+    study = f"scale-out-{workers}"
+    command = [sys.executable, "-m", "sweep", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid"]
+    command += [f"hydra.sweeper.n_trials={len(grid_points())}", f"hydra.sweeper.study_name={study}"]
+    command += [f"hydra.sweeper.workers={workers}", f"hydra.sweeper.best_config_dir={work / 'best'}", "device=cpu"]
+    command += [*WORKLOAD, *GRID]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    wall_s = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"{workers} worker(s) failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    trials = optuna.load_study(study_name=study, storage=f"sqlite:///{work / 'mlruns' / 'optuna.db'}").trials
+    first = min(t.datetime_start for t in trials)
+    last = max(t.datetime_complete for t in trials)
+    return {
+        "workers": workers,
+        "trials": len(trials),
+        "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials),
+        "by_worker": count_by_worker(trials),
+        "wall_s": wall_s,
+        "search_s": (last - first).total_seconds(),
+        "trial_s_sum": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }
+
+
+def grid_points() -> list:
+    return [(b, a) for b in (1, 2, 4, 8) for a in ("eager", "sdpa")]
+
+
+def count_by_worker(trials: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.user_attrs["worker"]] = counts.get(trial.user_attrs["worker"], 0) + 1
+    return counts
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]
+    lines = [
+        "| workers | trials (complete) | trials per worker | wall (s) | wall ratio | search (s) | search ratio "
+        "| load average before → after |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        per_worker = ", ".join(str(n) for n in sorted(r["by_worker"].values(), reverse=True))
+        lines.append(
+            f"| {r['workers']} | {r['trials']} ({r['complete']}) | {per_worker} | {r['wall_s']:.1f} "
+            f"| {r['wall_s'] / base['wall_s']:.2f} | {r['search_s']:.1f} | {r['search_s'] / base['search_s']:.2f} "
+            f"| {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "scale_out")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    rows = [run(n, args.work / f"workers-{n}") for n in args.workers]
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs: see the load averages)",
+        "torch_threads_per_worker": 1,
+        "storage": "sqlite (one host)",
+        "tracker": "mlflow on sqlite",
+        "grid": GRID,
+        "workload": WORKLOAD,
+    }
+    text = table(rows)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale_out_cpu.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    (args.out / "scale_out_cpu.md").write_text(f"{json.dumps(header)}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
