@@ -5,6 +5,8 @@ Each configuration is one real command, `python -m sweep -m ... hydra.sweeper.wo
 (OMP_NUM_THREADS=1), as a worker on a GPU machine owns one GPU: on two free cores, two workers should take a little
 over half the time of one (the start-up and the last, unshared trial do not split). The search time (first trial
 asked to last trial told, from the study) is given beside the wall time, as it leaves Python's start-up out.
+The trials' seconds summed over workers show whether each worker had a core of its own: on a machine busy with
+other work they grow with the workers, and the ratios move towards 1.
 
     python benchmarks/scale_out.py [--workers 1 2] [--work build/scale_out] [--out benchmarks/results]
 """
@@ -29,11 +31,11 @@ GRID = ["engine.max_batch_size=choice(1,2,4,8)", "engine.attn_implementation=cho
 # About 10 s a trial on one CPU thread: long enough that the trials, not the start-ups, dominate.
 WORKLOAD = [
     "workload=throughput",
-    "workload.num_requests=64",
+    "workload.num_requests=128",
     "workload.warmup_requests=0",
     "workload.iterations=1",
     "workload.input_len=64",
-    "workload.output_len=64",
+    "workload.output_len=128",
 ]
 
 
@@ -83,15 +85,15 @@ def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
         "| workers | trials (complete) | trials per worker | wall (s) | wall ratio | search (s) | search ratio "
-        "| load average before → after |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| trial-seconds summed | load average before → after |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         per_worker = ", ".join(str(n) for n in sorted(r["by_worker"].values(), reverse=True))
         lines.append(
             f"| {r['workers']} | {r['trials']} ({r['complete']}) | {per_worker} | {r['wall_s']:.1f} "
             f"| {r['wall_s'] / base['wall_s']:.2f} | {r['search_s']:.1f} | {r['search_s'] / base['search_s']:.2f} "
-            f"| {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
+            f"| {r['trial_s_sum']:.1f} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
         )
     return "\n".join(lines)
 
