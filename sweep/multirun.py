@@ -57,6 +57,9 @@ class ParentRunCallback(Callback):
             except ConfigError as exc:
                 log.error("%s", exc)
                 sys.exit(2)
+            except Exception as exc:  # e.g. an unreachable storage: Hydra would only warn and run the sweep anyway
+                log.error("the sweep could not be set up: %s", redact(f"{type(exc).__name__}: {exc}"))
+                sys.exit(1)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         share = getattr(sweeper_class, "shared_parent_run_id", None)

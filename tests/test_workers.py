@@ -290,3 +290,13 @@ def test_a_worker_gets_the_same_command_with_its_own_settings():
         "hydra.sweep.dir=/out/worker-1",
         'hydra.sweeper.storage="sqlite:////d/o.db"',
     ]
+
+
+def test_an_unreachable_storage_stops_the_sweep_before_anything_is_recorded(tmp_path):
+    """Hydra only warns when a callback raises: without the callback's own exit, the workers would run unrecorded."""
+    storage = f"postgresql://sweep:secret@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    result = run_sweep(tmp_path, *search(tmp_path, "nowhere", storage, "", "hydra.sweeper.workers=2", *QUICK))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "the sweep could not be set up: OperationalError" in output, output[-3000:]
+    assert "secret" not in output and "Traceback" not in output
+    assert mlflow_runs(tmp_path) == []

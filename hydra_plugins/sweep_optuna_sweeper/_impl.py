@@ -372,7 +372,9 @@ class OptunaSearch:
         if s.storage_url.startswith("sqlite:///") and not Path(s.storage_url.removeprefix("sqlite:///")).exists():
             return
         try:
-            stored = optuna.load_study(study_name=s.study_name, storage=s.storage_url).user_attrs.get("identity")
+            with creation_lock(s.storage_url):  # opening a storage creates its tables when there are none
+                storage = optuna.storages.RDBStorage(s.storage_url)
+            stored = optuna.load_study(study_name=s.study_name, storage=storage).user_attrs.get("identity")
         except KeyError:  # no such study yet
             return
         wanted = self.identity(s, model_id)
@@ -404,7 +406,7 @@ class OptunaSearch:
             Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
         # (its process died) is failed by the next worker that looks (fail_stale_trials), and retried once.
-        with sweeper_api.store_lock(s.storage_url):  # two sweeps creating optuna.db at once would both migrate it
+        with creation_lock(s.storage_url):  # two sweeps creating the tables at once would both create them
             self.storage = optuna.storages.RDBStorage(
                 s.storage_url,
                 heartbeat_interval=self.settings["heartbeat_interval"],
@@ -436,17 +438,9 @@ class OptunaSearch:
         if self.storage.url.startswith("sqlite:///"):
             with sweeper_api.store_lock(self.storage.url):
                 yield
-            return
-        from sqlalchemy import text
-
-        digest = hashlib.sha256(f"sweep-study:{study.study_name}".encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks are named by a 64-bit integer
-        with self.storage.engine.connect() as connection:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
+        else:
+            with advisory_lock(self.storage.engine, f"sweep-study:{study.study_name}"):
                 yield
-            finally:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
     def retry_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial whose worker stopped beating (killed, its node lost) was failed: run it again once, and end its
@@ -505,12 +499,12 @@ class OptunaSearch:
             return run_id
 
     def join_session(self, study: optuna.Study) -> dict[str, Any]:
-        """The session this process works in: the one the multirun callback opened or joined, or (untracked) a new
-        one when none is open."""
+        """The session this process works in: the one the multirun callback opened or joined, or a new one with
+        this process's parent (none when untracked) if none is open."""
         with self.lock(study):
             session = study.user_attrs.get(SESSION_ATTR)
             if session is None:
-                session = self.new_session(None, None)
+                session = self.new_session(self.parent.run_id, sweeper_api.tracker_location(self.config.tracker))
                 study.set_user_attr(SESSION_ATTR, session)
         return session
 
@@ -1072,6 +1066,39 @@ def tally(study: optuna.Study) -> Tally:
         [t for t in trials if t.state == TrialState.RUNNING],
         [t for t in counted if t.state == TrialState.FAIL],
     )
+
+
+@contextlib.contextmanager
+def advisory_lock(engine: Any, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock called `name`, held on one connection of `engine`; the server releases it
+    when that connection dies, so a killed process never keeps it."""
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)  # a lock is a 64-bit int
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+@contextlib.contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Opening a storage, which creates or migrates its tables: one process at a time (workers starting together
+    on a new database would each create them, and all but one fail)."""
+    if url.startswith("sqlite:///"):
+        with sweeper_api.store_lock(url):
+            yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with advisory_lock(engine, "sweep-optuna-tables"):
+            yield
+    finally:
+        engine.dispose()
 
 
 def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
