@@ -101,8 +101,9 @@ def mlflow_server(postgres_server, tmp_path_factory):
 # -- end of the interim fixtures -----------------------------------------------------------------------------------
 
 
-def search(tmp_path: Path, study: str, storage: str, tracker_uri: str, *extra: str) -> list[str]:
-    """A 4-point grid on the tiny model, its study in `storage`, its runs in the experiment named after the study."""
+def search(tmp_path: Path, study: str, storage: str, tracker_uri: str | None, *extra: str) -> list[str]:
+    """A 4-point grid on the tiny model, its study in `storage`, its runs in the experiment named after the study
+    (on the tracking server at `tracker_uri`, else in the default store under the working directory)."""
     return [
         "-m",
         "hydra/sweeper=optuna",
@@ -111,11 +112,51 @@ def search(tmp_path: Path, study: str, storage: str, tracker_uri: str, *extra: s
         f"hydra.sweeper.study_name={study}",
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweeper.best_config_dir={tmp_path / 'best'}",
-        f"tracker.uri={tracker_uri}",
+        *([f"tracker.uri={tracker_uri}"] if tracker_uri else []),
         f"tracker.experiment={study}",
         *GRID,
         *extra,
     ]
+
+
+SLOW = [  # about 6 s a trial, mostly waiting for arrivals: long enough to be stopped in the middle of one
+    "workload=rate",
+    "workload.request_rate=1",
+    "workload.num_requests=6",
+    "workload.warmup_requests=0",
+    "workload.iterations=1",
+    "workload.input_len=8",
+    "workload.output_len=4",
+]
+
+
+def start_sweep(workdir: Path, *overrides: str) -> subprocess.Popen:
+    """`python -m sweep ...` started in the background, in a process group of its own (to kill it whole)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "sweep", *overrides]
+    return subprocess.Popen(
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def running_trial_run(tracker_uri: str, experiment: str, worker: subprocess.Popen):
+    """The MLflow run of a trial `worker` is running, once there is one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracker_uri)
+    tag = f"{socket.gethostname()}:{worker.pid}"
+    while worker.poll() is None:
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            running = client.search_runs(
+                [found.experiment_id], f"tags.{WORKER_TAG} = '{tag}' and attributes.status = 'RUNNING'"
+            )
+            if running:
+                return running[0]
+        time.sleep(0.5)
+    pytest.fail(f"the worker ran no trial: {worker.communicate()[0][-3000:]}")
 
 
 def runs_of(tracker_uri: str, experiment: str):
@@ -159,41 +200,12 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_run_again_by_the_othe
     tmp_path, postgres_url, mlflow_server
 ):
     """Two workers started by hand at the same instant (as on two nodes); kill -9 of one in the middle of a trial."""
-    slow = [  # about 6 s a trial, mostly waiting for arrivals: long enough to be killed in the middle of one
-        "workload=rate",
-        "workload.request_rate=1",
-        "workload.num_requests=6",
-        "workload.warmup_requests=0",
-        "workload.iterations=1",
-        "workload.input_len=8",
-        "workload.output_len=4",
-    ]
     heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=5"]
-    overrides = search(tmp_path, "killed", postgres_url, mlflow_server, *slow, *heartbeat)
-    command = [sys.executable, "-m", "sweep", *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    a, b = (
-        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-        for _ in range(2)
-    )  # fmt: skip
+    a, b = (start_sweep(tmp_path, *search(tmp_path, "killed", postgres_url, mlflow_server, *SLOW, *heartbeat))
+            for _ in range(2))  # fmt: skip
     a_worker = f"{socket.gethostname()}:{a.pid}"
     try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=mlflow_server)
-        running = []
-        for _ in range(600):  # until a trial's run of worker A is RUNNING: A is in the middle of that trial
-            experiment = client.get_experiment_by_name("killed")
-            if experiment is not None:
-                running = client.search_runs(
-                    [experiment.experiment_id], f"tags.{WORKER_TAG} = '{a_worker}' and attributes.status = 'RUNNING'"
-                )
-            if running or a.poll() is not None:
-                break
-            time.sleep(0.5)
-        assert running, f"worker A ran no trial: {a.communicate()[0][-3000:]}"
+        running = running_trial_run(mlflow_server, "killed", a)  # A is in the middle of that trial
         os.killpg(a.pid, signal.SIGKILL)
         b_output = b.communicate(timeout=540)[0]
     finally:
@@ -202,7 +214,7 @@ def test_a_killed_workers_trial_is_failed_by_heartbeat_and_run_again_by_the_othe
                 os.killpg(proc.pid, signal.SIGKILL)
     assert a.wait() == -signal.SIGKILL
     assert b.returncode == 0, b_output[-3000:]
-    killed_number = int(running[0].data.tags[TRIAL_TAG])
+    killed_number = int(running.data.tags[TRIAL_TAG])
 
     study = optuna.load_study(study_name="killed", storage=postgres_url)
     trials = {t.number: t for t in study.trials}
@@ -300,3 +312,32 @@ def test_an_unreachable_storage_stops_the_sweep_before_anything_is_recorded(tmp_
     assert result.returncode == 1 and "the sweep could not be set up: OperationalError" in output, output[-3000:]
     assert "secret" not in output and "Traceback" not in output
     assert mlflow_runs(tmp_path) == []
+
+
+def test_a_stopped_worker_gives_its_trial_back_at_once(tmp_path):
+    """SIGTERM (a pre-empted job, like Ctrl-C): the trial it ran is failed and queued to run again at once, its run
+    ended FAILED, instead of staying RUNNING until the grace period has passed (which the next start would wait for)."""
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    tracker_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    sweep = start_sweep(tmp_path, *search(tmp_path, "stopped", storage, None, *SLOW))
+    try:
+        running = running_trial_run(tracker_uri, "stopped", sweep)
+        sweep.send_signal(signal.SIGTERM)
+        output = sweep.communicate(timeout=120)[0]
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode != 0
+    stopped_number = int(running.data.tags[TRIAL_TAG])
+    study = optuna.load_study(study_name="stopped", storage=storage)
+    stopped = study.trials[stopped_number]
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped_number]
+    assert stopped.state == TrialState.FAIL and retry.state == TrialState.WAITING, output[-3000:]
+    (run,) = [r for r in runs_of(tracker_uri, "stopped") if r.info.run_id == running.info.run_id]
+    assert run.info.status == "FAILED" and "stopped: KeyboardInterrupt: terminated by SIGTERM" in run.data.tags["error"]
+
+    resumed = run_sweep(tmp_path, *search(tmp_path, "stopped", storage, None, *QUICK))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="stopped", storage=storage)
+    assert study.trials[retry.number].state == TrialState.COMPLETE and tally(study).counted == 4
+    assert {point(t) for t in study.trials if t.state == TrialState.COMPLETE} == POINTS

@@ -443,17 +443,31 @@ class OptunaSearch:
                 yield
 
     def retry_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial whose worker stopped beating (killed, its node lost) was failed: run it again once, and end its
-        MLflow run FAILED, which the dead worker left RUNNING, so that Optuna and MLflow count the same trials."""
+        """Optuna's callback for a trial whose worker stopped beating (killed, its node lost), which it failed."""
+        worker = trial.user_attrs.get(WORKER_ATTR, "unknown")
+        self.retry(study, trial, f"its worker ({worker}) stopped recording a heartbeat: failed by {self.worker}")
+
+    def retry(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, cause: str) -> None:
+        """A failed trial that never got its result: run it again once, and end its MLflow run FAILED (its worker
+        left it RUNNING, or KILLED), so that Optuna and MLflow count the same trials."""
         RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
         again = "not run again: it was a retry already" if trial.system_attrs.get("retry_history") else "run again"
-        why = (
-            f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) stopped recording a heartbeat: failed by "
-            f"{self.worker}, {again}"
-        )
+        why = f"{cause}, {again}"
         log.warning("trial %d failed: %s", trial.number, why)
         if self.parent is not None:
             self.parent.fail_trial_runs(study.study_name, trial.number, why)
+
+    def give_back_trials(self, study: optuna.Study, stopped_by: BaseException) -> None:
+        """The trials this process was running when it stopped (Ctrl-C, SIGTERM, an error): failed and queued to
+        run again now, as a dead worker's are after the grace period, so that no worker waits for them."""
+        for trial_id in self.running_here:
+            try:
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # told, or failed by another worker, meanwhile
+                continue
+            cause = f"its worker ({self.worker}) stopped: {type(stopped_by).__name__}: {stopped_by}"
+            self.retry(study, self.storage.get_trial(trial_id), cause[:500])
+        self.running_here = set()
 
     def warm_start(self, study: optuna.Study, s: SearchSettings) -> None:
         """On a new study, enqueue the point a memory model predicts, before the sampler takes over."""
@@ -559,8 +573,9 @@ class OptunaSearch:
                 results = self.run_workers(study, s)
             else:
                 results = self.run_trials(study, s, budget)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # the error being raised is what the user must see
+                self.give_back_trials(study, exc)
                 self.leave_session(study, budget.job_s, session)
             raise
         closed = self.leave_session(study, budget.job_s, session)
