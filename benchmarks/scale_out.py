@@ -6,7 +6,9 @@ Each configuration is one real command, `python -m sweep -m ... hydra.sweeper.wo
 over half the time of one (the start-up and the last, unshared trial do not split). The search time (first trial
 asked to last trial told, from the study) is given beside the wall time, as it leaves Python's start-up out.
 The trials' seconds summed over workers show whether each worker had a core of its own: on a machine busy with
-other work they grow with the workers, and the ratios move towards 1.
+other work they grow with the workers, and the ratios move towards 1. So does the machine's own check, taken
+before each configuration: how much longer two single-thread matmul loops take at once than one alone (1.0 when
+two cores are free, 2.0 when only one is).
 
     python benchmarks/scale_out.py [--workers 1 2] [--work build/scale_out] [--out benchmarks/results]
 """
@@ -39,6 +41,25 @@ WORKLOAD = [
 ]
 
 
+SPIN = """
+import time, torch
+torch.set_num_threads(1)
+a = torch.randn(256, 256)
+started = time.perf_counter()
+for _ in range(3000):
+    a @ a
+print(time.perf_counter() - started)
+"""
+
+
+def two_at_once_slowdown() -> float:
+    """How much longer two single-thread compute loops take side by side than one alone: the cores free now."""
+    alone = float(subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, check=True).stdout)
+    pair = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    together = [float(p.communicate()[0]) for p in pair]
+    return sum(together) / 2 / alone
+
+
 def run(workers: int, work: Path) -> dict:
     work.mkdir(parents=True)
     study = f"scale-out-{workers}"
@@ -48,6 +69,7 @@ def run(workers: int, work: Path) -> dict:
     command += [*WORKLOAD, *GRID]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    slowdown = two_at_once_slowdown()
     load_before = os.getloadavg()
     started = time.monotonic()
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
@@ -65,6 +87,7 @@ def run(workers: int, work: Path) -> dict:
         "wall_s": wall_s,
         "search_s": (last - first).total_seconds(),
         "trial_s_sum": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials),
+        "two_at_once_slowdown": slowdown,
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
@@ -85,15 +108,16 @@ def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
         "| workers | trials (complete) | trials per worker | wall (s) | wall ratio | search (s) | search ratio "
-        "| trial-seconds summed | load average before → after |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| trial-seconds summed | two loops at once / one | load average before → after |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         per_worker = ", ".join(str(n) for n in sorted(r["by_worker"].values(), reverse=True))
         lines.append(
             f"| {r['workers']} | {r['trials']} ({r['complete']}) | {per_worker} | {r['wall_s']:.1f} "
             f"| {r['wall_s'] / base['wall_s']:.2f} | {r['search_s']:.1f} | {r['search_s'] / base['search_s']:.2f} "
-            f"| {r['trial_s_sum']:.1f} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
+            f"| {r['trial_s_sum']:.1f} | {r['two_at_once_slowdown']:.2f} "
+            f"| {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
         )
     return "\n".join(lines)
 
