@@ -4,7 +4,8 @@ admission to its last token.
 Device side (what is compiled and captured):
 - `decode_rows(state, n)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`;
   rows that are not decoding (free, or in the middle of their prefill) compute a throw-away token, and only rows
-  marked in `state.live` advance. One compiled variant and one CUDA graph per size in `decode_sizes`.
+  marked in `state.live` advance. Two compiled variants (size 1, and n symbolic) and one CUDA graph per size in
+  `decode_sizes`.
 - `prefill_chunk(state, row, ids, start)`: part of one prompt into one row's cache columns start..start+width-1,
   its last position's greedy token into `state.token[row]`.
 
@@ -93,28 +94,35 @@ def decode_rows(state: SlotState, n: int) -> None:
 
 
 def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
-    """Prompt tokens [1, width] into row `row` at columns start..start+width-1; their last position's greedy token
-    goes to state.token[row] (the request's first output token when this chunk ends its prompt)."""
-    cols = torch.arange(input_ids.shape[1], device=state.device) + start
+    """Prompt tokens [width] into row `row` at columns start..start+width-1; their last position's greedy token
+    goes to state.token[row] (the request's first output token when this chunk ends its prompt). The ids are a 1-D
+    slice of the prompt: a 2-D one's stride differs per prompt length, and each new stride recompiled."""
+    cols = torch.arange(input_ids.shape[0], device=state.device) + start
     mask = as_mask(state, visible(state, cols)[None, None])  # [1, 1, width, max_seq_len]
     cache = StaticKVCache([k[row : row + 1] for k in state.keys], [v[row : row + 1] for v in state.values], cols)
-    logits = forward_last(state, input_ids, cols[None, :], mask, cache)
+    logits = forward_last(state, input_ids[None], cols[None, :], mask, cache)
     state.token[row].copy_(logits.argmax(dim=-1))
-    state.pos[row].fill_(start + input_ids.shape[1])
+    state.pos[row].fill_(start + input_ids.shape[0])
 
 
 def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple[Callable, dict[int, Callable]]:
     """The prefill-chunk call and one decode call per size, compiled as `plan` says."""
     prefill_fn, decode_fn = prefill_chunk, decode_rows
+    # A size of 0 or 1 (row 0, a column, a decode size) would otherwise get a graph of its own, and the first row
+    # or start column the warm-up did not try would recompile (a minute on an 8B model) in the middle of serving.
+    fx_config = torch.fx.experimental._config
+    if hasattr(fx_config, "backed_size_oblivious"):
+        fx_config.backed_size_oblivious = True
     if plan["prefill"] is not None:
-        # Dynamic from the first compile: chunk width, row and start column change every call (width 1 still gets
-        # its own specialisation, which warm-up compiles too).
+        # Dynamic from the first compile: chunk width, row and start column change every call. Width 1 still gets a
+        # graph of its own (transformers' sdpa branches on it), which warm-up compiles too.
         prefill_fn = torch.compile(prefill_chunk, fullgraph=True, dynamic=True, options=plan["prefill"])
     if plan["decode"] is not None:
-        # One specialisation per size (n is a constant of each graph): allow that many recompiles.
+        # The first size (1) compiles static, the second recompiles with n symbolic and serves every larger size:
+        # two compiles however many sizes are captured (each size still gets its own CUDA graph).
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), len(sizes) + 2))
-        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=False, options=plan["decode"])
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4))
+        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
 
     def run_prefill(row: int, input_ids, start: int) -> None:
         prefill_fn(state, row, input_ids, start)
@@ -140,10 +148,10 @@ def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[i
     warm-up run, a recording, a replay) before any timed request; then clear the rows."""
     width = max(2, min(16, state.max_seq_len // 4))
     second_row = min(1, state.batch - 1)
-    ids = torch.zeros((1, width + 1), dtype=torch.long, device=state.device)
-    run_prefill(0, ids[:, :width], 0)
+    ids = torch.zeros(width + 1, dtype=torch.long, device=state.device)
+    run_prefill(0, ids[:width], 0)
     run_prefill(second_row, ids, width)
-    run_prefill(second_row, ids[:, :1], 2 * width + 1)
+    run_prefill(second_row, ids[:1], 2 * width + 1)
     for run in run_decode.values():
         for _ in range(3):
             run()
@@ -157,7 +165,7 @@ def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[i
 class Running:
     request: Request
     row: int
-    ids: torch.Tensor  # the prompt on the device, [1, input_len]
+    ids: torch.Tensor  # the prompt on the device, [input_len]
     prefilled: int = 0  # prompt tokens in the cache
     generated: int = 0  # output tokens produced (queued on the device)
 
@@ -216,7 +224,7 @@ class InflightScheduler:
             if free:
                 for req in stream.take(len(free), wait=not running):
                     row = free.pop(0)
-                    ids = torch.tensor([req.input_ids], dtype=torch.long, pin_memory=self.cuda)
+                    ids = torch.tensor(req.input_ids, dtype=torch.long, pin_memory=self.cuda)
                     running[row] = Running(req, row, ids.to(state.device, non_blocking=True))
                     prefilling.append(running[row])
                     outputs[req.id] = []
@@ -253,7 +261,7 @@ class InflightScheduler:
             width = min(r.request.input_len - r.prefilled, budget)
             if r.prefilled == 0:
                 stream.admitted(r.request.id)
-            self.run_prefill(r.row, r.ids[:, r.prefilled : r.prefilled + width], r.prefilled)
+            self.run_prefill(r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
             r.prefilled += width
             budget -= width
             prefilled += width
