@@ -5,9 +5,9 @@ gpu_compare.py).
     python benchmarks/inflight_decode.py --work build/inflight --out benchmarks/results
     python benchmarks/inflight_decode.py --small --device cpu --work build/inflight-cpu --out /tmp/x   # rehearsal
 
-Engines, each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load), compile_mode
-reduce-overhead (--compile-mode): static at max_batch_size 1 and at 8 (each captures its one size) and in flight
-at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves b requests of
+Engines (--engines), each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load),
+compile_mode reduce-overhead (--compile-mode): by default static at max_batch_size 1 and at 8 (each captures its one
+size) and in flight at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves b requests of
 ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are compared
 with the static engine's), then `--steps` decode steps run back to back at context 512, timed with CUDA events
 (the median of `--repeats`), and the roofline efficiency as the run figure defines it (decode floor / step time).
@@ -37,7 +37,12 @@ from gpu_compare import (  # noqa: E402
 
 log = logging.getLogger("inflight_decode")
 ISL = 512
-ENGINES = (("static", 1, [1]), ("static", 8, [8]), ("inflight", 8, [1, 8]))  # scheduler, max_batch_size, batches
+ENGINES = ("static:1:1", "static:8:8", "inflight:8:1,8")  # scheduler:max_batch_size:batches measured
+
+
+def parse_engine(text: str) -> tuple[str, int, list[int]]:
+    scheduler, max_batch, batches = text.split(":")
+    return scheduler, int(max_batch), [int(b) for b in batches.split(",")]
 
 
 def compose(checkpoint: Path, work: Path, args, scheduler: str, max_batch: int):
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--engines", nargs="+", default=ENGINES, help="scheduler:max_batch_size:batches, in order")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     work = args.work.resolve()
@@ -137,7 +143,7 @@ def main() -> None:
     )
     results: list[dict[str, Any]] = []
     tokens: dict[tuple[str, int], list[list[int]]] = {}
-    for scheduler, max_batch, batches in ENGINES:
+    for scheduler, max_batch, batches in map(parse_engine, args.engines):
         start = time.perf_counter()
         p, entry = start_backend(compose(checkpoint, work, args, scheduler, max_batch))
         started_s = time.perf_counter() - start
