@@ -4,7 +4,7 @@
 - `write_result` / `read_result`: where a finished job leaves its figures (and run id) for the sweeper to read;
 - tag names a trial's run carries, and the sweep's parent run;
 - the figure names objectives and constraints may use;
-- `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
+- `store_lock(url)`: serialises creating or migrating a SQLite or PostgreSQL storage across processes;
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
 - `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
 - where best configs are written: under the user's working directory, never outside it;

@@ -1,7 +1,9 @@
 """Safety around a tracking store: serialised creation, retries on a locked SQLite file, run ownership, redaction.
 
-- Two processes creating or migrating the same SQLite store at once corrupt it (MLflow's and Optuna's alembic
-  migrations are not safe to run concurrently): `store_lock` serialises them with a file lock beside the store.
+- Two processes creating or migrating the same store at once break it (MLflow's and Optuna's schema creation and
+  alembic migrations are not safe to run concurrently; on PostgreSQL the loser fails on a duplicate key of the
+  catalog): `store_lock` serialises them, with a file lock beside a SQLite file and an advisory lock on a
+  PostgreSQL database, which holds across machines.
 - A writer holding a SQLite database longer than MLflow's busy timeout makes a call fail with "database is
   locked": `retry_when_locked` tries again with backoff.
 - A run records the process that owns it (`owner_tags`); a later start on the same host ends the runs whose
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_PREFIX = "sqlite:///"
+POSTGRES_SCHEME = "postgresql"  # postgresql:// and postgresql+<driver>://
+STORE_LOCK_KEY = 0x5357454550  # the PostgreSQL advisory lock every sweep process takes to create a store ("SWEEP")
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
 USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -49,14 +53,32 @@ def sqlite_path(uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Hold a file lock beside a SQLite store (creating its directory); nothing for a server."""
-    path = sqlite_path(uri)
-    if path is None:
+    """Hold the store's creation lock: a file lock beside a SQLite store (creating its directory), an advisory
+    lock on a PostgreSQL database; nothing for a tracking server, which made its store once when it started."""
+    if (path := sqlite_path(uri)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            yield
+    elif uri.split(":", 1)[0].split("+", 1)[0] == POSTGRES_SCHEME:
+        with postgres_advisory_lock(uri):
+            yield
+    else:
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        yield
+
+
+@contextlib.contextmanager
+def postgres_advisory_lock(uri: str) -> Iterator[None]:
+    """A session-level advisory lock on the database, held on a connection of its own until the block ends
+    (PostgreSQL releases it if this process dies)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)  # closing it disconnects: unlocked
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
+            yield
+    finally:
+        engine.dispose()
 
 
 def is_locked_error(exc: BaseException) -> bool:
