@@ -83,6 +83,19 @@ def test_an_optuna_search_keeps_its_study_on_postgresql(tmp_path, postgres_url, 
     assert not (tmp_path / "mlruns").exists()  # neither the study nor the runs went to the embedded stores
 
 
+def test_a_study_storage_that_cannot_be_opened_is_one_line_naming_the_key(tmp_path, postgres_url):
+    """A database the server does not have (a typo in the URL): refused before any trial, the password hidden."""
+    missing = urlsplit(postgres_url)._replace(path="/no_such_database").geturl()
+    result = run_sweep(tmp_path, "-m", "search=throughput", *QUICK, f"hydra.sweeper.storage={missing}", "tracker=none")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    port = urlsplit(postgres_url).port
+    expected = f"hydra.sweeper.storage='postgresql://***@127.0.0.1:{port}/no_such_database' cannot be opened ("
+    assert expected in output and 'database "no_such_database" does not exist' in output
+    assert "Traceback" not in output and urlsplit(postgres_url).password not in output
+    assert not list(tmp_path.glob("multirun/*/*/0"))  # no trial ran
+
+
 def open_store_at_once(kind: str, url: str, start) -> None:
     """In a process of its own: create the store at `url`, at the same moment as the other processes."""
     from trackers.mlflow_tracker import MLflowTracker

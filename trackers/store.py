@@ -8,6 +8,9 @@
   locked": `retry_when_locked` tries again with backoff.
 - A run records the process that owns it (`owner_tags`); a later start on the same host ends the runs whose
   process is gone (`owner_alive`), so kill -9 never leaves a run RUNNING for good.
+- A store's server that does not answer, or refuses the connection, fails in seconds with one line naming the
+  config key (`check_store_reachable`): MLflow retries a tracking server for minutes, and a database driver's error is
+  a page of traceback.
 - User info in a URI (`user:password@`) is never logged, stored or printed (`redact`).
 """
 
@@ -21,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
 
 from filelock import FileLock
 
@@ -29,7 +33,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_PREFIX = "sqlite:///"
-POSTGRES_SCHEME = "postgresql"  # postgresql:// and postgresql+<driver>://
+POSTGRES_SCHEME = "postgresql"
+DATABASE_SCHEMES = (POSTGRES_SCHEME, "mysql", "mssql")  # each also as <scheme>+<driver>://
+CONNECT_TIMEOUT_S = 3  # whole seconds: libpq's and the MySQL drivers' unit
 STORE_LOCK_KEY = 0x5357454550  # the PostgreSQL advisory lock every sweep process takes to create a store ("SWEEP")
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
@@ -47,6 +53,55 @@ def redact_file(path: Path) -> None:
         path.write_text(redact(text))
 
 
+class StoreUnreachable(ValueError):
+    """A store's server does not answer or refuses the connection (a ConfigError for sweep, which trackers cannot
+    import)."""
+
+
+def scheme_of(uri: str) -> str:
+    """The URI's scheme without SQLAlchemy's driver: postgresql+psycopg:// -> postgresql."""
+    return urlsplit(uri).scheme.split("+", 1)[0]
+
+
+def check_store_reachable(key: str, uri: str, advice: str) -> None:
+    """Raise StoreUnreachable, naming `key`, when the server of the store at `uri` (a tracking server or a
+    database) cannot be connected to; nothing for a SQLite file."""
+    parts = urlsplit(uri)
+    if scheme_of(uri) in ("http", "https"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+            return
+        except OSError as exc:
+            problem = f"cannot be reached ({exc.strerror or exc})"
+    elif scheme_of(uri) in DATABASE_SCHEMES:
+        refusal = database_refusal(uri)
+        if refusal is None:
+            return
+        problem = f"cannot be opened ({refusal})"
+    else:
+        return
+    raise StoreUnreachable(f"{key}={redact(uri)!r} {problem}; {advice}")
+
+
+def database_refusal(uri: str) -> str | None:
+    """Why a connection to the database fails (the first line of the driver's reason), or None when it opens."""
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if scheme_of(uri) != "mssql" else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    except ImportError as exc:
+        return f"its driver is not installed: {exc}"
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.DBAPIError as exc:
+        return redact(str(exc.orig).strip().splitlines()[0])
+    finally:
+        engine.dispose()
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
 
@@ -59,7 +114,7 @@ def store_lock(uri: str) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             yield
-    elif uri.split(":", 1)[0].split("+", 1)[0] == POSTGRES_SCHEME:
+    elif scheme_of(uri) == POSTGRES_SCHEME:
         with postgres_advisory_lock(uri):
             yield
     else:

@@ -329,6 +329,7 @@ class OptunaSearch:
             study_name = f"{prefix}-{model_name}-{config.backend.name}-{digest}"
         sweeper_api.best_config_path(self.best_config_dir, study_name)  # a study name must be a file name
         storage_url = st["storage"] or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
+        sweeper_api.check_storage_reachable(storage_url)
         s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials)
         self.check_resume(s, model_id)
         self.model_id = model_id
