@@ -4,7 +4,8 @@
 - `write_result` / `read_result`: where a finished job leaves its figures (and run id) for the sweeper to read;
 - tag names a trial's run carries, and the sweep's parent run;
 - the figure names objectives and constraints may use;
-- `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
+- `store_lock(url)`: serialises creating or migrating a SQLite or PostgreSQL storage across processes;
+- `check_storage_reachable(url)`: a study's database server that does not answer is a ConfigError, in seconds;
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
 - `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
 - where best configs are written: under the user's working directory, never outside it;
@@ -29,7 +30,7 @@ from sweep.gpus import GPU_ENV, gpu_groups
 from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
-from trackers.store import store_lock
+from trackers.store import StoreUnreachable, check_store_reachable, store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
 # The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
@@ -53,6 +54,7 @@ __all__ = [
     "JobResult",
     "WarmStartInputs",
     "best_config_path",
+    "check_storage_reachable",
     "check_figure",
     "check_sweep",
     "figure_unit",
@@ -67,6 +69,18 @@ __all__ = [
     "resolve_device",
     "write_result",
 ]
+
+
+def check_storage_reachable(url: str) -> None:
+    try:
+        check_store_reachable(
+            "hydra.sweeper.storage",
+            url,
+            "start the database server or point hydra.sweeper.storage at one that runs (leave it out for SQLite "
+            "under mlruns/)",
+        )
+    except StoreUnreachable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def infeasible(cfg: DictConfig) -> str | None:

@@ -329,6 +329,7 @@ class OptunaSearch:
             study_name = f"{prefix}-{model_name}-{config.backend.name}-{digest}"
         sweeper_api.best_config_path(self.best_config_dir, study_name)  # a study name must be a file name
         storage_url = st["storage"] or f"sqlite:///{Path.cwd() / 'mlruns' / 'optuna.db'}"
+        sweeper_api.check_storage_reachable(storage_url)
         s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials)
         self.check_resume(s, model_id)
         self.model_id = model_id
@@ -343,7 +344,8 @@ class OptunaSearch:
         if s.storage_url.startswith("sqlite:///") and not Path(s.storage_url.removeprefix("sqlite:///")).exists():
             return
         try:
-            stored = optuna.load_study(study_name=s.study_name, storage=s.storage_url).user_attrs.get("identity")
+            with sweeper_api.store_lock(s.storage_url):  # loading a study creates the storage's tables if missing
+                stored = optuna.load_study(study_name=s.study_name, storage=s.storage_url).user_attrs.get("identity")
         except KeyError:  # no such study yet
             return
         wanted = self.identity(s, model_id)
@@ -375,7 +377,7 @@ class OptunaSearch:
             Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
         # (its process died) is failed by the next sweep on the study, and retried once.
-        with sweeper_api.store_lock(s.storage_url):  # two sweeps creating optuna.db at once would both migrate it
+        with sweeper_api.store_lock(s.storage_url):  # two sweeps creating the storage at once both migrate it
             self.storage = optuna.storages.RDBStorage(
                 s.storage_url,
                 heartbeat_interval=self.settings["heartbeat_interval"],
