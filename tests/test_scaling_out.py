@@ -12,6 +12,7 @@ import optuna
 import pytest
 from conftest import QUICK, mlflow_runs, run_sweep
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from submitit.core.utils import JobPaths
 
@@ -19,6 +20,8 @@ from hydra_plugins.sweep_optuna_sweeper._impl import check_numbers, gpu_slots
 from sweep.compose import CONF_DIR, register_configs
 from sweep.errors import ConfigError
 
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+RAY = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 PARALLEL_SEARCH = [
     "-m",
     "hydra/sweeper=optuna",
@@ -93,12 +96,19 @@ def test_which_launchers_the_sweeper_pins_and_which_it_refuses(monkeypatch):
     with pytest.raises(ConfigError, match="hydra.launcher.gpus_per_node=1 is not allowed with hydra/launcher="):
         gpu_slots(hydra_config("hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=1"), 2, 1, "cuda")
 
-    # hydra-joblib-launcher is not a dependency: its config's _target_ is what the sweeper goes by
-    joblib = hydra_config("hydra/launcher=submitit_local")
-    joblib.hydra.launcher._target_ = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-    with pytest.raises(ConfigError, match="reuses its worker processes"):
+    # hydra-joblib-launcher and hydra-ray-launcher are not dependencies: the part of their config the sweeper reads
+    joblib = OmegaConf.create({"hydra": {"launcher": {"_target_": JOBLIB}, "runtime": {"choices": {}}}})
+    joblib.hydra.runtime.choices["hydra/launcher"] = "joblib"
+    with pytest.raises(
+        ConfigError, match="hydra/launcher=joblib with device=cuda is not allowed: it reuses its worker"
+    ):
         gpu_slots(joblib, 2, 1, "cuda")
     assert gpu_slots(joblib, 2, 1, "cpu") is None  # no CUDA in a trial: nothing to keep apart
+    ray = OmegaConf.create({"hydra": {"launcher": {"_target_": RAY, "ray": {"init": {}, "remote": {}}}}})
+    with pytest.raises(ConfigError, match="hydra.launcher.ray.remote.num_gpus is not set"):
+        gpu_slots(ray, 2, 1, "cuda")
+    ray.hydra.launcher.ray.remote.num_gpus = 2
+    assert gpu_slots(ray, 2, 2, "cuda") is None  # Ray gives each task its GPUs
 
     with pytest.raises(ConfigError, match=r"hydra.sweeper.gpus_per_trial=0 is not allowed"):
         check_numbers({"n_trials": 1, "n_jobs": 1, "gpus_per_trial": 0, "heartbeat_interval": 1})

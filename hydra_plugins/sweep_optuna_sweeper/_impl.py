@@ -55,6 +55,8 @@ PINNED_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.Loc
 # Launchers that run jobs in worker processes they keep for later jobs (joblib's loky): CUDA fixes a process's GPUs
 # when it starts in it, so a later trial there would run on an earlier trial's GPUs, beside another trial.
 REUSING_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
+# Ray reuses its workers too, unless a task asks for GPUs: then each gets a fresh one with its own GPUs.
+RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 
 
 # -- search space ---------------------------------------------------------------------------------------------
@@ -263,7 +265,7 @@ def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str)
     """CUDA_VISIBLE_DEVICES for each of a batch's n_jobs parallel trials; None where the sweeper pins nothing.
 
     Only a launcher that starts each job in a fresh local process is pinned. The basic launcher runs one job at a
-    time in this process; SLURM (submitit_slurm) and Ray give each job the GPUs it asks for themselves.
+    time in this process; SLURM (submitit_slurm) and Ray (remote.num_gpus) give each job the GPUs it asks for.
     """
     launcher = OmegaConf.select(config, "hydra.launcher._target_")  # None in a config composed without Hydra's part
     if launcher in REUSING_LAUNCHERS and device == "cuda":
@@ -273,6 +275,16 @@ def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str)
             "process keeps the GPUs CUDA started with, so trials would not stay on their own GPUs; use "
             "hydra/launcher=submitit_local (a fresh process per trial) with hydra.sweeper.n_jobs and "
             "hydra.sweeper.gpus_per_trial"
+        )
+    if (
+        launcher == RAY_LAUNCHER
+        and device == "cuda"
+        and not OmegaConf.select(config, "hydra.launcher.ray.remote.num_gpus")
+    ):
+        raise ConfigError(
+            "hydra.launcher.ray.remote.num_gpus is not set: Ray would give the trials no GPUs of their own and reuse "
+            "its worker processes; set it to the GPUs per trial, or use hydra/launcher=ray_gpus (it asks for "
+            "hydra.sweeper.gpus_per_trial)"
         )
     if launcher not in PINNED_LAUNCHERS:
         return None
@@ -508,8 +520,9 @@ class OptunaSearch:
 
     def launch(self, job_overrides: list[list[str]], job_index: int) -> Sequence[Any]:
         """The jobs, at most one per GPU slot at once; job i of each round is pinned to slot i (see gpu_slots)."""
-        # launchers log every job's full override list: the progress line replaces it on the console
-        logging.getLogger(type(self.launcher).__module__).setLevel(logging.WARNING)
+        # launchers log every job's full override list (from any module of their package): the progress line
+        # replaces it on the console
+        logging.getLogger(type(self.launcher).__module__.rpartition(".")[0]).setLevel(logging.WARNING)
         slots = self.gpu_slots
         size = len(slots) if slots else len(job_overrides) or 1
         returns: list[Any] = []
