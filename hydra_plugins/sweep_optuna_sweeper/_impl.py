@@ -57,6 +57,7 @@ PINNED_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.Loc
 REUSING_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
 # Ray reuses its workers too, unless a task asks for GPUs: then each gets a fresh one with its own GPUs.
 RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+RAY_GPUS_KEY = "hydra.launcher.ray.remote.num_gpus"
 
 
 # -- search space ---------------------------------------------------------------------------------------------
@@ -276,13 +277,9 @@ def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str)
             "hydra/launcher=submitit_local (a fresh process per trial) with hydra.sweeper.n_jobs and "
             "hydra.sweeper.gpus_per_trial"
         )
-    if (
-        launcher == RAY_LAUNCHER
-        and device == "cuda"
-        and not OmegaConf.select(config, "hydra.launcher.ray.remote.num_gpus")
-    ):
+    if launcher == RAY_LAUNCHER and device == "cuda" and not OmegaConf.select(config, RAY_GPUS_KEY):
         raise ConfigError(
-            "hydra.launcher.ray.remote.num_gpus is not set: Ray would give the trials no GPUs of their own and reuse "
+            f"{RAY_GPUS_KEY} is not set: Ray would give the trials no GPUs of their own and reuse "
             "its worker processes; set it to the GPUs per trial, or use hydra/launcher=ray_gpus (it asks for "
             "hydra.sweeper.gpus_per_trial)"
         )
