@@ -22,6 +22,9 @@ class OptunaSweeperConf:
     seed: Optional[int] = 0
     n_trials: int = 20  # trials in the study in all, counting those of an earlier, resumed invocation
     n_jobs: int = 1  # trials asked for at once and handed to the launcher as one batch
+    # GPUs each trial gets: the sweeper pins them (CUDA_VISIBLE_DEVICES) with hydra/launcher=submitit_local, the
+    # slurm and ray_gpus launcher presets ask their scheduler for them (README: Scaling out)
+    gpus_per_trial: int = 1
     # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
     study_name: Optional[str] = None
     resume_mismatched: bool = False  # resume a named study even if its space, objectives or model differ
