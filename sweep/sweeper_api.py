@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from sweep.errors import ConfigError
 from sweep.figures import metric_names
-from sweep.gpus import GPU_ENV, gpu_groups
+from sweep.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
 from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
@@ -147,9 +147,7 @@ def memory_for_warm_start(cfg: DictConfig) -> WarmStartInputs | str:
     except ConfigError as exc:
         return f"the base config is not runnable ({exc})"
     if plan.device == "cuda":
-        import torch
-
-        free, _total = torch.cuda.mem_get_info()
+        free = free_gpu_memory_bytes()
         source = f"free GPU memory of {plan.env.get('gpu_name', 'the GPU')}"
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

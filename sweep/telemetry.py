@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sweep.gpus import GPU_ENV
+from sweep.gpus import GPU_ENV, nvml_handle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class GPUSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.nvml:
-            self.handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.handle = nvml_handle(self.nvml, device_index)
             self.idle_used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
 
     def __enter__(self) -> GPUSampler:
@@ -174,7 +174,7 @@ def environment(device: str) -> dict[str, Any]:
     )
     nvml = _nvml()
     if nvml:
-        handle = nvml.nvmlDeviceGetHandleByIndex(0)
+        handle = nvml_handle(nvml)
         env.update(
             driver=nvml.nvmlSystemGetDriverVersion(),
             gpu_power_limit_w=nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1e3,
