@@ -5,11 +5,11 @@ gpu_compare.py).
     python benchmarks/inflight_decode.py --work build/inflight --out benchmarks/results
     python benchmarks/inflight_decode.py --small --device cpu --work build/inflight-cpu --out /tmp/x   # rehearsal
 
-Engines, each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load), compile_mode
-reduce-overhead (--compile-mode): static at max_batch_size 1 and at 8 (each captures its one size) and in flight
-at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves b requests of
-ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are compared
-with the static engine's), then `--steps` decode steps run back to back at context 512, timed with CUDA events
+Engines (--engines), each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load),
+compile_mode reduce-overhead (--compile-mode): by default static at max_batch_size 1 and at 8 (each captures its one
+size) and in flight at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves
+b requests of ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are
+compared with the static engine's), then `--steps` decode steps run back to back at context 512, timed with CUDA events
 (the median of `--repeats`), and the roofline efficiency as the run figure defines it (decode floor / step time).
 """
 
@@ -37,29 +37,36 @@ from gpu_compare import (  # noqa: E402
 
 log = logging.getLogger("inflight_decode")
 ISL = 512
-ENGINES = (("static", 1, [1]), ("static", 8, [8]), ("inflight", 8, [1, 8]))  # scheduler, max_batch_size, batches
+ENGINES = ("static:1:1", "static:8:8", "inflight:8:1,8")  # scheduler:max_batch_size:batches measured
 
 
-def compose(checkpoint: Path, work: Path, args, scheduler: str, max_batch: int):
+def parse_engine(text: str) -> tuple[str, int, list[int]]:
+    scheduler, max_batch, batches = text.split(":")
+    return scheduler, int(max_batch), [int(b) for b in batches.split(",")]
+
+
+def compose(checkpoint: Path, args, scheduler: str, max_batch: int):
     from sweep.compose import compose as compose_config
 
+    dtype = ("bfloat16" if args.llama else "float16") if args.device == "cuda" else "float32"
     return compose_config(
         [
-            "model=qwen2.5-7b",
+            "model=llama-3.1-8b" if args.llama else "model=qwen2.5-7b",
             f"model.path={checkpoint}",
+            f"model.dtype={dtype}",
             "backend=compiled",
             f"backend.scheduler={scheduler}",
             f"device={args.device}",
-            "engine.dtype=float16" if args.device == "cuda" else "engine.dtype=float32",
+            f"engine.dtype={dtype}",
             f"engine.compile_mode={args.compile_mode}",
             f"engine.max_batch_size={max_batch}",
-            f"engine.max_seq_len={ISL + args.steps + 32}",
+            f"engine.max_seq_len={args.max_seq_len or ISL + args.steps + 32}",
             "engine.cuda_graph_batch_sizes=[1,8]" if max_batch == 8 else "engine.cuda_graph_batch_sizes=null",
             "workload=throughput",
             f"workload.num_requests={max_batch}",
             f"workload.input_len={ISL}",
             "workload.output_len=32",
-            f"cache_dir={work / 'engines_cache'}",
+            f"cache_dir={args.cache_dir or args.work / 'engines_cache'}",
             "tracker=none",
         ]
     )
@@ -126,20 +133,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--engines", nargs="+", default=ENGINES, help="scheduler:max_batch_size:batches, in order")
+    # Reuse another benchmark's engines: load_curve.py's Llama checkpoint, cache and max_seq_len give cache hits.
+    parser.add_argument("--llama", type=Path, default=None, help="a Llama-3.1-8B-shaped bf16 checkpoint to use")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(
+    args.work = work
+    checkpoint = args.llama or make_checkpoint(
         work / ("qwen2.5-7b-random-fp16" if not args.small else "small-random"),
         SMALL if args.small else QWEN25_7B,
         args.device,
     )
     results: list[dict[str, Any]] = []
     tokens: dict[tuple[str, int], list[list[int]]] = {}
-    for scheduler, max_batch, batches in ENGINES:
+    for scheduler, max_batch, batches in map(parse_engine, args.engines):
         start = time.perf_counter()
-        p, entry = start_backend(compose(checkpoint, work, args, scheduler, max_batch))
+        p, entry = start_backend(compose(checkpoint, args, scheduler, max_batch))
         started_s = time.perf_counter() - start
         try:
             for batch in batches:

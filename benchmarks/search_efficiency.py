@@ -40,10 +40,12 @@ SPACES = {
         "engine.attn_implementation": ["eager", "sdpa"],
         "engine.dtype": ["float32", "bfloat16"],
     },
+    # In flight under an offered load, eager decode steps (compile_mode none: a build is seconds, so the grid fits
+    # in one GPU call): rows, the prefill token budget per step, and whether decode replays CUDA graphs.
     "gpu": {
-        "engine.max_batch_size": [16, 32, 64, 128, 256, 512],
-        "engine.compile_mode": ["none", "reduce-overhead"],
-        "engine.attn_implementation": ["eager", "sdpa"],
+        "engine.max_batch_size": [4, 8, 16, 32],
+        "engine.max_num_tokens": [128, 512, 2048],
+        "engine.cuda_graphs": [True, False],
     },
 }
 WORKLOADS = {
@@ -61,11 +63,22 @@ WORKLOADS = {
         "model=llama-3.1-8b",
         "model.path={checkpoint}",  # Llama-3.1-8B's architecture, random bf16 weights (written as gpu_compare.py does)
         "model.dtype=bfloat16",
+        "engine.dtype=bfloat16",
+        "device=cuda",
         "backend=compiled",
-        "workload=throughput",
-        "workload.num_requests=512",
-        "workload.input_len=1024",
-        "workload.output_len=256",
+        "backend.scheduler=inflight",
+        "engine.compile_mode=none",
+        "workload=rate",
+        "workload.request_rate=8",
+        "workload.num_requests=24",
+        "workload.warmup_requests=2",
+        "workload.length_distribution=normal",
+        "workload.input_len=512",
+        "workload.input_len_std=128",
+        "workload.output_len=64",
+        "workload.output_len_std=16",
+        "slo.ttft_ms=500",
+        "slo.tpot_ms=50",
         "engine.max_seq_len=1280",
         "engine.max_input_len=1024",
     ],

@@ -44,3 +44,30 @@ def gpu_groups(count: int, gpus_per_trial: int, key: str, visible: list[str] | N
             f"{len(visible)} are visible ({GPU_ENV}={','.join(visible)}); allowed: {key} <= {fits}"
         )
     return [",".join(visible[i * gpus_per_trial : (i + 1) * gpus_per_trial]) for i in range(count)]
+
+
+def nvml_handle(nvml, cuda_index: int = 0):
+    """NVML's handle of the GPU that CUDA calls `cuda_index` in this process.
+
+    NVML numbers every GPU of the machine and ignores $CUDA_VISIBLE_DEVICES: a trial pinned to GPU 3 sees it as
+    cuda:0, and NVML's index 0 would be another trial's GPU.
+    """
+    visible = os.environ.get(GPU_ENV)
+    if visible is None:
+        return nvml.nvmlDeviceGetHandleByIndex(cuda_index)
+    entry = [g.strip() for g in visible.split(",") if g.strip()][cuda_index]
+    if entry.isdigit():
+        return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return nvml.nvmlDeviceGetHandleByUUID(entry)  # GPU-… or MIG-… identifiers
+
+
+def free_gpu_memory_bytes() -> int:
+    """Free memory of this process's first GPU, read through NVML: torch's mem_get_info would open a CUDA context
+    that holds memory on that GPU for as long as the process (a sweeper) lives."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(pynvml)).free
+    finally:
+        pynvml.nvmlShutdown()

@@ -24,7 +24,8 @@ from sweep.model import ModelSource, model_sizes, resolve_model
 from sweep.telemetry import environment
 from sweep.validate import validate
 from sweep.workload import Workload, make_workload
-from trackers.mlflow_tracker import TrackerUnreachable, check_reachable, default_uri
+from trackers.mlflow_tracker import check_reachable, default_uri
+from trackers.store import StoreUnreachable
 
 
 @dataclass
@@ -79,7 +80,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     if cfg.tracker.name == "mlflow":  # before anything is prepared: a dead server would only fail at the end
         try:
             check_reachable(cfg.tracker.uri or default_uri())
-        except TrackerUnreachable as exc:
+        except StoreUnreachable as exc:
             raise ConfigError(str(exc)) from None
     backend_cls = BACKENDS[cfg.backend.name].load()
     backend_cls.check_installed()  # before the model is fetched or generated

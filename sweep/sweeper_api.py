@@ -5,7 +5,8 @@
 - tag names a trial's run carries, and the sweep's parent run (`tracker_location`: where its id is valid);
 - the environment a sweep's worker processes share with it (`WORKER_ENV`, `PARENT_STAYS_OPEN_ENV`);
 - the figure names objectives and constraints may use;
-- `store_lock(url)`: serialises creating or migrating a SQLite storage across processes;
+- `store_lock(url)`: serialises creating or migrating a SQLite or PostgreSQL storage across processes;
+- `check_storage_reachable(url)`: a study's database server that does not answer is a ConfigError, in seconds;
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
 - `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
 - where best configs are written: under the user's working directory, never outside it;
@@ -26,12 +27,12 @@ from omegaconf import DictConfig
 
 from sweep.errors import ConfigError
 from sweep.figures import metric_names
-from sweep.gpus import GPU_ENV, gpu_groups
+from sweep.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
 from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.mlflow_tracker import default_uri
-from trackers.store import redact, store_lock
+from trackers.store import StoreUnreachable, check_store_reachable, redact, store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
 # The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
@@ -64,6 +65,7 @@ __all__ = [
     "JobResult",
     "WarmStartInputs",
     "best_config_path",
+    "check_storage_reachable",
     "check_figure",
     "check_sweep",
     "figure_unit",
@@ -80,6 +82,18 @@ __all__ = [
     "tracker_location",
     "write_result",
 ]
+
+
+def check_storage_reachable(url: str) -> None:
+    try:
+        check_store_reachable(
+            "hydra.sweeper.storage",
+            url,
+            "start the database server or point hydra.sweeper.storage at one that runs (leave it out for SQLite "
+            "under mlruns/)",
+        )
+    except StoreUnreachable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def infeasible(cfg: DictConfig) -> str | None:
@@ -146,9 +160,7 @@ def memory_for_warm_start(cfg: DictConfig) -> WarmStartInputs | str:
     except ConfigError as exc:
         return f"the base config is not runnable ({exc})"
     if plan.device == "cuda":
-        import torch
-
-        free, _total = torch.cuda.mem_get_info()
+        free = free_gpu_memory_bytes()
         source = f"free GPU memory of {plan.env.get('gpu_name', 'the GPU')}"
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

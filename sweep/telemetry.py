@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sweep.gpus import GPU_ENV, nvml_handle
+
 log = logging.getLogger(__name__)
 
 SAMPLE_PERIOD_S = 0.1
@@ -43,7 +45,7 @@ class GPUSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.nvml:
-            self.handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.handle = nvml_handle(self.nvml, device_index)
             self.idle_used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
 
     def __enter__(self) -> GPUSampler:
@@ -155,7 +157,12 @@ def environment(device: str) -> dict[str, Any]:
         "sweep_git_commit": git_commit(),
         "host_cpu_count": os.cpu_count(),
         "device": device,
+        # which machine and process ran it: a parallel sweep's trials run in processes of their own, on any node
+        "host": platform.node(),
+        "pid": os.getpid(),
     }
+    if (gpus := os.environ.get(GPU_ENV)) is not None:  # the GPUs a parallel sweep pinned it to
+        env["cuda_visible_devices"] = gpus
     if device != "cuda":
         return env
     props = torch.cuda.get_device_properties(0)
@@ -167,7 +174,7 @@ def environment(device: str) -> dict[str, Any]:
     )
     nvml = _nvml()
     if nvml:
-        handle = nvml.nvmlDeviceGetHandleByIndex(0)
+        handle = nvml_handle(nvml)
         env.update(
             driver=nvml.nvmlSystemGetDriverVersion(),
             gpu_power_limit_w=nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1e3,

@@ -24,7 +24,7 @@ from sweep.config import (
 )
 from sweep.errors import ConfigError
 from sweep.figures import objective_names, unknown_figure_message
-from trackers.store import redact
+from trackers.store import redact, scheme_of
 
 # sqlite, a tracking server, or a database MLflow can use; the file store refuses to start in mlflow >= 3.13.
 TRACKER_URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
@@ -67,7 +67,7 @@ def check_tracker(t: Any) -> None:
     if not uri:
         return  # the default store, sqlite under the working directory
     parts = urlsplit(uri)
-    if parts.scheme not in TRACKER_URI_SCHEMES or not (parts.netloc or parts.path.strip("/")):
+    if scheme_of(uri) not in TRACKER_URI_SCHEMES or not (parts.netloc or parts.path.strip("/")):
         raise ConfigError(
             f"{key}={redact(uri)!r} is not allowed; use sqlite:///<path to a .db file> or the URL of a tracking "
             f"server or database ({', '.join(s + '://' for s in TRACKER_URI_SCHEMES[1:])})"

@@ -133,6 +133,10 @@ BAD_INPUTS = {
         lambda t, c: ["tracker.uri=http://127.0.0.1:1"],
         "tracker.uri='http://127.0.0.1:1' cannot be reached",
     ),
+    "tracker database unreachable": (
+        lambda t, c: ["tracker.uri=postgresql+psycopg://sweep:secret@127.0.0.1:1/runs"],
+        "tracker.uri='postgresql+psycopg://***@127.0.0.1:1/runs' cannot be opened (connection failed",
+    ),
     "num_requests unbounded": (
         lambda t, c: ["workload.num_requests=100000000"],
         "workload.num_requests=100000000 is not allowed; it must be <= 100000",

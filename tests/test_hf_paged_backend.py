@@ -98,7 +98,11 @@ def test_kv_cache_and_step_settings_reach_transformers(tiny_checkpoint, tmp_path
     paged = start(HFPagedBackend, cfg)
     try:
         resolved = paged.manager.continuous_batching_config
-        assert (resolved.page_size, resolved.max_batch_tokens, resolved.max_requests_per_batch) == (16, 24, 2)
+        assert (
+            getattr(resolved, hf_paged.page_field()),
+            resolved.max_batch_tokens,
+            resolved.max_requests_per_batch,
+        ) == (16, 24, 2)
         assert resolved.num_blocks >= 9 and not resolved.allow_block_sharing  # whole sectors: at least the blocks
     finally:
         paged.close()

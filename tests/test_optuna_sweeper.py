@@ -503,3 +503,15 @@ def test_a_search_prints_one_progress_line_per_trial_and_names_its_runs(tmp_path
     assert sum(r.info.run_name.startswith("confirm trial ") for r in runs) == 1
     job_logs = [log.read_text() for log in (tmp_path / "multirun").rglob("sweep.log")]
     assert sum("tiny · hf · cpu" in text for text in job_logs) == len(children_of(runs, parent))  # tables: in logs
+
+
+@pytest.mark.parametrize(
+    "preset,metric",
+    [(None, "output_throughput_tok_s"), ("goodput", "goodput_req_s"), ("throughput", "output_throughput_tok_s")],
+)
+def test_a_search_preset_sets_the_objective_it_names(preset, metric):
+    # config.yaml's own objective came after the presets in its defaults list and silently replaced theirs:
+    # search=goodput optimised output throughput.
+    cfg = compose([f"search={preset}"] if preset else [])
+    assert cfg.objective.metric == metric
+    assert compose(["search=goodput", "objective.metric=ttft_ms_p99"]).objective.metric == "ttft_ms_p99"

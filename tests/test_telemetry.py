@@ -1,4 +1,7 @@
-"""The device bandwidth cache: keyed on the board, not its name. The measurement itself needs a GPU (faked here)."""
+"""The device bandwidth cache: keyed on the board, not its name. The measurement itself needs a GPU (faked here).
+And which GPU NVML reads in a pinned process (NVML faked: no GPU here)."""
+
+import pytest
 
 from sweep import telemetry
 
@@ -19,3 +22,29 @@ def test_bandwidth_is_cached_per_board_driver_and_memory_clock(tmp_path, monkeyp
     for change in ({"gpu_uuid": "GPU-b"}, {"driver": "580.2"}, {"gpu_mem_clock_mhz_max": 2619}):
         assert telemetry.device_bandwidth(tmp_path, {**board, **change}) != first  # same name, another board
     assert len(measured) == 4
+
+
+class RecordingNvml:
+    """A stand-in for pynvml (no GPU here): records which GPU a handle was asked for."""
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("index", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return ("uuid", uuid)
+
+
+@pytest.mark.parametrize(
+    "visible,expected",
+    [(None, ("index", 0)), ("3,5", ("index", 3)), ("GPU-8f2a,GPU-77", ("uuid", "GPU-8f2a")), (" 6 ", ("index", 6))],
+)
+def test_nvml_samples_the_gpu_cuda_calls_device_0(monkeypatch, visible, expected):
+    # A trial pinned to GPU 3 sees it as cuda:0; NVML ignores CUDA_VISIBLE_DEVICES, so its index 0 would be
+    # another trial's GPU (utilisation, power and energy of the wrong device).
+    from sweep.gpus import nvml_handle
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_handle(RecordingNvml()) == expected

@@ -1,17 +1,13 @@
 """Worker mode of the Optuna sweeper: several processes on one study in PostgreSQL, one MLflow server, one parent
-run. Everything is real: PostgreSQL, an MLflow tracking server, Hydra, Optuna, transformers on the tiny model, and
-kill -9 of a worker's process group."""
+run. Everything is real: PostgreSQL and an MLflow tracking server (conftest's postgres_url and mlflow_server),
+Hydra, Optuna, transformers on the tiny model, and kill -9 of a worker's process group."""
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import optuna
@@ -26,79 +22,6 @@ from sweep.sweeper_api import STUDY_TAG, TRIAL_TAG, WORKER_TAG
 
 GRID = ["engine.max_batch_size=choice(1,2)", "engine.attn_implementation=choice(eager,sdpa)"]
 POINTS = {(b, a) for b in (1, 2) for a in ("eager", "sdpa")}
-
-
-# -- INTERIM fixtures: tests/conftest.py gets `postgres_url` and `mlflow_server` (same names and semantics) from ---
-# -- another branch; at merge, delete everything down to the next marker and use those. ---------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A PostgreSQL 15 server for the session, in a temporary directory, on a free port: its base URL."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed")
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
-    root = Path(tempfile.mkdtemp(prefix="sweep-postgres-"))
-    if as_postgres:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", free_port()
-    init = [*as_postgres, initdb, "-D", data, "-U", "postgres", "--auth=trust"]
-    subprocess.run(init, check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_postgres, pg_ctl, "-D", data, "-l", root / "log", "-o", options, "-w", "start"], check=True)
-    yield f"postgresql://postgres@127.0.0.1:{port}"
-    subprocess.run([*as_postgres, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def create_database(server: str, name: str) -> str:
-    import psycopg2
-
-    connection = psycopg2.connect(f"{server}/postgres")
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    connection.close()
-    return f"{server}/{name}"
-
-
-@pytest.fixture
-def postgres_url(postgres_server) -> str:
-    """A fresh, empty database for one test."""
-    return create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(postgres_server, tmp_path_factory):
-    """An MLflow tracking server backed by PostgreSQL, artifacts in a temporary directory: its base URL."""
-    store = create_database(postgres_server, "mlflow")
-    artifacts, port = tmp_path_factory.mktemp("mlflow-artifacts"), free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--workers", "1"]
-    command += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)]
-    log = open(artifacts / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            assert server.poll() is None, (artifacts / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    else:
-        pytest.fail(f"the MLflow server did not answer: {(artifacts / 'server.log').read_text()[-3000:]}")
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
-    log.close()
-
-
-# -- end of the interim fixtures -----------------------------------------------------------------------------------
 
 
 def search(tmp_path: Path, study: str, storage: str, tracker_uri: str | None, *extra: str) -> list[str]:
@@ -302,16 +225,6 @@ def test_a_worker_gets_the_same_command_with_its_own_settings():
         "hydra.sweep.dir=/out/worker-1",
         'hydra.sweeper.storage="sqlite:////d/o.db"',
     ]
-
-
-def test_an_unreachable_storage_stops_the_sweep_before_anything_is_recorded(tmp_path):
-    """Hydra only warns when a callback raises: without the callback's own exit, the workers would run unrecorded."""
-    storage = f"postgresql://sweep:secret@127.0.0.1:{free_port()}/optuna"  # nothing listens there
-    result = run_sweep(tmp_path, *search(tmp_path, "nowhere", storage, "", "hydra.sweeper.workers=2", *QUICK))
-    output = result.stdout + result.stderr
-    assert result.returncode == 1 and "the sweep could not be set up: OperationalError" in output, output[-3000:]
-    assert "secret" not in output and "Traceback" not in output
-    assert mlflow_runs(tmp_path) == []
 
 
 def test_a_stopped_worker_gives_its_trial_back_at_once(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 from trackers.base import TrackedRun, Tracker
 from trackers.store import (
     OWNER_HOST,
+    check_store_reachable,
     owner_alive,
     owner_tags,
     redact,
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
-REACH_TIMEOUT_S = 3.0
 
 METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows all 17, timings carry fewer
 
@@ -46,26 +46,14 @@ def default_uri() -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """A tracking server that does not answer fails in seconds with one line, before anything is prepared
-    (MLflow itself retries for minutes)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=REACH_TIMEOUT_S).close()
-    except OSError as exc:
-        raise TrackerUnreachable(
-            f"tracker.uri={redact(uri)!r} cannot be reached ({exc.strerror or exc}); start the tracking server, "
-            "point tracker.uri (or $MLFLOW_TRACKING_URI) at one that runs, or use tracker=none"
-        ) from None
-
-
-class TrackerUnreachable(ValueError):
-    """The tracking server does not answer (a ConfigError for sweep, which trackers cannot import)."""
+    """A tracking server or database that does not answer fails in seconds with one line, before anything is
+    prepared (MLflow itself retries for minutes)."""
+    check_store_reachable(
+        "tracker.uri",
+        uri,
+        "start the tracking server or database, point tracker.uri (or $MLFLOW_TRACKING_URI) at one that runs, "
+        "or use tracker=none",
+    )
 
 
 def rounded(value: float) -> float:

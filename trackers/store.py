@@ -1,11 +1,16 @@
 """Safety around a tracking store: serialised creation, retries on a locked SQLite file, run ownership, redaction.
 
-- Two processes creating or migrating the same SQLite store at once corrupt it (MLflow's and Optuna's alembic
-  migrations are not safe to run concurrently): `store_lock` serialises them with a file lock beside the store.
+- Two processes creating or migrating the same store at once break it (MLflow's and Optuna's schema creation and
+  alembic migrations are not safe to run concurrently; on PostgreSQL the loser fails on a duplicate key of the
+  catalog): `store_lock` serialises them, with a file lock beside a SQLite file and an advisory lock on a
+  PostgreSQL database, which holds across machines.
 - A writer holding a SQLite database longer than MLflow's busy timeout makes a call fail with "database is
   locked": `retry_when_locked` tries again with backoff.
 - A run records the process that owns it (`owner_tags`); a later start on the same host ends the runs whose
   process is gone (`owner_alive`), so kill -9 never leaves a run RUNNING for good.
+- A store's server that does not answer, or refuses the connection, fails in seconds with one line naming the
+  config key (`check_store_reachable`): MLflow retries a tracking server for minutes, and a database driver's error is
+  a page of traceback.
 - User info in a URI (`user:password@`) is never logged, stored or printed (`redact`).
 """
 
@@ -19,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
 
 from filelock import FileLock
 
@@ -27,6 +33,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_PREFIX = "sqlite:///"
+POSTGRES_SCHEME = "postgresql"
+DATABASE_SCHEMES = (POSTGRES_SCHEME, "mysql", "mssql")  # each also as <scheme>+<driver>://
+CONNECT_TIMEOUT_S = 3  # whole seconds: libpq's and the MySQL drivers' unit
+STORE_LOCK_KEY = 0x5357454550  # the PostgreSQL advisory lock every sweep process takes to create a store ("SWEEP")
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
 USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -43,20 +53,87 @@ def redact_file(path: Path) -> None:
         path.write_text(redact(text))
 
 
+class StoreUnreachable(ValueError):
+    """A store's server does not answer or refuses the connection (a ConfigError for sweep, which trackers cannot
+    import)."""
+
+
+def scheme_of(uri: str) -> str:
+    """The URI's scheme without SQLAlchemy's driver: postgresql+psycopg:// -> postgresql."""
+    return urlsplit(uri).scheme.split("+", 1)[0]
+
+
+def check_store_reachable(key: str, uri: str, advice: str) -> None:
+    """Raise StoreUnreachable, naming `key`, when the server of the store at `uri` (a tracking server or a
+    database) cannot be connected to; nothing for a SQLite file."""
+    parts = urlsplit(uri)
+    if scheme_of(uri) in ("http", "https"):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+            return
+        except OSError as exc:
+            problem = f"cannot be reached ({exc.strerror or exc})"
+    elif scheme_of(uri) in DATABASE_SCHEMES:
+        refusal = database_refusal(uri)
+        if refusal is None:
+            return
+        problem = f"cannot be opened ({refusal})"
+    else:
+        return
+    raise StoreUnreachable(f"{key}={redact(uri)!r} {problem}; {advice}")
+
+
+def database_refusal(uri: str) -> str | None:
+    """Why a connection to the database fails (the first line of the driver's reason), or None when it opens."""
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if scheme_of(uri) != "mssql" else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    except ImportError as exc:
+        return f"its driver is not installed: {exc}"
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.DBAPIError as exc:
+        return redact(str(exc.orig).strip().splitlines()[0])
+    finally:
+        engine.dispose()
+
+
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
 
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Hold a file lock beside a SQLite store (creating its directory); nothing for a server."""
-    path = sqlite_path(uri)
-    if path is None:
+    """Hold the store's creation lock: a file lock beside a SQLite store (creating its directory), an advisory
+    lock on a PostgreSQL database; nothing for a tracking server, which made its store once when it started."""
+    if (path := sqlite_path(uri)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            yield
+    elif scheme_of(uri) == POSTGRES_SCHEME:
+        with postgres_advisory_lock(uri):
+            yield
+    else:
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        yield
+
+
+@contextlib.contextmanager
+def postgres_advisory_lock(uri: str) -> Iterator[None]:
+    """A session-level advisory lock on the database, held on a connection of its own until the block ends
+    (PostgreSQL releases it if this process dies)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)  # closing it disconnects: unlocked
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
+            yield
+    finally:
+        engine.dispose()
 
 
 def is_locked_error(exc: BaseException) -> bool:

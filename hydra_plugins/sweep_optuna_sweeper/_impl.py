@@ -63,8 +63,15 @@ SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 CONFIG_GROUPS = ("model", "backend", "workload", "tracker")
 WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
-# Hydra's basic launcher logs every job's full override list: the progress line replaces it on the console.
-LAUNCHER_LOGGER = "hydra._internal.core_plugins.basic_launcher"
+# Launchers (their _target_) that start every job of a batch at once, each in a fresh process on this host: the
+# sweeper pins job i of a batch to GPU group i. submitit's local executor gives every job the same GPUs itself.
+PINNED_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",)
+# Launchers that run jobs in worker processes they keep for later jobs (joblib's loky): CUDA fixes a process's GPUs
+# when it starts in it, so a later trial there would run on an earlier trial's GPUs, beside another trial.
+REUSING_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
+# Ray reuses its workers too, unless a task asks for GPUs: then each gets a fresh one with its own GPUs.
+RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+RAY_GPUS_KEY = "hydra.launcher.ray.remote.num_gpus"
 # The study's user attribute that holds its session: the parent run its workers share, and who opened it.
 SESSION_ATTR = "session"
 WORKER_ATTR = "worker"  # a trial's user attribute: the host:pid of the worker that asked for it
@@ -263,7 +270,7 @@ def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStar
 
 def check_numbers(st: dict[str, Any]) -> None:
     """The sweeper's numeric settings, each within what it can mean."""
-    for key in ("n_trials", "n_jobs", "heartbeat_interval", "workers", "gpus_per_trial"):
+    for key in ("n_trials", "n_jobs", "gpus_per_trial", "heartbeat_interval", "workers"):
         if st[key] < 1:
             raise ConfigError(f"hydra.sweeper.{key}={st[key]} is not allowed; it must be 1 or more")
     if st["grace_period"] is not None and st["grace_period"] < 1:
@@ -272,6 +279,42 @@ def check_numbers(st: dict[str, Any]) -> None:
         raise ConfigError(f"hydra.sweeper.confirm_top_k={st['confirm_top_k']} is not allowed; 0 or more")
     if st["budget_minutes"] is not None and st["budget_minutes"] <= 0:
         raise ConfigError(f"hydra.sweeper.budget_minutes={st['budget_minutes']} is not allowed; above 0")
+
+
+def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES for each of a batch's n_jobs parallel trials; None where the sweeper pins nothing.
+
+    Only a launcher that starts each job in a fresh local process is pinned. The basic launcher runs one job at a
+    time in this process; SLURM (submitit_slurm) and Ray (remote.num_gpus) give each job the GPUs it asks for.
+    """
+    launcher = OmegaConf.select(config, "hydra.launcher._target_")  # None in a config composed without Hydra's part
+    if launcher in REUSING_LAUNCHERS and device == "cuda":
+        choice = OmegaConf.select(config, "hydra.runtime.choices.hydra/launcher")
+        raise ConfigError(
+            f"hydra/launcher={choice} with device=cuda is not allowed: it reuses its worker processes, and a "
+            "process keeps the GPUs CUDA started with, so trials would not stay on their own GPUs; use "
+            "hydra/launcher=submitit_local (a fresh process per trial) with hydra.sweeper.n_jobs and "
+            "hydra.sweeper.gpus_per_trial"
+        )
+    if launcher == RAY_LAUNCHER and device == "cuda" and not OmegaConf.select(config, RAY_GPUS_KEY):
+        raise ConfigError(
+            f"{RAY_GPUS_KEY} is not set: Ray would give the trials no GPUs of their own and reuse "
+            "its worker processes; set it to the GPUs per trial, or use hydra/launcher=ray_gpus (it asks for "
+            "hydra.sweeper.gpus_per_trial)"
+        )
+    if launcher not in PINNED_LAUNCHERS:
+        return None
+    if config.hydra.launcher.gpus_per_node is not None:
+        raise ConfigError(
+            f"hydra.launcher.gpus_per_node={config.hydra.launcher.gpus_per_node} is not allowed with "
+            "hydra/launcher=submitit_local: it gives every trial the same GPUs; leave it unset and set "
+            "hydra.sweeper.gpus_per_trial (each parallel trial then gets GPUs of its own)"
+        )
+    try:
+        groups = sweeper_api.gpu_groups(n_jobs, gpus_per_trial, "hydra.sweeper.n_jobs")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}, or a smaller hydra.sweeper.gpus_per_trial (now {gpus_per_trial})") from None
+    return None if groups[0] is None else groups  # a machine without GPUs: nothing to pin
 
 
 # -- set-up: every check before the parent run ----------------------------------------------------------------
@@ -356,12 +399,14 @@ class OptunaSearch:
                 f"hydra.sweeper.storage={sweeper_api.redact(storage_url)!r} is not allowed; the study's workers share "
                 "it through sqlite:///<file> (one host) or postgresql://<user>@<host>/<database> (any number of hosts)"
             )
+        sweeper_api.check_storage_reachable(storage_url)
         if st["workers"] > 1:  # each worker gets its own GPUs: refuse what does not fit before anything runs
             sweeper_api.gpu_groups(st["workers"], st["gpus_per_trial"], "hydra.sweeper.workers")
         s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials)
         self.check_resume(s, model_id)
         self.model_id = model_id
         self.device = sweeper_api.resolve_device(config.device)
+        self.gpu_slots = gpu_slots(config, st["n_jobs"], st["gpus_per_trial"], self.device)
         return s
 
     def identity(self, s: SearchSettings, model_id: str) -> dict[str, Any]:
@@ -372,9 +417,8 @@ class OptunaSearch:
         if s.storage_url.startswith("sqlite:///") and not Path(s.storage_url.removeprefix("sqlite:///")).exists():
             return
         try:
-            with creation_lock(s.storage_url):  # opening a storage creates its tables when there are none
-                storage = optuna.storages.RDBStorage(s.storage_url)
-            stored = optuna.load_study(study_name=s.study_name, storage=storage).user_attrs.get("identity")
+            with sweeper_api.store_lock(s.storage_url):  # loading a study creates the storage's tables if missing
+                stored = optuna.load_study(study_name=s.study_name, storage=s.storage_url).user_attrs.get("identity")
         except KeyError:  # no such study yet
             return
         wanted = self.identity(s, model_id)
@@ -406,7 +450,7 @@ class OptunaSearch:
             Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
         # (its process died) is failed by the next worker that looks (fail_stale_trials), and retried once.
-        with creation_lock(s.storage_url):  # two sweeps creating the tables at once would both create them
+        with sweeper_api.store_lock(s.storage_url):  # two sweeps creating the storage at once both migrate it
             self.storage = optuna.storages.RDBStorage(
                 s.storage_url,
                 heartbeat_interval=self.settings["heartbeat_interval"],
@@ -432,8 +476,10 @@ class OptunaSearch:
     def lock(self, study: optuna.Study) -> Iterator[None]:
         """One process of the study's workers at a time: counting and asking, opening and closing the session.
 
-        SQLite: the file lock beside the database (one host). PostgreSQL: a session advisory lock, which the server
-        releases when the holding connection dies, so a killed worker never keeps it.
+        SQLite: the file lock beside the database (one host). PostgreSQL: an advisory lock of this study alone, on a
+        pooled connection of the storage, since it is taken at every ask (store_lock's locks the whole database, on
+        a connection of its own); the server releases it when the holding connection dies, so a killed worker never
+        keeps it.
         """
         if self.storage.url.startswith("sqlite:///"):
             with sweeper_api.store_lock(self.storage.url):
@@ -683,9 +729,20 @@ class OptunaSearch:
         return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
 
     def launch(self, job_overrides: list[list[str]], job_index: int) -> Sequence[Any]:
-        logging.getLogger(LAUNCHER_LOGGER).setLevel(logging.WARNING)
+        """The jobs, at most one per GPU slot at once; job i of each round is pinned to slot i (see gpu_slots)."""
+        # launchers log every job's full override list (from any module of their package): the progress line
+        # replaces it on the console
+        logging.getLogger(type(self.launcher).__module__.rpartition(".")[0]).setLevel(logging.WARNING)
+        slots = self.gpu_slots
+        size = len(slots) if slots else len(job_overrides) or 1
+        returns: list[Any] = []
         try:
-            return self.launcher.launch(job_overrides, initial_job_idx=job_index)
+            for start in range(0, len(job_overrides), size):
+                jobs = job_overrides[start : start + size]
+                if slots is not None:  # Hydra sets env_set in the job's process before the task starts
+                    jobs = [[*o, f'++hydra.job.env_set.{sweeper_api.GPU_ENV}="{g}"'] for o, g in zip(jobs, slots)]
+                returns += self.launcher.launch(jobs, initial_job_idx=job_index + start)
+            return returns
         finally:  # each job set up its own logging (console at WARNING): the sweeper's lines go to the console
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
@@ -1098,24 +1155,6 @@ def advisory_lock(engine: Any, name: str) -> Iterator[None]:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
-@contextlib.contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Opening a storage, which creates or migrates its tables: one process at a time (workers starting together
-    on a new database would each create them, and all but one fail)."""
-    if url.startswith("sqlite:///"):
-        with sweeper_api.store_lock(url):
-            yield
-        return
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with advisory_lock(engine, "sweep-optuna-tables"):
-            yield
-    finally:
-        engine.dispose()
-
-
 def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["parent_run_id"], a["opened_by"]) == (b["parent_run_id"], b["opened_by"])
 
@@ -1160,7 +1199,10 @@ class ParentRun:
                 "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in s.constraints.items()}),
                 "optuna.search_space": json.dumps(space_identity(s.space)),
                 "optuna.fixed_overrides": " ".join(s.fixed),
-                **{f"optuna.{k}": st[k] for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes")},
+                **{
+                    f"optuna.{k}": st[k]
+                    for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes", "gpus_per_trial")
+                },
             }
         )
 

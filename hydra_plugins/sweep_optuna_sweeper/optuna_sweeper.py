@@ -24,7 +24,10 @@ class OptunaSweeperConf:
     n_jobs: int = 1  # trials asked for at once and handed to the launcher as one batch
     # worker processes this command starts on this host, each asking the shared study for its next trial when free
     workers: int = 1
-    gpus_per_trial: int = 1  # GPUs each worker (or parallel trial) is pinned to, from those visible
+    # GPUs each trial (and each worker) gets: the sweeper pins them (CUDA_VISIBLE_DEVICES) with
+    # hydra/launcher=submitit_local and hydra.sweeper.workers, the slurm and ray_gpus launcher presets ask their
+    # scheduler for them (README: Scaling out)
+    gpus_per_trial: int = 1
     # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
     study_name: Optional[str] = None
     resume_mismatched: bool = False  # resume a named study even if its space, objectives or model differ

@@ -4,9 +4,10 @@ admission to its last token.
 Device side (what is compiled and captured):
 - `decode_rows(state, n)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`;
   rows that are not decoding (free, or in the middle of their prefill) compute a throw-away token, and only rows
-  marked in `state.live` advance. One compiled variant and one CUDA graph per size in `decode_sizes`.
-- `prefill_chunk(state, row, ids, start)`: part of one prompt into one row's cache columns start..start+width-1,
-  its last position's greedy token into `state.token[row]`.
+  marked in `state.live` advance. Three compiled variants (size 1, n symbolic, max_batch_size) and one CUDA graph
+  per size in `decode_sizes`.
+- `prefill_chunk(state, ids)`: part of one prompt into one row's cache columns start..start+width-1 (row and
+  start in device buffers), its last position's greedy token into `state.token[row]`.
 
 Host side (`InflightScheduler.serve`): every step takes what has arrived into free rows, decodes the running rows
 with the smallest captured size that covers them, then spends what is left of `max_num_tokens` on prompt chunks,
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from sweep.backends.compiled.engine import StaticKVCache, StaticState, forward_last
+from sweep.backends.compiled.engine import StaticState, forward_last
 from sweep.serving import RequestStream
 from sweep.workload import Request
 
@@ -39,7 +40,12 @@ class SlotState(StaticState):
         super().__init__(model, batch, max_seq_len, attn_implementation)
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # the column the row's next token fills
         self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
-        for tensor in (self.pos, self.live):
+        # The prompt chunk's row and first column, as device values: as Python ints, rows 0 and 1 and column 0
+        # would each get a compiled graph of their own, and the first one warm-up missed would recompile (a minute
+        # on an 8B model) in the middle of serving.
+        self.chunk_row = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.chunk_start = torch.zeros(1, dtype=torch.long, device=self.device)
+        for tensor in (self.pos, self.live, self.chunk_row, self.chunk_start):
             torch._dynamo.mark_static_address(tensor)
 
     def reset_rows(self) -> None:
@@ -92,32 +98,53 @@ def decode_rows(state: SlotState, n: int) -> None:
     state.pos[:n].add_(state.live[:n])
 
 
-def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
-    """Prompt tokens [1, width] into row `row` at columns start..start+width-1; their last position's greedy token
-    goes to state.token[row] (the request's first output token when this chunk ends its prompt)."""
-    cols = torch.arange(input_ids.shape[1], device=state.device) + start
+class ChunkCache:
+    """Prefill of one row: the chunk's keys and values go to columns `cols` of row `state.chunk_row`; attention
+    reads that row (a copy: a row picked by a device value cannot be a view)."""
+
+    def __init__(self, state: SlotState, cols):
+        self.state, self.cols = state, cols
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        row = self.state.chunk_row
+        keys, values = self.state.keys[layer_idx], self.state.values[layer_idx]
+        # key_states: [1, kv_heads, width, head_dim]; the indexed slots are [1, width, kv_heads, head_dim]
+        keys[row[:, None], :, self.cols[None, :]] = key_states.transpose(1, 2)
+        values[row[:, None], :, self.cols[None, :]] = value_states.transpose(1, 2)
+        return keys.index_select(0, row), values.index_select(0, row)
+
+
+def prefill_chunk(state: SlotState, input_ids) -> None:
+    """Prompt tokens [width] into row state.chunk_row at columns chunk_start..chunk_start+width-1; their last
+    position's greedy token goes to that row's state.token (the request's first output token when this chunk ends
+    its prompt). The ids are a 1-D slice of the prompt: a 2-D one's stride differs per prompt length, and each new
+    stride recompiled."""
+    cols = torch.arange(input_ids.shape[0], device=state.device) + state.chunk_start
     mask = as_mask(state, visible(state, cols)[None, None])  # [1, 1, width, max_seq_len]
-    cache = StaticKVCache([k[row : row + 1] for k in state.keys], [v[row : row + 1] for v in state.values], cols)
-    logits = forward_last(state, input_ids, cols[None, :], mask, cache)
-    state.token[row].copy_(logits.argmax(dim=-1))
-    state.pos[row].fill_(start + input_ids.shape[1])
+    logits = forward_last(state, input_ids[None], cols[None, :], mask, ChunkCache(state, cols))
+    state.token.index_copy_(0, state.chunk_row, logits.argmax(dim=-1, keepdim=True))
+    state.pos.index_copy_(0, state.chunk_row, cols[-1:] + 1)
 
 
 def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple[Callable, dict[int, Callable]]:
     """The prefill-chunk call and one decode call per size, compiled as `plan` says."""
     prefill_fn, decode_fn = prefill_chunk, decode_rows
     if plan["prefill"] is not None:
-        # Dynamic from the first compile: chunk width, row and start column change every call (width 1 still gets
-        # its own specialisation, which warm-up compiles too).
+        # Dynamic from the first compile: the chunk's width changes every call. Width 1 gets a graph of its own
+        # (transformers' sdpa branches on it), which warm-up compiles too.
         prefill_fn = torch.compile(prefill_chunk, fullgraph=True, dynamic=True, options=plan["prefill"])
     if plan["decode"] is not None:
-        # One specialisation per size (n is a constant of each graph): allow that many recompiles.
+        # The first size (1) compiles static, the second recompiles with n symbolic and serves every size below
+        # max_batch_size, which gets a third: three compiles however many sizes are captured (each size still gets
+        # its own CUDA graph).
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), len(sizes) + 2))
-        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=False, options=plan["decode"])
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4))
+        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
 
     def run_prefill(row: int, input_ids, start: int) -> None:
-        prefill_fn(state, row, input_ids, start)
+        state.chunk_row.fill_(row)
+        state.chunk_start.fill_(start)
+        prefill_fn(state, input_ids)
 
     def decode_call(n: int) -> Callable:
         if plan["graphs"] == "cudagraph trees":
@@ -140,10 +167,10 @@ def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[i
     warm-up run, a recording, a replay) before any timed request; then clear the rows."""
     width = max(2, min(16, state.max_seq_len // 4))
     second_row = min(1, state.batch - 1)
-    ids = torch.zeros((1, width + 1), dtype=torch.long, device=state.device)
-    run_prefill(0, ids[:, :width], 0)
+    ids = torch.zeros(width + 1, dtype=torch.long, device=state.device)
+    run_prefill(0, ids[:width], 0)
     run_prefill(second_row, ids, width)
-    run_prefill(second_row, ids[:, :1], 2 * width + 1)
+    run_prefill(second_row, ids[:1], 2 * width + 1)
     for run in run_decode.values():
         for _ in range(3):
             run()
@@ -157,7 +184,7 @@ def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[i
 class Running:
     request: Request
     row: int
-    ids: torch.Tensor  # the prompt on the device, [1, input_len]
+    ids: torch.Tensor  # the prompt on the device, [input_len]
     prefilled: int = 0  # prompt tokens in the cache
     generated: int = 0  # output tokens produced (queued on the device)
 
@@ -216,7 +243,7 @@ class InflightScheduler:
             if free:
                 for req in stream.take(len(free), wait=not running):
                     row = free.pop(0)
-                    ids = torch.tensor([req.input_ids], dtype=torch.long, pin_memory=self.cuda)
+                    ids = torch.tensor(req.input_ids, dtype=torch.long, pin_memory=self.cuda)
                     running[row] = Running(req, row, ids.to(state.device, non_blocking=True))
                     prefilling.append(running[row])
                     outputs[req.id] = []
@@ -253,7 +280,7 @@ class InflightScheduler:
             width = min(r.request.input_len - r.prefilled, budget)
             if r.prefilled == 0:
                 stream.admitted(r.request.id)
-            self.run_prefill(r.row, r.ids[:, r.prefilled : r.prefilled + width], r.prefilled)
+            self.run_prefill(r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
             r.prefilled += width
             budget -= width
             prefilled += width

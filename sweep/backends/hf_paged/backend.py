@@ -7,9 +7,9 @@ hands arrivals to the manager with `add_request(streaming=True, record_timestamp
 request's tokens back from `get_result`: the timestamps are the manager's own (perf_counter when each token id
 reached the host) and admission is when the manager first scheduled the request (`lifespan[0]`).
 
-Needs transformers >= 5.17 (ContinuousBatchingConfig with `page_size`, passed beside the GenerationConfig); read
-from transformers 5.24's source (generation/continuous_batching/). It builds nothing: CUDA graphs, when on, are
-captured at load.
+Needs transformers >= 5.17 (ContinuousBatchingConfig, passed beside the GenerationConfig); read from the source of
+5.17 (the page size is `block_size`, nothing switches attention on its own) and 5.24 (`page_size`,
+`auto_switch_to_flash`), and run on both. It builds nothing: CUDA graphs, when on, are captured at load.
 """
 
 from __future__ import annotations
@@ -35,11 +35,17 @@ from sweep.workload import Request, Workload
 
 log = logging.getLogger(__name__)
 
-MIN_TRANSFORMERS = "5.17"  # the first release whose ContinuousBatchingConfig has page_size (block_size before)
+MIN_TRANSFORMERS = "5.17"  # the first release with ContinuousBatchingConfig beside the GenerationConfig
 MIN_PAGE_SIZE = 4  # transformers' BOUNDS["page_size"] in generation/continuous_batching/initialization.py
 POLL_S = 0.5  # how long a wait for tokens lasts before it checks that the manager's thread is still alive
 INIT_ARGS = ("generation_config", "continuous_batching_config")
 SUBMIT_ARGS = ("request_id", "max_new_tokens", "streaming", "record_timestamps", "eos_token_id")
+
+
+def page_field() -> str:
+    """The page size's name in ContinuousBatchingConfig: `page_size` from 5.2x, `block_size` in 5.17."""
+    fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+    return "page_size" if "page_size" in fields else "block_size"
 
 
 def check_transformers_version(installed: str) -> None:
@@ -160,14 +166,15 @@ class HFPagedBackend(Backend):
     def continuous_batching_kwargs(self) -> dict[str, Any]:
         e = self.cfg.engine
         kwargs = {
-            "page_size": e.tokens_per_block,
+            page_field(): e.tokens_per_block,
             "max_batch_tokens": e.max_num_tokens,
             "max_requests_per_batch": e.max_batch_size,
             "num_blocks": self.kv_blocks(),
             "max_memory_percent": self.cfg.backend.kv_memory_fraction,
             "allow_block_sharing": False,  # off for benchmarks, or repeated prompts would skip their prefill
-            "auto_switch_to_flash": False,  # engine.attn_implementation means what it says
         }
+        if page_field() == "page_size":  # 5.2x can switch attention on its own; 5.17 never does
+            kwargs["auto_switch_to_flash"] = False  # engine.attn_implementation means what it says
         if self.device == "cuda":  # the CPU has no graphs (transformers would warn and turn them off)
             kwargs["use_cuda_graph"] = e.cuda_graphs
         if e.attn_implementation.startswith("flash"):
@@ -206,7 +213,7 @@ class HFPagedBackend(Backend):
         log.info(
             "hf_paged: %s pages of %s tokens, %s batch tokens, %s requests per step, CUDA graphs %s, attention %s",
             resolved.num_blocks,
-            resolved.page_size,
+            getattr(resolved, page_field()),
             resolved.max_batch_tokens,
             resolved.max_requests_per_batch,
             resolved.use_cuda_graph,
