@@ -45,10 +45,9 @@ class Tracker(ABC):
     def attach(self, run_id: str) -> TrackedRun:
         """A run another process started (a sweep's parent), to log into."""
 
-    def fail_runs(self, tags: dict[str, Any], error: str) -> list[str]:
+    def fail_runs(self, tags: dict[str, Any], error: str) -> None:
         """End FAILED, saying why, every run carrying all these tags that is not FAILED yet (the run of a trial whose
-        worker died, left RUNNING or ended KILLED); their ids. A tracker that keeps nothing has none."""
-        return []
+        worker died, left RUNNING or ended KILLED). A tracker that keeps nothing has none."""
 
     def set_view(self, params: list[str], metrics: list[str]) -> None:
         """Columns a UI shows for the experiment's runs by default (a tracker without a UI ignores it)."""

@@ -186,14 +186,10 @@ class MLflowTracker(Tracker):
     def attach(self, run_id: str) -> TrackedRun:
         return MLflowRun(self.client, run_id)
 
-    def fail_runs(self, tags: dict[str, Any], error: str) -> list[str]:
+    def fail_runs(self, tags: dict[str, Any], error: str) -> None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        ended = []
         for found in self.client.search_runs([self.experiment_id], query):
-            if found.info.status == "FAILED":
-                continue
-            run = MLflowRun(self.client, found.info.run_id)
-            run.set_tags({"error": error})
-            run.end("FAILED")
-            ended.append(found.info.run_id)
-        return ended
+            if found.info.status != "FAILED":
+                run = MLflowRun(self.client, found.info.run_id)
+                run.set_tags({"error": error})
+                run.end("FAILED")
