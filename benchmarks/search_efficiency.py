@@ -31,7 +31,7 @@ import optuna
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from hydra_plugins.sweep_optuna_sweeper._impl import warm_start_point  # noqa: E402
+from hydra_plugins.sweep_optuna_sweeper.space import warm_start_point  # noqa: E402
 from sweep.sweeper_api import WarmStartInputs  # noqa: E402
 
 SPACES = {

@@ -451,7 +451,8 @@ print(cfg.hydra.sweep.dir, cfg.hydra.sweep.dir, cfg.hydra.run.dir)
 def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     import optuna
 
-    from hydra_plugins.sweep_optuna_sweeper._impl import Budget, ParentRun
+    from hydra_plugins.sweep_optuna_sweeper._impl import Budget
+    from hydra_plugins.sweep_optuna_sweeper.record import ParentRun
     from trackers import PARENT_RUN_ENV
     from trackers.mlflow_tracker import MLflowTracker
 

@@ -17,22 +17,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper._impl import (
-    Budget,
-    Heartbeat,
-    OptunaSearch,
-    ParentRun,
-    Progress,
-    SearchSettings,
-    best_config_yaml,
-    best_trials,
+from hydra_plugins.sweep_optuna_sweeper._impl import Budget, OptunaSearch, SearchSettings
+from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
+from hydra_plugins.sweep_optuna_sweeper.record import ParentRun, Progress, best_config_yaml
+from hydra_plugins.sweep_optuna_sweeper.space import (
     grid_values,
     split_overrides,
-    tally,
     trtllm_bench_setting,
     warm_start_point,
 )
-from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
+from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
 from sweep.compose import compose
 from sweep.errors import ConfigError
 from sweep.sweeper_api import WarmStartInputs

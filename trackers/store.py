@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -36,7 +37,7 @@ SQLITE_PREFIX = "sqlite:///"
 POSTGRES_SCHEME = "postgresql"
 DATABASE_SCHEMES = (POSTGRES_SCHEME, "mysql", "mssql")  # each also as <scheme>+<driver>://
 CONNECT_TIMEOUT_S = 3  # whole seconds: libpq's and the MySQL drivers' unit
-STORE_LOCK_KEY = 0x5357454550  # the PostgreSQL advisory lock every sweep process takes to create a store ("SWEEP")
+STORE_LOCK_NAME = "sweep-store"  # the PostgreSQL advisory lock every sweep process takes to create a store
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
 USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
@@ -123,17 +124,30 @@ def store_lock(uri: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def postgres_advisory_lock(uri: str) -> Iterator[None]:
-    """A session-level advisory lock on the database, held on a connection of its own until the block ends
-    (PostgreSQL releases it if this process dies)."""
+    """The store's creation lock on a PostgreSQL database, on a connection of its own."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)  # closing it disconnects: unlocked
     try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
+        with advisory_lock(engine, STORE_LOCK_NAME):
             yield
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def advisory_lock(engine: Any, name: str) -> Iterator[None]:
+    """A session-level PostgreSQL advisory lock called `name`, held on one connection of the SQLAlchemy `engine`
+    until the block ends; the server releases it when that connection dies, so a killed process never keeps it."""
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)  # a lock is a 64-bit int
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
 def is_locked_error(exc: BaseException) -> bool:

@@ -17,37 +17,45 @@ trial run again by another worker. `hydra.sweeper.workers=N` starts N such worke
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import json
 import logging
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
-import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus, configure_log
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from hydra_plugins.sweep_optuna_sweeper.record import ParentRun, Progress, best_config_yaml
+from hydra_plugins.sweep_optuna_sweeper.space import (
+    WARM_START_KEYS,
+    constraint_violation,
+    enqueue_grid,
+    grid_values,
+    override_value,
+    overrides_for,
+    parse_constraints,
+    settings_text,
+    space_digest,
+    space_identity,
+    split_overrides,
+    warm_start_point,
+)
+from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
 from sweep import sweeper_api
 from sweep.sweeper_api import ConfigError
 
@@ -60,9 +68,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 # sampler -> what it fits (the README's table says the same)
 SAMPLERS = ("tpe", "random", "grid", "gp", "nsgaii", "qmc", "cmaes")
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
-CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
-CONFIG_GROUPS = ("model", "backend", "workload", "tracker")
-WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
 # Launchers (their _target_) that start every job of a batch at once, each in a fresh process on this host: the
 # sweeper pins job i of a batch to GPU group i. submitit's local executor gives every job the same GPUs itself.
 PINNED_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",)
@@ -76,123 +81,6 @@ RAY_GPUS_KEY = "hydra.launcher.ray.remote.num_gpus"
 SESSION_ATTR = "session"
 WORKER_ATTR = "worker"  # a trial's user attribute: the host:pid of the worker that asked for it
 WAIT_POLL_S = 2.0  # how often a worker with nothing left to ask looks at the trials other workers run
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-# -- search space ---------------------------------------------------------------------------------------------
-def float_range(start: float, stop: float, step: float) -> list[float]:
-    """Hydra's range() on floats, without its rounding error: range(0,1,0.3) is 0, 0.3, 0.6, 0.9 (not 0.8999…)."""
-    d_start, d_stop, d_step = (Decimal(str(v)) for v in (start, stop, step))
-    count = max(0, math.ceil((d_stop - d_start) / d_step))
-    return [float(d_start + i * d_step) for i in range(count)]
-
-
-def distribution_for(override: Override) -> BaseDistribution:
-    """Hydra sweep syntax → an Optuna distribution. Hydra's range() excludes its stop, like Python's."""
-    sweep = override.value()
-    key = override.get_key_element()
-    log_scale = "log" in sweep.tags
-    try:
-        if isinstance(sweep, ChoiceSweep):
-            return CategoricalDistribution([v for v in sweep.list])
-        if isinstance(sweep, RangeSweep):
-            if all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
-                values: list = list(range(sweep.start, sweep.stop, sweep.step))
-            else:
-                values = float_range(sweep.start, sweep.stop, sweep.step)
-            if not values:
-                raise ConfigError(f"{override.input_line} holds no value; the stop is exclusive, as in Python")
-            low, high, step = min(values), max(values), abs(sweep.step)  # a negative step counts down
-            if isinstance(low, int):
-                return IntDistribution(low, high, step=step)
-            return FloatDistribution(low, high, step=step)
-        if isinstance(sweep, IntervalSweep):
-            # int(interval(a,b)) gives int bounds; tag(int, interval(a,b)) the project's older spelling
-            if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
-                return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
-            return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # Optuna's own check (low > high, log of a bound <= 0): name the key
-        raise ConfigError(f"{override.input_line}: {exc}") from None
-    raise ConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range() or interval()")
-
-
-def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistribution], list[str]]:
-    """Sweeps become the search space; every other override stays fixed for all trials.
-
-    The last override of a key wins: a value fixed on the command line takes the key out of a preset's space.
-    """
-    space: dict[str, BaseDistribution] = {}
-    fixed: dict[str, str] = {}
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_sweep_override():
-            fixed.pop(key, None)
-            space[key] = distribution_for(override)
-        else:
-            space.pop(key, None)
-            fixed[key] = override.input_line  # exactly as given, with any +/~ prefix
-    return space, list(fixed.values())
-
-
-def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
-    grid = {}
-    for name, dist in space.items():
-        if isinstance(dist, CategoricalDistribution):
-            grid[name] = list(dist.choices)
-        elif isinstance(dist, IntDistribution) and not dist.log:
-            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
-        elif isinstance(dist, FloatDistribution) and dist.step is not None:
-            grid[name] = float_range(dist.low, dist.high + dist.step / 2, dist.step)
-        else:
-            raise ConfigError(
-                f"hydra.sweeper.sampler=grid needs choice() or range() for every parameter; {name} is {dist}"
-            )
-    return grid
-
-
-def enqueue_grid(study: optuna.Study, space: dict[str, BaseDistribution], seed: int | None) -> None:
-    """Grid search as enqueued trials, in a seeded order, skipping points the study already holds.
-
-    Optuna's GridSampler calls study.stop() when the grid is done, which only works inside study.optimize();
-    this sweeper drives the study with ask/tell, so it enqueues the grid itself.
-    """
-    import random
-
-    grid = grid_values(space)
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    random.Random(seed).shuffle(points)
-    seen = [t.params for t in study.trials if t.state != TrialState.WAITING]
-    for point in points:
-        if point not in seen:
-            study.enqueue_trial(point, skip_if_exists=True)
-
-
-def parse_constraints(constraints: dict[str, str]) -> dict[str, tuple[str, float]]:
-    parsed = {}
-    for figure, rule in constraints.items():
-        match = CONSTRAINT.match(str(rule))
-        if not match:
-            raise ConfigError(
-                f"hydra.sweeper.constraints.{figure}={rule!r} is not allowed; write '<=value' or '>=value'"
-            )
-        parsed[figure] = (match.group(1), float(match.group(2)))
-    return parsed
-
-
-def constraint_violation(op: str, bound: float, value: float) -> float:
-    """Optuna's convention: <= 0 is feasible, and the size says by how much it is violated."""
-    return value - bound if op == "<=" else bound - value
-
-
-def override_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value) else str(value)
-
-
-def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
-    """The command-line overrides of one point of the space: the fixed ones, then the sampled values."""
-    return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
 
 
 def end_before_building(
@@ -205,67 +93,6 @@ def end_before_building(
         trial.number, study.study_name, trial.params, "FAILED" if state == TrialState.FAIL else "PRUNED", why
     )
     progress.line(study, trial)
-
-
-def settings_text(params: dict[str, Any]) -> str:
-    """`max_batch_size=8 attn_implementation=sdpa`: a trial's settings, by the last part of each key."""
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
-
-
-def space_digest(space: dict[str, BaseDistribution], objectives: dict[str, str], model: str) -> str:
-    text = json.dumps({"model": model, "space": space_identity(space), "objectives": objectives}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def space_identity(space: dict[str, BaseDistribution]) -> dict[str, str]:
-    return {k: repr(v) for k, v in sorted(space.items())}
-
-
-# -- warm start -----------------------------------------------------------------------------------------------
-def trtllm_bench_setting(w: sweeper_api.WarmStartInputs, kv_fraction: float = 0.9) -> dict[str, int] | None:
-    """max_batch_size and max_num_tokens from free memory, after trtllm-bench's build heuristic.
-
-    The KV cache gets kv_fraction of what the weights leave free; the batch is the number of requests of the
-    workload's input + output length it holds (capped at 4096), the token budget that batch times
-    (1 + input/output) (capped at 32768), both rounded up to trtllm-bench's steps. None when not one request fits.
-    """
-    kv_bytes = (w.free_bytes - w.model_bytes) * kv_fraction
-    requests = kv_bytes / (w.kv_bytes_per_token * (w.input_len + w.output_len))
-    if requests < 1:
-        return None
-    raw_batch = min(requests, 4096)
-    raw_tokens = min(raw_batch * (1 + w.input_len / max(w.output_len, 1)), 32768)
-    batch_step = 32 if raw_batch < 256 else 128 if raw_batch < 1024 else 256
-    token_step = 512 if raw_tokens < 2048 else 1024 if raw_tokens < 8192 else 2048
-    return {
-        "engine.max_batch_size": batch_step * math.ceil(raw_batch / batch_step),
-        "engine.max_num_tokens": token_step * math.ceil(raw_tokens / token_step),
-    }
-
-
-def nearest_allowed(dist: BaseDistribution, target: int) -> Any | None:
-    """The largest value of `dist` at or under target (else its smallest); None for a non-numeric choice."""
-    if isinstance(dist, CategoricalDistribution):
-        values = [v for v in dist.choices if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    elif isinstance(dist, IntDistribution):
-        values = list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else [dist.low, dist.high]
-    else:
-        return None
-    if not values:
-        return None
-    under = [v for v in values if v <= target]
-    return max(under) if under else min(values)
-
-
-def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs) -> dict[str, Any]:
-    predicted = trtllm_bench_setting(w)
-    if predicted is None:
-        return {}
-    point = {}
-    for key in WARM_START_KEYS:
-        if key in space and (value := nearest_allowed(space[key], predicted[key])) is not None:
-            point[key] = value
-    return point
 
 
 def check_numbers(st: dict[str, Any]) -> None:
@@ -317,7 +144,6 @@ def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str)
     return None if groups[0] is None else groups  # a machine without GPUs: nothing to pin
 
 
-# -- set-up: every check before the parent run ----------------------------------------------------------------
 @dataclass
 class SearchSettings:
     space: dict[str, BaseDistribution]
@@ -485,7 +311,7 @@ class OptunaSearch:
             with sweeper_api.store_lock(self.storage.url):
                 yield
         else:
-            with advisory_lock(self.storage.engine, f"sweep-study:{study.study_name}"):
+            with sweeper_api.advisory_lock(self.storage.engine, f"sweep-study:{study.study_name}"):
                 yield
 
     def retry_stale_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -933,50 +759,6 @@ def point_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-class Heartbeat:
-    """Records a heartbeat for this sweep's running trials every interval, in a thread, while trials run.
-
-    Optuna beats only inside study.optimize(); this sweeper asks and tells, so it beats itself, through the
-    storage's public record_heartbeat. Another sweep's fail_stale_trials then fails only trials whose sweep died.
-    """
-
-    def __init__(self, storage: optuna.storages.RDBStorage, interval: int):
-        self.storage, self.interval = storage, interval
-        self.trial_ids: set[int] = set()
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
-
-    def beat_for(self, trials: list[optuna.Trial]) -> None:
-        ids = {t._trial_id for t in trials}  # Optuna's own heartbeat thread identifies a trial the same way
-        for trial_id in ids:
-            self.storage.record_heartbeat(trial_id)
-        with self.lock:
-            self.trial_ids |= ids
-
-    def stop_beating_for(self, trials: list[optuna.Trial]) -> None:
-        with self.lock:
-            self.trial_ids -= {t._trial_id for t in trials}
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            with self.lock:
-                ids = list(self.trial_ids)
-            for trial_id in ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception as exc:  # a busy SQLite file: the next beat comes within the grace period
-                    log.warning("heartbeat for trial id %d not recorded: %s", trial_id, exc)
-
-    def __enter__(self) -> Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-
 class Budget:
     """hydra.sweeper.budget_minutes: no batch is asked for once the next one would likely pass it."""
 
@@ -1019,142 +801,6 @@ class Budget:
         }
 
 
-class Progress:
-    """One line per finished trial: `trial 3 · 4/12 · max_batch_size=8 · 1378 tok/s (1350–1390) · best …`."""
-
-    def __init__(self, n_trials: int, objectives: dict[str, str]):
-        self.n_trials, self.objectives = n_trials, objectives
-        self.started = time.monotonic()
-        self.count = 0
-
-    def value_text(self, values: Sequence[float], spread: dict | None = None) -> str:
-        parts = []
-        for name, value in zip(self.objectives, values):
-            unit = sweeper_api.figure_unit(name)
-            text = f"{value:.4g}{' ' + unit if unit else ''}"
-            if spread and name in spread:
-                text += f" ({spread[name][0]:.4g}–{spread[name][1]:.4g})"
-            parts.append(text)
-        return ", ".join(parts)
-
-    def line(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        self.count += 1
-        frozen = study.get_trials(deepcopy=False)[trial.number]
-        attrs = frozen.user_attrs
-        if frozen.state == TrialState.COMPLETE:
-            outcome = self.value_text(frozen.values, attrs.get("spread"))
-            if "reused_from" in attrs:
-                outcome += f" (as trial {attrs['reused_from']}, not run again)"
-        elif frozen.state == TrialState.PRUNED:
-            outcome = f"pruned: {attrs.get('pruned_reason', '')}"
-        else:
-            outcome = f"{frozen.state.name}: {attrs.get('error', '')}"[:200]
-        best = best_trials(study)
-        best_text = f"best {self.value_text(best[0].values)} (trial {best[0].number})" if best else "no best yet"
-        finished = tally(study).counted
-        elapsed = time.monotonic() - self.started
-        left = elapsed / self.count * max(0, self.n_trials - finished)
-        log.info(
-            "trial %d · %d/%d · %s · %s · %s · %s elapsed, ~%s left",
-            trial.number,
-            finished,
-            self.n_trials,
-            settings_text(frozen.params),
-            outcome,
-            best_text,
-            minutes(elapsed),
-            minutes(left),
-        )
-
-
-def minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
-
-
-def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The best feasible trial (one objective), or the Pareto front (several), best first objective first.
-
-    With confirmed trials (hydra.sweeper.confirm_top_k), one objective's best is the confirmed trial whose mean of
-    both measurements is best.
-    """
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        return []
-    if len(study.directions) == 1:
-        confirmed = study.user_attrs.get("confirmed", {})
-        feasible = [t for t in complete if str(t.number) in confirmed and all(v <= 0 for v in t.constraints.values())]
-        if feasible:
-            sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-            return [min(feasible, key=lambda t: sign * confirmed[str(t.number)]["mean"])]
-        try:
-            return [study.best_trial]
-        except ValueError:  # no feasible trial
-            return []
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
-    return sorted(study.best_trials, key=lambda t: -sign * t.values[0])
-
-
-def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: dict, overrides: list[str]) -> str:
-    """A package-global config: the trial's group choices go to the defaults list, its values to their keys.
-
-    A deletion (`~key`) cannot be written in a config: the header names it for the command line.
-    """
-    defaults: list[Any] = [{f"override /{group}": choices[group]} for group in CONFIG_GROUPS if group in choices]
-    values = OmegaConf.create({})
-    deletions = []
-    for item in overrides:
-        if item.startswith("~"):
-            deletions.append(item)
-            continue
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
-        group_choice = key in CONFIG_GROUPS or key == "search"  # already in the defaults list, or the sweep itself
-        if not group_choice and not key.startswith(("hydra.", "tracker.tags.")):
-            OmegaConf.update(values, key, yaml.safe_load(value), force_add=True)
-    body = {"defaults": defaults + ["_self_"], **OmegaConf.to_container(values)}
-    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in deletions)
-    header = (
-        f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
-        f"# Rerun from the directory above conf/: {rerun}\n"
-    )
-    return header + OmegaConf.to_yaml(OmegaConf.create(body))
-
-
-@dataclass
-class Tally:
-    counted: int  # trials that count towards n_trials
-    running: list[optuna.trial.FrozenTrial]
-    failed: list[optuna.trial.FrozenTrial]  # counted FAIL trials: crashes, not dead workers' trials run again
-
-
-def tally(study: optuna.Study) -> Tally:
-    """COMPLETE, PRUNED and FAIL trials count, less each FAIL that a retry replaced (a dead worker's trial, run
-    again by another worker: the retry counts instead)."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}  # RetryHeartbeatStaleTrialCallback's
-    counted = [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
-    return Tally(
-        len(counted),
-        [t for t in trials if t.state == TrialState.RUNNING],
-        [t for t in counted if t.state == TrialState.FAIL],
-    )
-
-
-@contextlib.contextmanager
-def advisory_lock(engine: Any, name: str) -> Iterator[None]:
-    """A PostgreSQL session advisory lock called `name`, held on one connection of `engine`; the server releases it
-    when that connection dies, so a killed process never keeps it."""
-    from sqlalchemy import text
-
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)  # a lock is a 64-bit int
-    with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-
-
 def same_session(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["parent_run_id"], a["opened_by"]) == (b["parent_run_id"], b["opened_by"])
 
@@ -1163,135 +809,3 @@ def worker_command(arguments: list[str], settings: dict[str, str]) -> list[str]:
     """This command line for a worker: the same arguments, with `settings` in place of any given for those keys."""
     kept = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in settings]
     return [sys.executable, "-m", "sweep", *kept, *(f"{k}={override_value(v)}" for k, v in settings.items())]
-
-
-# -- MLflow parent run ----------------------------------------------------------------------------------------
-class ParentRun:
-    """The sweep's parent run, opened by the multirun callback; a no-op when tracking is off."""
-
-    def __init__(self, config: DictConfig):
-        opened = sweeper_api.parent_run(config)
-        self.run_id = None
-        if opened:
-            self.tracker, self.run = opened
-            self.run_id = self.run.run_id
-
-    def log_text(self, text: str, name: str) -> None:
-        if self.run_id:
-            self.run.log_text(text, name)
-
-    def log_settings(self, search: OptunaSearch, s: SearchSettings, study: optuna.Study) -> None:
-        if not self.run_id:
-            return
-        # the parent is named after the study it searched (the multirun callback opened it before the study existed)
-        self.run.set_tags(
-            {"sweep.kind": "optuna", "optuna.study": study.study_name, "mlflow.runName": study.study_name}
-        )
-        st = search.settings
-        self.run.log_params(
-            {
-                "optuna.sampler": search.sampler_name,
-                "optuna.seed": search.seed,
-                "optuna.n_trials": s.n_trials,
-                "optuna.n_jobs": search.n_jobs,
-                "optuna.workers": st["workers"],
-                "optuna.objectives": json.dumps(s.objectives),
-                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in s.constraints.items()}),
-                "optuna.search_space": json.dumps(space_identity(s.space)),
-                "optuna.fixed_overrides": " ".join(s.fixed),
-                **{
-                    f"optuna.{k}": st[k]
-                    for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes", "gpus_per_trial")
-                },
-            }
-        )
-
-    def fail_trial_runs(self, study_name: str, number: int, why: str) -> None:
-        """End FAILED the run of a trial whose worker died (left RUNNING, or KILLED by a later start on its host)."""
-        if self.run_id:
-            self.tracker.fail_runs({sweeper_api.STUDY_TAG: study_name, sweeper_api.TRIAL_TAG: number}, why)
-
-    def record_child(self, number: int, study_name: str, params: dict, state: str, reason: str) -> None:
-        """A trial that never ran (pruned, or failed in its preparation) gets a child run too, saying why."""
-        if not self.run_id:
-            return
-        run = self.tracker.start_run(
-            f"trial {number}: {settings_text(params)} ({state.lower()})",
-            {
-                sweeper_api.TRIAL_TAG: number,
-                sweeper_api.STUDY_TAG: study_name,
-                "optuna.state": state,
-                "pruned_reason" if state == "PRUNED" else "error": reason,
-            },
-            parent_run_id=self.run_id,
-        )
-        run.log_params(params)
-        run.end("FINISHED" if state == "PRUNED" else "FAILED")
-
-    def log_summary(
-        self, search: OptunaSearch, study: optuna.Study, budget: Budget, job_s: float | None = None
-    ) -> None:
-        """The study's outcome into the parent; job_s: the job seconds of all the session's workers (else this
-        process's)."""
-        if not self.run_id:
-            return
-        value = "values" if len(study.directions) > 1 else "value"
-        table = study.trials_dataframe(attrs=("number", "state", value, "params", "user_attrs", "constraints"))
-        self.run.log_text(table.to_csv(index=False), "trials.csv")
-        objectives = search.s.objectives
-        best = best_trials(study)
-        if best:
-            metrics = {f"best.{name}": value for name, value in zip(objectives, best[0].values)}
-            confirmed = study.user_attrs.get("confirmed", {}).get(str(best[0].number))
-            if confirmed:
-                metrics[f"best.confirmed.{next(iter(objectives))}"] = confirmed["mean"]
-            self.run.log_metrics(metrics)
-            self.run.log_params({f"best.{k}": v for k, v in best[0].params.items()} | {"best.trial": best[0].number})
-        counts = {state.name: sum(t.state == state for t in study.trials) for state in TrialState}
-        counts["REUSED"] = sum("reused_from" in t.user_attrs for t in study.trials)
-        self.run.log_metrics({f"trials.{k.lower()}": v for k, v in counts.items()} | budget.figures(job_s))
-        with tempfile.TemporaryDirectory(prefix="optuna-plots-") as out:  # the tracker keeps its own copies
-            for path in study_plots(study, objectives, Path(out)).values():
-                self.run.log_artifact(path, "plots")
-
-
-def study_plots(study: optuna.Study, objectives: dict[str, str], out: Path) -> dict[str, Path]:
-    """Optimisation history, parameter importance and (for several objectives) the Pareto front, as PNG files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
-    names = list(objectives)
-    plots = {}
-    # PED-ANOVA ranks parameters by how they reach *low* targets: flip the sign of a maximised objective.
-    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    makers = {
-        "param_importances": lambda: ovm.plot_param_importances(
-            study,
-            target=lambda t: sign * t.values[0],
-            target_name=names[0],  # the sign only orders; not shown
-        ),
-    }
-    if len(names) == 1:
-        makers["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=names[0])
-    else:
-        makers["optimization_history"] = lambda: ovm.plot_optimization_history(
-            study, target=lambda t: t.values[0], target_name=names[0]
-        )
-        makers["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=names)
-    for name, make in makers.items():
-        try:
-            make()
-            path = out / f"{name}.png"
-            plt.gcf().set_size_inches(8, 5)
-            plt.savefig(path, bbox_inches="tight", dpi=100)
-            plots[name] = path
-        except Exception as exc:  # e.g. importance needs two completed trials: a missing plot is not an error
-            log.warning("plot %s skipped: %s", name, exc)
-        finally:
-            plt.close("all")
-    return plots

@@ -1,0 +1,198 @@
+"""The search space: Hydra's sweep syntax as Optuna distributions, the grid, constraints, a trial's overrides and
+name, and the warm-start point (trtllm-bench's memory heuristic). Functions of the overrides and the study only."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from decimal import Decimal
+from typing import Any, Sequence
+
+import optuna
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from sweep import sweeper_api
+from sweep.sweeper_api import ConfigError
+
+CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
+
+
+def float_range(start: float, stop: float, step: float) -> list[float]:
+    """Hydra's range() on floats, without its rounding error: range(0,1,0.3) is 0, 0.3, 0.6, 0.9 (not 0.8999…)."""
+    d_start, d_stop, d_step = (Decimal(str(v)) for v in (start, stop, step))
+    count = max(0, math.ceil((d_stop - d_start) / d_step))
+    return [float(d_start + i * d_step) for i in range(count)]
+
+
+def distribution_for(override: Override) -> BaseDistribution:
+    """Hydra sweep syntax → an Optuna distribution. Hydra's range() excludes its stop, like Python's."""
+    sweep = override.value()
+    key = override.get_key_element()
+    log_scale = "log" in sweep.tags
+    try:
+        if isinstance(sweep, ChoiceSweep):
+            return CategoricalDistribution([v for v in sweep.list])
+        if isinstance(sweep, RangeSweep):
+            if all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
+                values: list = list(range(sweep.start, sweep.stop, sweep.step))
+            else:
+                values = float_range(sweep.start, sweep.stop, sweep.step)
+            if not values:
+                raise ConfigError(f"{override.input_line} holds no value; the stop is exclusive, as in Python")
+            low, high, step = min(values), max(values), abs(sweep.step)  # a negative step counts down
+            if isinstance(low, int):
+                return IntDistribution(low, high, step=step)
+            return FloatDistribution(low, high, step=step)
+        if isinstance(sweep, IntervalSweep):
+            # int(interval(a,b)) gives int bounds; tag(int, interval(a,b)) the project's older spelling
+            if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
+                return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
+            return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # Optuna's own check (low > high, log of a bound <= 0): name the key
+        raise ConfigError(f"{override.input_line}: {exc}") from None
+    raise ConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range() or interval()")
+
+
+def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistribution], list[str]]:
+    """Sweeps become the search space; every other override stays fixed for all trials.
+
+    The last override of a key wins: a value fixed on the command line takes the key out of a preset's space.
+    """
+    space: dict[str, BaseDistribution] = {}
+    fixed: dict[str, str] = {}
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            fixed.pop(key, None)
+            space[key] = distribution_for(override)
+        else:
+            space.pop(key, None)
+            fixed[key] = override.input_line  # exactly as given, with any +/~ prefix
+    return space, list(fixed.values())
+
+
+def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
+    grid = {}
+    for name, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            grid[name] = list(dist.choices)
+        elif isinstance(dist, IntDistribution) and not dist.log:
+            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            grid[name] = float_range(dist.low, dist.high + dist.step / 2, dist.step)
+        else:
+            raise ConfigError(
+                f"hydra.sweeper.sampler=grid needs choice() or range() for every parameter; {name} is {dist}"
+            )
+    return grid
+
+
+def enqueue_grid(study: optuna.Study, space: dict[str, BaseDistribution], seed: int | None) -> None:
+    """Grid search as enqueued trials, in a seeded order, skipping points the study already holds.
+
+    Optuna's GridSampler calls study.stop() when the grid is done, which only works inside study.optimize();
+    this sweeper drives the study with ask/tell, so it enqueues the grid itself.
+    """
+    import random
+
+    grid = grid_values(space)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    random.Random(seed).shuffle(points)
+    seen = [t.params for t in study.trials if t.state != TrialState.WAITING]
+    for point in points:
+        if point not in seen:
+            study.enqueue_trial(point, skip_if_exists=True)
+
+
+def parse_constraints(constraints: dict[str, str]) -> dict[str, tuple[str, float]]:
+    parsed = {}
+    for figure, rule in constraints.items():
+        match = CONSTRAINT.match(str(rule))
+        if not match:
+            raise ConfigError(
+                f"hydra.sweeper.constraints.{figure}={rule!r} is not allowed; write '<=value' or '>=value'"
+            )
+        parsed[figure] = (match.group(1), float(match.group(2)))
+    return parsed
+
+
+def constraint_violation(op: str, bound: float, value: float) -> float:
+    """Optuna's convention: <= 0 is feasible, and the size says by how much it is violated."""
+    return value - bound if op == "<=" else bound - value
+
+
+def override_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value) else str(value)
+
+
+def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
+    """The command-line overrides of one point of the space: the fixed ones, then the sampled values."""
+    return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
+
+
+def settings_text(params: dict[str, Any]) -> str:
+    """`max_batch_size=8 attn_implementation=sdpa`: a trial's settings, by the last part of each key."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+
+
+def space_digest(space: dict[str, BaseDistribution], objectives: dict[str, str], model: str) -> str:
+    text = json.dumps({"model": model, "space": space_identity(space), "objectives": objectives}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def space_identity(space: dict[str, BaseDistribution]) -> dict[str, str]:
+    return {k: repr(v) for k, v in sorted(space.items())}
+
+
+def trtllm_bench_setting(w: sweeper_api.WarmStartInputs, kv_fraction: float = 0.9) -> dict[str, int] | None:
+    """max_batch_size and max_num_tokens from free memory, after trtllm-bench's build heuristic.
+
+    The KV cache gets kv_fraction of what the weights leave free; the batch is the number of requests of the
+    workload's input + output length it holds (capped at 4096), the token budget that batch times
+    (1 + input/output) (capped at 32768), both rounded up to trtllm-bench's steps. None when not one request fits.
+    """
+    kv_bytes = (w.free_bytes - w.model_bytes) * kv_fraction
+    requests = kv_bytes / (w.kv_bytes_per_token * (w.input_len + w.output_len))
+    if requests < 1:
+        return None
+    raw_batch = min(requests, 4096)
+    raw_tokens = min(raw_batch * (1 + w.input_len / max(w.output_len, 1)), 32768)
+    batch_step = 32 if raw_batch < 256 else 128 if raw_batch < 1024 else 256
+    token_step = 512 if raw_tokens < 2048 else 1024 if raw_tokens < 8192 else 2048
+    return {
+        "engine.max_batch_size": batch_step * math.ceil(raw_batch / batch_step),
+        "engine.max_num_tokens": token_step * math.ceil(raw_tokens / token_step),
+    }
+
+
+def nearest_allowed(dist: BaseDistribution, target: int) -> Any | None:
+    """The largest value of `dist` at or under target (else its smallest); None for a non-numeric choice."""
+    if isinstance(dist, CategoricalDistribution):
+        values = [v for v in dist.choices if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    elif isinstance(dist, IntDistribution):
+        values = list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else [dist.low, dist.high]
+    else:
+        return None
+    if not values:
+        return None
+    under = [v for v in values if v <= target]
+    return max(under) if under else min(values)
+
+
+def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs) -> dict[str, Any]:
+    predicted = trtllm_bench_setting(w)
+    if predicted is None:
+        return {}
+    point = {}
+    for key in WARM_START_KEYS:
+        if key in space and (value := nearest_allowed(space[key], predicted[key])) is not None:
+            point[key] = value
+    return point
