@@ -437,6 +437,16 @@ def test_budget_stops_asking_once_the_next_batch_would_pass_it():
     assert Budget(None, "cpu").allows_another_batch() and Budget(None, "cpu").figures()["sweep.gpu_minutes"] == 0.0
 
 
+def test_budget_counts_each_parallel_job_and_its_gpus():
+    # Two trials at once, two GPUs each, for one minute: 2 job-minutes and 4 GPU-minutes; the next batch is still
+    # expected to take one minute of wall time.
+    budget = Budget(2.5, "cuda", gpus_per_trial=2)
+    budget.spent(60.0, jobs=2)
+    figures = budget.figures()
+    assert figures["sweep.job_minutes"] == 2.0 and figures["sweep.gpu_minutes"] == 4.0
+    assert budget.allows_another_batch()  # 1 minute so far (in this test: none) + 1 expected <= 2.5
+
+
 def test_warm_start_follows_trtllm_bench_for_an_8b_model_on_an_h200():
     llama_8b = WarmStartInputs(140e9, "free GPU memory", 16e9, 131072, input_len=1024, output_len=1024)
     assert trtllm_bench_setting(llama_8b) == {"engine.max_batch_size": 512, "engine.max_num_tokens": 1024}

@@ -430,7 +430,7 @@ class OptunaSearch:
             parent.log_settings(self, s, study)
         with self.lock(study):
             self.warm_start(study, s)
-        budget = Budget(self.settings["budget_minutes"], self.device)
+        budget = Budget(self.settings["budget_minutes"], self.device, self.settings["gpus_per_trial"])
         counted = tally(study).counted
         log.info(
             "study %s: %d of %d trials done, %d to run (storage %s)",
@@ -495,7 +495,7 @@ class OptunaSearch:
                 if runnable:
                     started = time.monotonic()
                     returns = self.launch([o for _, o in runnable], job_index)
-                    budget.spent(time.monotonic() - started)
+                    budget.spent(time.monotonic() - started, len(runnable))
                     job_index += len(runnable)
                     for (trial, _), ret in zip(runnable, returns):
                         self.tell(study, trial, ret)
@@ -762,23 +762,25 @@ def point_key(params: dict[str, Any]) -> str:
 class Budget:
     """hydra.sweeper.budget_minutes: no batch is asked for once the next one would likely pass it."""
 
-    def __init__(self, minutes: float | None, device: str):
+    def __init__(self, minutes: float | None, device: str, gpus_per_trial: int = 1):
         self.limit_s = None if minutes is None else minutes * 60
-        self.device = device
+        self.device, self.gpus_per_trial = device, gpus_per_trial
         self.started = time.monotonic()
-        self.job_s = 0.0  # wall time of the launched batches: builds, loads and benchmarks
+        self.batch_s = 0.0  # wall time of the launched batches: builds, loads and benchmarks
+        self.job_s = 0.0  # the same per job: each job of a batch holds its slot (and its GPUs) until the batch ends
         self.batches = 0
         self.stopped = False
 
-    def spent(self, seconds: float) -> None:
-        self.job_s += seconds
+    def spent(self, seconds: float, jobs: int = 1) -> None:
+        self.batch_s += seconds
+        self.job_s += seconds * jobs
         self.batches += 1
 
     def allows_another_batch(self) -> bool:
         if self.limit_s is None or not self.batches:
             return True
         elapsed = time.monotonic() - self.started
-        next_batch = self.job_s / self.batches
+        next_batch = self.batch_s / self.batches
         if elapsed + next_batch <= self.limit_s:
             return True
         self.stopped = True
@@ -796,8 +798,8 @@ class Budget:
         return {
             "sweep.wall_minutes": (time.monotonic() - self.started) / 60,
             "sweep.job_minutes": job_minutes,
-            # one GPU per job on a CUDA run, held for the whole job (build, load and benchmark)
-            "sweep.gpu_minutes": job_minutes if self.device == "cuda" else 0.0,
+            # gpus_per_trial GPUs per job on a CUDA run, held for the whole job (build, load and benchmark)
+            "sweep.gpu_minutes": job_minutes * self.gpus_per_trial if self.device == "cuda" else 0.0,
         }
 
 
