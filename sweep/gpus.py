@@ -7,25 +7,40 @@ every GPU NVML counts. On a machine without GPUs there is nothing to pin and eve
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any, Iterator
 
 from sweep.errors import ConfigError
 
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 
 
-def visible_gpus() -> list[str]:
+def listed_gpus() -> list[str] | None:
+    """The GPUs $CUDA_VISIBLE_DEVICES lists (indices or UUIDs), None when it is not set."""
     listed = os.environ.get(GPU_ENV)
-    if listed is not None:
-        return [g.strip() for g in listed.split(",") if g.strip()]
-    try:
-        import pynvml
+    return None if listed is None else [g.strip() for g in listed.split(",") if g.strip()]
 
-        pynvml.nvmlInit()
-        try:
-            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        finally:
-            pynvml.nvmlShutdown()
+
+@contextlib.contextmanager
+def nvml_session() -> Iterator[Any]:
+    """pynvml, initialised for the block and shut down after it."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def visible_gpus() -> list[str]:
+    listed = listed_gpus()
+    if listed is not None:
+        return listed
+    try:
+        with nvml_session() as nvml:
+            return [str(i) for i in range(nvml.nvmlDeviceGetCount())]
     except Exception:  # no driver, no NVML: a CPU machine
         return []
 
@@ -52,10 +67,10 @@ def nvml_handle(nvml, cuda_index: int = 0):
     NVML numbers every GPU of the machine and ignores $CUDA_VISIBLE_DEVICES: a trial pinned to GPU 3 sees it as
     cuda:0, and NVML's index 0 would be another trial's GPU.
     """
-    visible = os.environ.get(GPU_ENV)
-    if visible is None:
+    listed = listed_gpus()
+    if listed is None:
         return nvml.nvmlDeviceGetHandleByIndex(cuda_index)
-    entry = [g.strip() for g in visible.split(",") if g.strip()][cuda_index]
+    entry = listed[cuda_index]
     if entry.isdigit():
         return nvml.nvmlDeviceGetHandleByIndex(int(entry))
     return nvml.nvmlDeviceGetHandleByUUID(entry)  # GPU-… or MIG-… identifiers
@@ -64,10 +79,5 @@ def nvml_handle(nvml, cuda_index: int = 0):
 def free_gpu_memory_bytes() -> int:
     """Free memory of this process's first GPU, read through NVML: torch's mem_get_info would open a CUDA context
     that holds memory on that GPU for as long as the process (a sweeper) lives."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(pynvml)).free
-    finally:
-        pynvml.nvmlShutdown()
+    with nvml_session() as nvml:
+        return nvml.nvmlDeviceGetMemoryInfo(nvml_handle(nvml)).free

@@ -99,7 +99,7 @@ def test_kv_cache_and_step_settings_reach_transformers(tiny_checkpoint, tmp_path
     try:
         resolved = paged.manager.continuous_batching_config
         assert (
-            getattr(resolved, hf_paged.page_field()),
+            getattr(resolved, hf_paged.page_field(hf_paged.config_fields())),
             resolved.max_batch_tokens,
             resolved.max_requests_per_batch,
         ) == (16, 24, 2)

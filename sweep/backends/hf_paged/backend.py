@@ -42,9 +42,12 @@ INIT_ARGS = ("generation_config", "continuous_batching_config")
 SUBMIT_ARGS = ("request_id", "max_new_tokens", "streaming", "record_timestamps", "eos_token_id")
 
 
-def page_field() -> str:
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+
+
+def page_field(fields: set[str]) -> str:
     """The page size's name in ContinuousBatchingConfig: `page_size` from 5.2x, `block_size` in 5.17."""
-    fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
     return "page_size" if "page_size" in fields else "block_size"
 
 
@@ -136,7 +139,7 @@ class HFPagedBackend(Backend):
         do; a release that renamed one is refused here rather than failing in the manager's thread)."""
         version = transformers.__version__
         try:
-            fields = {f.name for f in dataclasses.fields(transformers.ContinuousBatchingConfig)}
+            fields = config_fields()
             init = inspect.signature(transformers.GenerationMixin.init_continuous_batching).parameters
             manager = transformers.generation.continuous_batching.ContinuousBatchingManager
             submit = inspect.signature(manager.add_request).parameters
@@ -165,15 +168,16 @@ class HFPagedBackend(Backend):
 
     def continuous_batching_kwargs(self) -> dict[str, Any]:
         e = self.cfg.engine
+        fields = config_fields()
         kwargs = {
-            page_field(): e.tokens_per_block,
+            page_field(fields): e.tokens_per_block,
             "max_batch_tokens": e.max_num_tokens,
             "max_requests_per_batch": e.max_batch_size,
             "num_blocks": self.kv_blocks(),
             "max_memory_percent": self.cfg.backend.kv_memory_fraction,
             "allow_block_sharing": False,  # off for benchmarks, or repeated prompts would skip their prefill
         }
-        if page_field() == "page_size":  # 5.2x can switch attention on its own; 5.17 never does
+        if "auto_switch_to_flash" in fields:  # 5.2x can switch attention on its own; 5.17 never does
             kwargs["auto_switch_to_flash"] = False  # engine.attn_implementation means what it says
         if self.device == "cuda":  # the CPU has no graphs (transformers would warn and turn them off)
             kwargs["use_cuda_graph"] = e.cuda_graphs
@@ -213,7 +217,7 @@ class HFPagedBackend(Backend):
         log.info(
             "hf_paged: %s pages of %s tokens, %s batch tokens, %s requests per step, CUDA graphs %s, attention %s",
             resolved.num_blocks,
-            getattr(resolved, page_field()),
+            getattr(resolved, page_field(config_fields())),
             resolved.max_batch_tokens,
             resolved.max_requests_per_batch,
             resolved.use_cuda_graph,
