@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_compare import start_backend  # noqa: E402
-from load_curve import LLAMA_31_8B, SMALL, make_checkpoint  # noqa: E402
+from gpu_compare import make_checkpoint, start_backend  # noqa: E402
+from load_curve import LLAMA_31_8B, SMALL  # noqa: E402
 
 log = logging.getLogger("inflight_build_profile")
 

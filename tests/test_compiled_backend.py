@@ -152,15 +152,19 @@ def inflight_engine(checkpoint: Path, cache_dir: Path, *overrides: str):
     return start(CompiledBackend, cfg, cache_dir)[0]
 
 
+def mixed_requests() -> list[Request]:
+    """Six requests of mixed prompt and output lengths: served by a few closed-loop clients, later ones arrive while
+    earlier ones prefill or decode."""
+    return [Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])]
+
+
 def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_path):
     # Two clients in a closed loop: each finish sends that client's next request while the other one is decoding
     # (or prefilling), so requests join a running batch; a 4-token budget splits the longer prompts over steps.
     cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3", "engine.max_num_tokens=4")
-    requests = [
-        Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])
-    ]
+    requests = mixed_requests()
     try:
         expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
         stream = RequestStream(requests, clients=2)
@@ -335,9 +339,7 @@ def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoin
         "engine.max_batch_size=4",
         "engine.max_num_tokens=6",
     )
-    requests = [
-        Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])
-    ]
+    requests = mixed_requests()
     try:
         expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
         stream = RequestStream(requests, clients=3)
