@@ -96,7 +96,21 @@ def timed(run, reset, steps: int, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def measure(p, scheduler: str, batch: int, steps: int, repeats: int) -> tuple[dict[str, Any], list[list[int]]]:
+def kernel_table(run, reset, steps: int) -> str:
+    """The GPU kernels of `steps` decode steps, most time first (kernels replayed from CUDA graphs included)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    reset()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=90)
+
+
+def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[list[int]]]:
     import torch
 
     backend, state = p.backend, p.backend.state
@@ -117,10 +131,13 @@ def measure(p, scheduler: str, batch: int, steps: int, repeats: int) -> tuple[di
                 state.pos[:batch].fill_(ISL)
                 state.live[:batch].fill_(1)
 
-        step_ms = timed(run, reset, steps, repeats, cuda)
+        step_ms = timed(run, reset, args.steps, args.repeats, cuda)
+        kernels = kernel_table(run, reset, 8) if args.profile and cuda else None
     out = {"scheduler": scheduler, "max_batch_size": state.batch, "batch": batch, "decode_step_ms": step_ms}
     if cuda:
-        out.update(decode_roofline(p, batch, ISL + steps / 2, step_ms))
+        out.update(decode_roofline(p, batch, ISL + args.steps / 2, step_ms))
+    if kernels:
+        out["kernels_8_steps"] = kernels
     return out, rows
 
 
@@ -133,6 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--profile", action="store_true", help="add each measurement's GPU kernel table to the .md")
     parser.add_argument("--engines", nargs="+", default=ENGINES, help="scheduler:max_batch_size:batches, in order")
     # Reuse another benchmark's engines: load_curve.py's Llama checkpoint, cache and max_seq_len give cache hits.
     parser.add_argument("--llama", type=Path, default=None, help="a Llama-3.1-8B-shaped bf16 checkpoint to use")
@@ -156,7 +174,7 @@ def main() -> None:
         started_s = time.perf_counter() - start
         try:
             for batch in batches:
-                out, rows = measure(p, scheduler, batch, args.steps, args.repeats)
+                out, rows = measure(p, scheduler, batch, args)
                 out.update(engine_start_s=started_s, captured=entry.manifest["captured_batch_sizes"])
                 if scheduler == "inflight" and ("static", batch) in tokens:
                     out["tokens_vs_static"] = token_match(tokens[("static", batch)], rows)
@@ -182,6 +200,15 @@ def main() -> None:
         lines.append(
             f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['decode_step_ms']:.2f} | {eff} | {match} |"
         )
+    for r in results:
+        if "kernels_8_steps" in r:
+            lines += [
+                "",
+                f"{r['scheduler']}, batch {r['batch']}: GPU kernels of 8 decode steps",
+                "```",
+                r["kernels_8_steps"],
+                "```",
+            ]
     (args.out / "inflight_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,7 +12,7 @@
 
     python benchmarks/search_efficiency.py [--seeds 5] [--workdir DIR]                 # CPU: measure, then replay
     python benchmarks/search_efficiency.py --space gpu --checkpoint DIR --print-grid-command  # run on a GPU
-    python benchmarks/search_efficiency.py --space gpu --store DIR/mlruns/mlflow.db --within 0.02 --seeds 5
+    python benchmarks/search_efficiency.py --space gpu --store DIR/mlruns/mlflow.db [MORE.db] --within 0.02 --seeds 5
 """
 
 from __future__ import annotations
@@ -104,21 +104,28 @@ def measure_grid(workdir: Path, space: str, checkpoint: str) -> Path:
     return workdir / "mlruns" / "mlflow.db"
 
 
-def read_grid(store: Path, space: str, metric: str) -> tuple[dict[tuple, Point], WarmStartInputs | None]:
-    """Every point of the space from the finished runs of an MLflow store, and what a warm start would know."""
+def finished_runs(store: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id], "attributes.status = 'FINISHED'")
+    experiment = client.get_experiment_by_name("sweep").experiment_id
+    return client.search_runs([experiment], "attributes.status = 'FINISHED'", max_results=10_000)
+
+
+def read_grid(stores: list[Path], space: str, metric: str) -> tuple[dict[tuple, Point], WarmStartInputs | None]:
+    """Every point of the space from the finished runs of MLflow stores (a grid measured in parts: one store per
+    part), and what a warm start would know."""
+    runs = [run for store in stores for run in finished_runs(store)]
     keys = SPACES[space]
-    grid, warm = {}, None
+    measured: dict[tuple, list[Point]] = {}
+    warm = None
     for run in runs:
         m, p = run.data.metrics, run.data.params
         if metric not in m or any(k not in p for k in keys):
             continue
         key = tuple(type(v[0])(p[k]) if not isinstance(v[0], bool) else p[k] == "True" for k, v in keys.items())
         seconds = sum(m.get(f"phase_{phase}_s", 0.0) for phase in ("prepare", "build", "load", "benchmark"))
-        grid[key] = Point(m[metric], seconds / 60)
+        measured.setdefault(key, []).append(Point(m[metric], seconds / 60))
         gpu_gb = run.data.tags.get("env.gpu_memory_total_gb")
         free = float(gpu_gb) * 1e9 if gpu_gb else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         warm = WarmStartInputs(
@@ -129,9 +136,15 @@ def read_grid(store: Path, space: str, metric: str) -> tuple[dict[tuple, Point],
             int(p["workload.input_len"]),
             int(p["workload.output_len"]),
         )
-    missing = set(itertools.product(*keys.values())) - set(grid)
+    missing = set(itertools.product(*keys.values())) - set(measured)
     if missing:
         raise SystemExit(f"the grid is incomplete, no {metric} for {sorted(missing)}")
+    grid = {}
+    for key, points in measured.items():  # a point measured twice (a part re-run) counts as the mean of both
+        grid[key] = Point(statistics.mean(p.value for p in points), statistics.mean(p.minutes for p in points))
+        if len(points) > 1:
+            values = ", ".join(f"{p.value:.2f}" for p in points)
+            print(f"{dict(zip(keys, key))} measured {len(points)} times: {metric} {values}; the mean is replayed")
     return grid, warm
 
 
@@ -163,7 +176,9 @@ def main() -> None:
     parser.add_argument("--within", type=float, default=0.05, help="target: within this share of the grid's best")
     parser.add_argument("--metric", default="output_throughput_tok_s", help="the objective (maximised)")
     parser.add_argument("--workdir", type=Path, default=None, help="measure the grid here (default: a new temp dir)")
-    parser.add_argument("--store", type=Path, default=None, help="replay this mlflow.db instead of measuring")
+    parser.add_argument(
+        "--store", type=Path, nargs="+", default=None, help="replay these mlflow.db files instead of measuring"
+    )
     parser.add_argument("--print-grid-command", action="store_true", help="print the grid's command and exit")
     parser.add_argument("--checkpoint", default="CHECKPOINT", help="--space gpu: the random-weight checkpoint dir")
     args = parser.parse_args()
@@ -171,19 +186,23 @@ def main() -> None:
         print("python " + " ".join(grid_command(args.space, args.checkpoint)[1:]))
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = args.store
-    if store is None:
+    stores = args.store
+    if stores is None:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sweep-search-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        store = measure_grid(workdir, args.space, args.checkpoint)
-    grid, inputs = read_grid(store, args.space, args.metric)
+        stores = [measure_grid(workdir, args.space, args.checkpoint)]
+    grid, inputs = read_grid(stores, args.space, args.metric)
     keys = SPACES[args.space]
     best_key = max(grid, key=lambda k: grid[k].value)
     target = (1 - args.within) * grid[best_key].value
     within = sum(p.value >= target for p in grid.values())
     grid_minutes = sum(p.minutes for p in grid.values())
-    warm = warm_start_point({k: optuna.distributions.CategoricalDistribution(v) for k, v in keys.items()}, inputs)
-    print(f"grid: {len(grid)} points in {store}, {grid_minutes:.1f} device-minutes")
+    from sweep.compose import compose
+
+    defaults = compose([w.format(checkpoint=args.checkpoint) for w in WORKLOADS[args.space]])  # as the sweeper's
+    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in keys.items()}
+    warm = warm_start_point(space, inputs, defaults)
+    print(f"grid: {len(grid)} points in {', '.join(map(str, stores))}, {grid_minutes:.1f} device-minutes")
     print(
         f"best: {dict(zip(keys, best_key))} at {grid[best_key].value:.1f}; target ({1 - args.within:.0%}) "
         f"{target:.1f}; {within} of {len(grid)} points reach it; warm start {warm}\n"

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from conftest import QUICK, REPO, mlflow_runs, run_sweep
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -456,6 +457,24 @@ def test_warm_start_follows_trtllm_bench_for_an_8b_model_on_an_h200():
     assert warm_start_point(space, too_small) == {}
 
 
+def test_warm_start_keeps_the_configs_own_value_of_every_other_searched_key():
+    # trtllm-bench sets batch size and token budget; the rest of the first trial is the config as composed, where
+    # the space holds that value (True is not the choice 1; a value outside a range is left to the sampler).
+    space, _ = parse(
+        "engine.max_batch_size=choice(8,16)",
+        "engine.cuda_graphs=choice(false,true)",
+        "engine.compile_mode=choice(none,default)",
+        "engine.max_seq_len=range(64,128,32)",
+        "workload.num_requests=choice(1,2)",
+    )
+    defaults = OmegaConf.create(
+        {"engine": {"cuda_graphs": True, "compile_mode": "reduce-overhead", "max_seq_len": 4096},
+         "workload": {"num_requests": True}}
+    )  # fmt: skip
+    llama_8b = WarmStartInputs(140e9, "free GPU memory", 16e9, 131072, input_len=1024, output_len=1024)
+    assert warm_start_point(space, llama_8b, defaults) == {"engine.max_batch_size": 16, "engine.cuda_graphs": True}
+
+
 def test_samplers_fit_what_they_are_for():
     samplers = optuna.samplers
     expected = {
@@ -490,6 +509,7 @@ def test_a_search_prints_one_progress_line_per_trial_and_names_its_runs(tmp_path
     assert "tiny · hf · cpu" not in console  # no run's summary table on the console
     trials = trials_of(tmp_path, "progress")
     assert trials[0].params["engine.max_batch_size"] == 2 and "host memory" in trials[0].user_attrs["warm_start"]
+    assert trials[0].params["engine.attn_implementation"] == "sdpa"  # the warm start keeps the config's own value
     study = optuna.load_study(study_name="progress", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
     assert study.metric_names == ["output_throughput_tok_s"] and len(study.user_attrs["confirmed"]) == 1
 

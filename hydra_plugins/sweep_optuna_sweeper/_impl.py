@@ -348,13 +348,14 @@ class OptunaSearch:
         if not any(key in s.space for key in WARM_START_KEYS):
             return
         try:
-            inputs = sweeper_api.memory_for_warm_start(self.compose(s.fixed))
+            defaults = self.compose(s.fixed)
+            inputs = sweeper_api.memory_for_warm_start(defaults)
         except Exception as exc:  # a hint, never a reason to stop: the trials report their own errors
             inputs = f"{type(exc).__name__}: {exc}"
         if isinstance(inputs, str):
             log.info("warm start skipped: %s", inputs)
             return
-        point = warm_start_point(s.space, inputs)
+        point = warm_start_point(s.space, inputs, defaults)
         if not point:
             log.info("warm start skipped: not one request fits in the %s", inputs.memory_source)
             return

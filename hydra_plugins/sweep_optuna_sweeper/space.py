@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import optuna
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -187,7 +188,22 @@ def nearest_allowed(dist: BaseDistribution, target: int) -> Any | None:
     return max(under) if under else min(values)
 
 
-def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs) -> dict[str, Any]:
+def holds(dist: BaseDistribution, value: Any) -> bool:
+    """Whether `value` is one of the distribution's points (True is not the choice 1, nor 1.0 the choice 1)."""
+    if isinstance(dist, CategoricalDistribution):
+        return any(type(choice) is type(value) and choice == value for choice in dist.choices)
+    if isinstance(dist, (IntDistribution, FloatDistribution)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and dist.low <= value <= dist.high
+    return False
+
+
+def warm_start_point(
+    space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs, defaults: DictConfig | None = None
+) -> dict[str, Any]:
+    """trtllm-bench's batch size and token budget for the memory there is; every other searched key at its value in
+    `defaults` (the composed config) when the space holds it, as trtllm-bench leaves the rest at the defaults. Left
+    to the sampler, those keys would make the warm start's first trial a random draw."""
     predicted = trtllm_bench_setting(w)
     if predicted is None:
         return {}
@@ -195,4 +211,9 @@ def warm_start_point(space: dict[str, BaseDistribution], w: sweeper_api.WarmStar
     for key in WARM_START_KEYS:
         if key in space and (value := nearest_allowed(space[key], predicted[key])) is not None:
             point[key] = value
+    if defaults is not None:
+        for key, dist in space.items():
+            value = OmegaConf.select(defaults, key, default=None)
+            if key not in point and holds(dist, value):
+                point[key] = value
     return point

@@ -53,7 +53,7 @@ from sweep.backends.compiled.inflight import (
     InflightScheduler,
     SlotState,
     decode_sizes,
-    make_inflight_steps,
+    make_decode_calls,
     warm_up_inflight,
 )
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
@@ -207,7 +207,7 @@ class CompiledBackend(Backend):
             e.cuda_graphs,
         )
         start = time.perf_counter()
-        self.plan = compile_plan(e.compile_mode, e.cuda_graphs, self.device)
+        self.plan = compile_plan(e.compile_mode, e.cuda_graphs, self.device, self.inflight)
         with torch.inference_mode():
             if self.inflight:
                 self._start_inflight(model)
@@ -225,13 +225,13 @@ class CompiledBackend(Backend):
         e = self.cfg.engine
         self.sizes = decode_sizes(e.cuda_graph_batch_sizes, e.max_batch_size)
         self.state = SlotState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
-        run_prefill, run_decode = make_inflight_steps(self.state, self.plan, self.sizes)
+        run_decode = make_decode_calls(self.state, self.plan, self.sizes)
         if self.plan["graphs"] == "manual":  # one graph per size, sharing one memory pool
             for n in self.sizes:
                 run_decode[n], graph = capture_decode(run_decode[n], self.graphs[0].pool() if self.graphs else None)
                 self.graphs.append(graph)
-        warm_up_inflight(self.state, run_prefill, run_decode)
-        self.scheduler = InflightScheduler(self.state, run_prefill, run_decode, e.max_num_tokens)
+        warm_up_inflight(self.state, run_decode)
+        self.scheduler = InflightScheduler(self.state, run_decode, e.max_num_tokens)
 
     def engine_figures(self) -> dict[str, float]:
         """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""

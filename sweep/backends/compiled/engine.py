@@ -113,16 +113,21 @@ def decode_step(state: StaticState) -> None:
 
 
 # -- compiling and capturing ----------------------------------------------------------------------------------
-def compile_plan(compile_mode: str, cuda_graphs: bool, device: str) -> dict[str, Any]:
-    """What runs decode and prefill for these options. Prefill is never graphed: its width changes per batch."""
+def compile_plan(compile_mode: str, cuda_graphs: bool, device: str, inflight: bool = False) -> dict[str, Any]:
+    """What runs decode and prefill for these options. Prefill is never graphed: its width changes per batch.
+
+    In flight, prompt chunks run eager: a chunk's width, row and first column change every step, and compiling the
+    whole model for that (dynamic shapes, plus width 1 apart) kept an 8B model's build going for over 6 minutes on
+    an H200, against ~80 s for the static engine; a chunk of hundreds of tokens is compute-bound, so eager costs it
+    little, while decode, the step that sets TPOT, is still compiled and captured."""
     graphs = cuda_graphs and device == "cuda"
     if compile_mode == "none":
         return {"prefill": None, "decode": None, "graphs": "manual" if graphs else "off"}
     if compile_mode == "max-autotune":
-        prefill_opts = {"max_autotune": True, "coordinate_descent_tuning": True}
-    else:  # default and reduce-overhead compile prefill alike
-        prefill_opts = {}
-    decode_opts = dict(prefill_opts)
+        decode_opts = {"max_autotune": True, "coordinate_descent_tuning": True}
+    else:  # default and reduce-overhead compile alike
+        decode_opts = {}
+    prefill_opts = None if inflight else dict(decode_opts)
     if compile_mode in ("reduce-overhead", "max-autotune") and graphs:
         decode_opts["triton.cudagraphs"] = True  # Inductor's cudagraph trees capture and replay decode
         return {"prefill": prefill_opts, "decode": decode_opts, "graphs": "cudagraph trees"}

@@ -4,10 +4,10 @@ admission to its last token.
 Device side (what is compiled and captured):
 - `decode_rows(state, n)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`;
   rows that are not decoding (free, or in the middle of their prefill) compute a throw-away token, and only rows
-  marked in `state.live` advance. Three compiled variants (size 1, n symbolic, max_batch_size) and one CUDA graph
-  per size in `decode_sizes`.
-- `prefill_chunk(state, ids)`: part of one prompt into one row's cache columns start..start+width-1 (row and
-  start in device buffers), its last position's greedy token into `state.token[row]`.
+  marked in `state.live` advance. Two compiled variants (size 1, n symbolic) and one CUDA graph per size in
+  `decode_sizes`.
+- `prefill_chunk(state, row, ids, start)`: part of one prompt into the row's cache columns start..start+width-1,
+  its last position's greedy token into `state.token[row]`. Eager (compile_plan says why).
 
 Host side (`InflightScheduler.serve`): every step takes what has arrived into free rows, decodes the running rows
 with the smallest captured size that covers them, then spends what is left of `max_num_tokens` on prompt chunks,
@@ -40,12 +40,7 @@ class SlotState(StaticState):
         super().__init__(model, batch, max_seq_len, attn_implementation)
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # the column the row's next token fills
         self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
-        # The prompt chunk's row and first column, as device values: as Python ints, rows 0 and 1 and column 0
-        # would each get a compiled graph of their own, and the first one warm-up missed would recompile (a minute
-        # on an 8B model) in the middle of serving.
-        self.chunk_row = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.chunk_start = torch.zeros(1, dtype=torch.long, device=self.device)
-        for tensor in (self.pos, self.live, self.chunk_row, self.chunk_start):
+        for tensor in (self.pos, self.live):
             torch._dynamo.mark_static_address(tensor)
 
     def reset_rows(self) -> None:
@@ -69,11 +64,14 @@ class RowCache:
         self.rows = torch.arange(n, device=state.device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.state.keys[layer_idx][: self.n], self.state.values[layer_idx][: self.n]
+        # Written through the whole layer cache, not through its view of rows [:n]: with n symbolic, Inductor
+        # turned a write through the view into a copy of those rows' whole cache and back, every layer and step
+        # (on an H200, batch 16 of Llama-3.1-8B at max_seq_len 1536: 4 of a step's 10 ms).
+        keys, values = self.state.keys[layer_idx], self.state.values[layer_idx]
         pos = self.state.pos[: self.n]
         keys[self.rows, :, pos] = key_states[:, :, 0]  # key_states: [n, kv_heads, 1, head_dim]
         values[self.rows, :, pos] = value_states[:, :, 0]
-        return keys, values
+        return keys[: self.n], values[: self.n]
 
 
 def visible(state: StaticState, query_cols):
@@ -99,52 +97,39 @@ def decode_rows(state: SlotState, n: int) -> None:
 
 
 class ChunkCache:
-    """Prefill of one row: the chunk's keys and values go to columns `cols` of row `state.chunk_row`; attention
-    reads that row (a copy: a row picked by a device value cannot be a view)."""
+    """Prefill of one row: the chunk's keys and values go to columns start..start+width-1 of that row; attention
+    reads the row."""
 
-    def __init__(self, state: SlotState, cols):
-        self.state, self.cols = state, cols
+    def __init__(self, state: SlotState, row: int, start: int):
+        self.state, self.row, self.start = state, row, start
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        row = self.state.chunk_row
-        keys, values = self.state.keys[layer_idx], self.state.values[layer_idx]
-        # key_states: [1, kv_heads, width, head_dim]; the indexed slots are [1, width, kv_heads, head_dim]
-        keys[row[:, None], :, self.cols[None, :]] = key_states.transpose(1, 2)
-        values[row[:, None], :, self.cols[None, :]] = value_states.transpose(1, 2)
-        return keys.index_select(0, row), values.index_select(0, row)
+        keys = self.state.keys[layer_idx][self.row : self.row + 1]
+        values = self.state.values[layer_idx][self.row : self.row + 1]
+        end = self.start + key_states.shape[2]  # key_states: [1, kv_heads, width, head_dim]
+        keys[:, :, self.start : end] = key_states
+        values[:, :, self.start : end] = value_states
+        return keys, values
 
 
-def prefill_chunk(state: SlotState, input_ids) -> None:
-    """Prompt tokens [width] into row state.chunk_row at columns chunk_start..chunk_start+width-1; their last
-    position's greedy token goes to that row's state.token (the request's first output token when this chunk ends
-    its prompt). The ids are a 1-D slice of the prompt: a 2-D one's stride differs per prompt length, and each new
-    stride recompiled."""
-    cols = torch.arange(input_ids.shape[0], device=state.device) + state.chunk_start
+def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
+    """Prompt tokens [width] into `row` at columns start..start+width-1; their last position's greedy token goes to
+    the row's state.token (the request's first output token when this chunk ends its prompt). Eager: see
+    compile_plan."""
+    cols = torch.arange(start, start + input_ids.shape[0], device=state.device)
     mask = as_mask(state, visible(state, cols)[None, None])  # [1, 1, width, max_seq_len]
-    logits = forward_last(state, input_ids[None], cols[None, :], mask, ChunkCache(state, cols))
-    state.token.index_copy_(0, state.chunk_row, logits.argmax(dim=-1, keepdim=True))
-    state.pos.index_copy_(0, state.chunk_row, cols[-1:] + 1)
+    logits = forward_last(state, input_ids[None], cols[None, :], mask, ChunkCache(state, row, start))
+    state.token[row].copy_(logits.argmax(dim=-1))
+    state.pos[row].fill_(start + input_ids.shape[0])
 
 
-def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple[Callable, dict[int, Callable]]:
-    """The prefill-chunk call and one decode call per size, compiled as `plan` says."""
-    prefill_fn, decode_fn = prefill_chunk, decode_rows
-    if plan["prefill"] is not None:
-        # Dynamic from the first compile: the chunk's width changes every call. Width 1 gets a graph of its own
-        # (transformers' sdpa branches on it), which warm-up compiles too.
-        prefill_fn = torch.compile(prefill_chunk, fullgraph=True, dynamic=True, options=plan["prefill"])
+def make_decode_calls(state: SlotState, plan: dict, sizes: list[int]) -> dict[int, Callable]:
+    """One decode call per size, compiled as `plan` says (prompt chunks run eager in flight: see compile_plan)."""
+    decode_fn = decode_rows
     if plan["decode"] is not None:
-        # The first size (1) compiles static, the second recompiles with n symbolic and serves every size below
-        # max_batch_size, which gets a third: three compiles however many sizes are captured (each size still gets
-        # its own CUDA graph).
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4))
+        # The first size (1) compiles static, the second recompiles with n symbolic and serves every larger size:
+        # two compiles however many sizes are captured (each size still gets its own CUDA graph).
         decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
-
-    def run_prefill(row: int, input_ids, start: int) -> None:
-        state.chunk_row.fill_(row)
-        state.chunk_start.fill_(start)
-        prefill_fn(state, input_ids)
 
     def decode_call(n: int) -> Callable:
         if plan["graphs"] == "cudagraph trees":
@@ -159,18 +144,14 @@ def make_inflight_steps(state: SlotState, plan: dict, sizes: list[int]) -> tuple
 
         return run
 
-    return run_prefill, {n: decode_call(n) for n in sizes}
+    return {n: decode_call(n) for n in sizes}
 
 
-def warm_up_inflight(state: SlotState, run_prefill: Callable, run_decode: dict[int, Callable]) -> None:
-    """Compile prefill chunks (widths 1 and more, two rows, two starts) and every decode size (cudagraph trees: a
-    warm-up run, a recording, a replay) before any timed request; then clear the rows."""
+def warm_up_inflight(state: SlotState, run_decode: dict[int, Callable]) -> None:
+    """Compile every decode size (cudagraph trees: a warm-up run, a recording, a replay) and run one prompt chunk
+    (cuBLAS and allocator set-up) before any timed request; then clear the rows."""
     width = max(2, min(16, state.max_seq_len // 4))
-    second_row = min(1, state.batch - 1)
-    ids = torch.zeros(width + 1, dtype=torch.long, device=state.device)
-    run_prefill(0, ids[:width], 0)
-    run_prefill(second_row, ids, width)
-    run_prefill(second_row, ids[:1], 2 * width + 1)
+    prefill_chunk(state, 0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
     for run in run_decode.values():
         for _ in range(3):
             run()
@@ -213,11 +194,10 @@ class InflightScheduler:
     def __init__(
         self,
         state: SlotState,
-        run_prefill: Callable,
         run_decode: dict[int, Callable],
         max_num_tokens: int,
     ):
-        self.state, self.run_prefill, self.run_decode = state, run_prefill, run_decode
+        self.state, self.run_decode = state, run_decode
         self.sizes = sorted(run_decode)
         self.max_num_tokens = max_num_tokens
         self.cuda = state.device.type == "cuda"
@@ -280,7 +260,7 @@ class InflightScheduler:
             width = min(r.request.input_len - r.prefilled, budget)
             if r.prefilled == 0:
                 stream.admitted(r.request.id)
-            self.run_prefill(r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
+            prefill_chunk(state, r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
             r.prefilled += width
             budget -= width
             prefilled += width
