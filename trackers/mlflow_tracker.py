@@ -136,7 +136,18 @@ class MLflowTracker(Tracker):
         wanted = {"mlflow.experimentKind": "custom_model_development", key: json.dumps(view)}
         for name, value in wanted.items():
             if current.get(name) != value:
-                self.client.set_experiment_tag(self.experiment_id, name, value)
+                self._set_experiment_tag(name, value)
+
+    def _set_experiment_tag(self, name: str, value: str) -> None:
+        try:
+            self.client.set_experiment_tag(self.experiment_id, name, value)
+        except Exception:
+            # Workers that start together set the same new tag at once, and a tracking server on PostgreSQL
+            # inserts it for each: the second insert fails on the tag's unique key. It exists now, so set it again
+            # (an update this time).
+            if name not in self.client.get_experiment(self.experiment_id).tags:
+                raise
+            self.client.set_experiment_tag(self.experiment_id, name, value)
 
     def run_url(self, run_id: str) -> str:
         """Where the run opens in the UI: on the tracking server itself, or on `mlflow ui` over this store."""
