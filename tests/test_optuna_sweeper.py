@@ -459,20 +459,27 @@ def test_warm_start_follows_trtllm_bench_for_an_8b_model_on_an_h200():
 
 def test_warm_start_keeps_the_configs_own_value_of_every_other_searched_key():
     # trtllm-bench sets batch size and token budget; the rest of the first trial is the config as composed, where
-    # the space holds that value (True is not the choice 1; a value outside a range is left to the sampler).
+    # the space holds that value (True is not the choice 1; a value outside a range, or between its steps, is left
+    # to the sampler).
     space, _ = parse(
         "engine.max_batch_size=choice(8,16)",
         "engine.cuda_graphs=choice(false,true)",
         "engine.compile_mode=choice(none,default)",
         "engine.max_seq_len=range(64,128,32)",
         "workload.num_requests=choice(1,2)",
+        "workload.input_len=range(64,129,32)",
+        "workload.output_len=range(64,129,32)",
     )
     defaults = OmegaConf.create(
         {"engine": {"cuda_graphs": True, "compile_mode": "reduce-overhead", "max_seq_len": 4096},
-         "workload": {"num_requests": True}}
+         "workload": {"num_requests": True, "input_len": 100, "output_len": 96}}
     )  # fmt: skip
     llama_8b = WarmStartInputs(140e9, "free GPU memory", 16e9, 131072, input_len=1024, output_len=1024)
-    assert warm_start_point(space, llama_8b, defaults) == {"engine.max_batch_size": 16, "engine.cuda_graphs": True}
+    assert warm_start_point(space, llama_8b, defaults) == {
+        "engine.max_batch_size": 16,
+        "engine.cuda_graphs": True,
+        "workload.output_len": 96,
+    }
 
 
 def test_samplers_fit_what_they_are_for():

@@ -192,9 +192,15 @@ def holds(dist: BaseDistribution, value: Any) -> bool:
     """Whether `value` is one of the distribution's points (True is not the choice 1, nor 1.0 the choice 1)."""
     if isinstance(dist, CategoricalDistribution):
         return any(type(choice) is type(value) and choice == value for choice in dist.choices)
-    if isinstance(dist, (IntDistribution, FloatDistribution)):
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number and dist.low <= value <= dist.high
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, IntDistribution):  # range(a,b,step) is one: a value between its steps is not a point
+        return isinstance(value, int) and dist.low <= value <= dist.high and (value - dist.low) % dist.step == 0
+    if isinstance(dist, FloatDistribution):
+        if not dist.low <= value <= dist.high:
+            return False
+        steps = (value - dist.low) / dist.step if dist.step else 0.0
+        return math.isclose(steps, round(steps), abs_tol=1e-9)
     return False
 
 
