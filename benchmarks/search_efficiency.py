@@ -32,6 +32,7 @@ import optuna
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from hydra_plugins.sweep_optuna_sweeper.space import warm_start_point  # noqa: E402
+from sweep.compose import compose  # noqa: E402
 from sweep.sweeper_api import WarmStartInputs  # noqa: E402
 
 SPACES = {
@@ -91,10 +92,18 @@ class Point:
     minutes: float  # device-minutes the point cost: build + load + benchmark
 
 
+def workload(space: str, checkpoint: str) -> list[str]:
+    """The overrides every point of the grid shares (what the sweeper composes as its base config)."""
+    return [w.format(checkpoint=checkpoint) for w in WORKLOADS[space]]
+
+
+def distributions(space: str) -> dict[str, optuna.distributions.BaseDistribution]:
+    return {k: optuna.distributions.CategoricalDistribution(v) for k, v in SPACES[space].items()}
+
+
 def grid_command(space: str, checkpoint: str) -> list[str]:
     sweeps = [f"{k}={','.join(map(str, v))}" for k, v in SPACES[space].items()]
-    workload = [w.format(checkpoint=checkpoint) for w in WORKLOADS[space]]
-    return [sys.executable, "-m", "sweep", "-m", *workload, *sweeps]
+    return [sys.executable, "-m", "sweep", "-m", *workload(space, checkpoint), *sweeps]
 
 
 def measure_grid(workdir: Path, space: str, checkpoint: str) -> Path:
@@ -154,11 +163,11 @@ def replay(sampler, grid, space: str, target: float, warm: dict | None, reuse: b
     study = optuna.create_study(direction="maximize", sampler=sampler)
     if warm:
         study.enqueue_trial(warm)
-    distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in keys.items()}
+    points = distributions(space)
     measured: set[tuple] = set()
     minutes = 0.0
     for n in range(1, cap + 1):
-        trial = study.ask(distributions)
+        trial = study.ask(points)
         key = tuple(trial.params[k] for k in keys)
         if not (reuse and key in measured):
             minutes += grid[key].minutes
@@ -197,11 +206,8 @@ def main() -> None:
     target = (1 - args.within) * grid[best_key].value
     within = sum(p.value >= target for p in grid.values())
     grid_minutes = sum(p.minutes for p in grid.values())
-    from sweep.compose import compose
-
-    defaults = compose([w.format(checkpoint=args.checkpoint) for w in WORKLOADS[args.space]])  # as the sweeper's
-    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in keys.items()}
-    warm = warm_start_point(space, inputs, defaults)
+    defaults = compose(workload(args.space, args.checkpoint))  # the base config the sweeper's warm start reads
+    warm = warm_start_point(distributions(args.space), inputs, defaults)
     print(f"grid: {len(grid)} points in {', '.join(map(str, stores))}, {grid_minutes:.1f} device-minutes")
     print(
         f"best: {dict(zip(keys, best_key))} at {grid[best_key].value:.1f}; target ({1 - args.within:.0%}) "
