@@ -5,7 +5,8 @@
 - tag names a trial's run carries, and the sweep's parent run (`tracker_location`: where its id is valid);
 - the environment a sweep's worker processes share with it (`WORKER_ENV`, `PARENT_STAYS_OPEN_ENV`);
 - the figure names objectives and constraints may use;
-- `store_lock(url)`: serialises creating or migrating a SQLite or PostgreSQL storage across processes;
+- `store_lock(url)`: serialises creating or migrating a SQLite or PostgreSQL storage across processes (and creates
+  a SQLite file's directory); `sqlite_path(url)`: a SQLite storage's file, None for a server;
   `advisory_lock(engine, name)`: a named PostgreSQL lock (one study's workers, one at a time);
 - `check_storage_reachable(url)`: a study's database server that does not answer is a ConfigError, in seconds;
 - `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
@@ -33,7 +34,7 @@ from sweep.plan import make_plan, resolve_device
 from sweep.validate import check_figure, check_sweep
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.mlflow_tracker import default_uri
-from trackers.store import StoreUnreachable, advisory_lock, check_store_reachable, redact, store_lock
+from trackers.store import StoreUnreachable, advisory_lock, check_store_reachable, redact, sqlite_path, store_lock
 
 RESULT_FILE = "figures.json"  # in each job's Hydra output directory
 # The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
@@ -77,6 +78,7 @@ __all__ = [
     "parent_run",
     "read_result",
     "store_lock",
+    "sqlite_path",
     "advisory_lock",
     "redact",
     "refuse_search_without_multirun",

@@ -240,7 +240,7 @@ class OptunaSearch:
         return {"model": model_id, "search_space": space_identity(s.space), "objectives": s.objectives}
 
     def check_resume(self, s: SearchSettings, model_id: str) -> None:
-        if s.storage_url.startswith("sqlite:///") and not Path(s.storage_url.removeprefix("sqlite:///")).exists():
+        if (path := sweeper_api.sqlite_path(s.storage_url)) is not None and not path.exists():
             return
         try:
             with sweeper_api.store_lock(s.storage_url):  # loading a study creates the storage's tables if missing
@@ -272,8 +272,6 @@ class OptunaSearch:
         return makers[self.sampler_name](seed=self.seed)
 
     def open_study(self, s: SearchSettings) -> optuna.Study:
-        if s.storage_url.startswith("sqlite:///"):
-            Path(s.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Each running trial's process records a heartbeat; a trial whose heartbeat stopped for the grace period
         # (its process died) is failed by the next worker that looks (fail_stale_trials), and retried once.
         with sweeper_api.store_lock(s.storage_url):  # two sweeps creating the storage at once both migrate it
@@ -307,7 +305,7 @@ class OptunaSearch:
         a connection of its own); the server releases it when the holding connection dies, so a killed worker never
         keeps it.
         """
-        if self.storage.url.startswith("sqlite:///"):
+        if sweeper_api.sqlite_path(self.storage.url) is not None:
             with sweeper_api.store_lock(self.storage.url):
                 yield
         else:
