@@ -96,8 +96,10 @@ def timed(run, reset, steps: int, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def kernel_table(run, reset, steps: int) -> str:
-    """The GPU kernels of `steps` decode steps, most time first (kernels replayed from CUDA graphs included)."""
+def kernel_profile(run, reset, steps: int) -> dict[str, Any]:
+    """The GPU kernels of `steps` decode steps (kernels replayed from CUDA graphs included): their table, most time
+    first, and per step the kernel count, the time kernels ran and the time from the first kernel's start to the last
+    one's end (the difference is the GPU idle between kernels: launch gaps inside a replayed graph, or host waits)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -107,7 +109,19 @@ def kernel_table(run, reset, steps: int) -> str:
         for _ in range(steps):
             run()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=90)
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "Activity Buffer Request"
+    )
+    busy_us = sum(end - start for start, end in kernels)
+    span_us = kernels[-1][1] - kernels[0][0]
+    return {
+        "table": prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=90),
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_ms_per_step": busy_us / 1e3 / steps,
+        "span_ms_per_step": span_us / 1e3 / steps,
+    }
 
 
 def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[list[int]]]:
@@ -132,12 +146,13 @@ def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[l
                 state.live[:batch].fill_(1)
 
         step_ms = timed(run, reset, args.steps, args.repeats, cuda)
-        kernels = kernel_table(run, reset, 8) if args.profile and cuda else None
+        kernels = kernel_profile(run, reset, 8) if args.profile and cuda else None
     out = {"scheduler": scheduler, "max_batch_size": state.batch, "batch": batch, "decode_step_ms": step_ms}
     if cuda:
         out.update(decode_roofline(p, batch, ISL + args.steps / 2, step_ms))
     if kernels:
-        out["kernels_8_steps"] = kernels
+        out["kernels_8_steps"] = kernels.pop("table")
+        out.update(kernels)
     return out, rows
 
 
@@ -161,6 +176,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     args.work = work
+    args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.llama or make_checkpoint(
         work / ("qwen2.5-7b-random-fp16" if not args.small else "small-random"),
         SMALL if args.small else QWEN25_7B,
@@ -184,7 +200,6 @@ def main() -> None:
         finally:
             p.backend.close()
             free_device_memory()
-    args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -200,6 +215,18 @@ def main() -> None:
         lines.append(
             f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['decode_step_ms']:.2f} | {eff} | {match} |"
         )
+    if any("kernels_per_step" in r for r in results):
+        lines += [
+            "",
+            "Per decode step, from the profile (8 steps): idle = span - kernel time (gaps between kernels)",
+            "| scheduler | batch | kernels | kernel ms | span ms | idle ms |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in results:
+            if "kernels_per_step" in r:
+                k, span, count = r["kernel_ms_per_step"], r["span_ms_per_step"], r["kernels_per_step"]
+                row = f"| {r['scheduler']} | {r['batch']} | {count:.0f} | {k:.2f} | {span:.2f} | {span - k:.2f} |"
+                lines.append(row)
     for r in results:
         if "kernels_8_steps" in r:
             lines += [
