@@ -124,12 +124,12 @@ def kernel_profile(run, reset, steps: int) -> dict[str, Any]:
     }
 
 
-def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[list[int]]]:
+def measure(p, scheduler: str, batch: int, args, span: int | None) -> dict[str, Any]:
+    """Decode steps of `batch` rows at context ISL; in flight, attending over `span` columns."""
     import torch
 
     backend, state = p.backend, p.backend.state
     cuda = p.device == "cuda"
-    rows = [g.token_ids for g in backend.generate(p.workload.measured[:batch])]
     with torch.inference_mode():
         if scheduler == "static":
             run = backend.run_decode
@@ -138,7 +138,7 @@ def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[l
                 state.pad_len.zero_()
                 state.input_pos.fill_(ISL)
         else:
-            run = backend.scheduler.run_decode[batch]
+            run = backend.scheduler.run_decode[(batch, span)]
 
             def reset() -> None:
                 state.reset_rows()
@@ -147,13 +147,24 @@ def measure(p, scheduler: str, batch: int, args) -> tuple[dict[str, Any], list[l
 
         step_ms = timed(run, reset, args.steps, args.repeats, cuda)
         kernels = kernel_profile(run, reset, 8) if args.profile and cuda else None
-    out = {"scheduler": scheduler, "max_batch_size": state.batch, "batch": batch, "decode_step_ms": step_ms}
+    out = {"scheduler": scheduler, "max_batch_size": state.batch, "batch": batch, "span": span or state.max_seq_len}
+    out["decode_step_ms"] = step_ms
     if cuda:
         out.update(decode_roofline(p, batch, ISL + args.steps / 2, step_ms))
     if kernels:
         out["kernels_8_steps"] = kernels.pop("table")
         out.update(kernels)
-    return out, rows
+    return out
+
+
+def spans_to_measure(p, scheduler: str, args) -> list[int | None]:
+    """Static reads every column; in flight, the span a server would pick for these steps (their last column
+    included) and, beside it, the whole row (what decode read before attention spans)."""
+    if scheduler == "static":
+        return [None]
+    spans = p.backend.scheduler.spans
+    fit = next(s for s in spans if s >= ISL + max(args.steps, 8))
+    return [fit] if fit == spans[-1] else [fit, spans[-1]]
 
 
 def main() -> None:
@@ -190,13 +201,15 @@ def main() -> None:
         started_s = time.perf_counter() - start
         try:
             for batch in batches:
-                out, rows = measure(p, scheduler, batch, args)
-                out.update(engine_start_s=started_s, captured=entry.manifest["captured_batch_sizes"])
-                if scheduler == "inflight" and ("static", batch) in tokens:
-                    out["tokens_vs_static"] = token_match(tokens[("static", batch)], rows)
+                rows = [g.token_ids for g in p.backend.generate(p.workload.measured[:batch])]
+                for span in spans_to_measure(p, scheduler, args):
+                    out = measure(p, scheduler, batch, args, span)
+                    out.update(engine_start_s=started_s, captured=entry.manifest["captured_batch_sizes"])
+                    if scheduler == "inflight" and ("static", batch) in tokens:
+                        out["tokens_vs_static"] = token_match(tokens[("static", batch)], rows)
+                    results.append(out)
+                    log.info("%s", out)
                 tokens[(scheduler, batch)] = rows
-                results.append(out)
-                log.info("%s", out)
         finally:
             p.backend.close()
             free_device_memory()
@@ -206,32 +219,35 @@ def main() -> None:
     (args.out / "inflight_decode.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=2))
     lines = [
         f"{gpu}, torch {torch.__version__}, ISL {ISL}, {args.steps} decode steps x {args.repeats} (median)",
-        "| scheduler | max_batch_size | batch | decode step ms | roofline eff. | tokens equal to static (exact seqs) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| scheduler | max_batch_size | batch | attention span | decode step ms | roofline eff. "
+        "| tokens equal to static (exact seqs) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         eff = f"{100 * r['roofline_efficiency']:.0f}%" if "roofline_efficiency" in r else "-"
         match = f"{r['tokens_vs_static']['exact_sequence_pct']:.0f}%" if "tokens_vs_static" in r else "-"
         lines.append(
-            f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['decode_step_ms']:.2f} | {eff} | {match} |"
+            f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['span']} | {r['decode_step_ms']:.2f} "
+            f"| {eff} | {match} |"
         )
     if any("kernels_per_step" in r for r in results):
         lines += [
             "",
-            "Per decode step, from the profile (8 steps): idle = span - kernel time (gaps between kernels)",
-            "| scheduler | batch | kernels | kernel ms | span ms | idle ms |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "Per decode step, from the profile (8 steps): idle = first kernel's start to last one's end, less kernels",
+            "| scheduler | batch | attention span | kernels | kernel ms | start to end ms | idle ms |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in results:
             if "kernels_per_step" in r:
                 k, span, count = r["kernel_ms_per_step"], r["span_ms_per_step"], r["kernels_per_step"]
-                row = f"| {r['scheduler']} | {r['batch']} | {count:.0f} | {k:.2f} | {span:.2f} | {span - k:.2f} |"
+                cells = f"{r['span']} | {count:.0f} | {k:.2f} | {span:.2f} | {span - k:.2f}"
+                row = f"| {r['scheduler']} | {r['batch']} | {cells} |"
                 lines.append(row)
     for r in results:
         if "kernels_8_steps" in r:
             lines += [
                 "",
-                f"{r['scheduler']}, batch {r['batch']}: GPU kernels of 8 decode steps",
+                f"{r['scheduler']}, batch {r['batch']}, attention span {r['span']}: GPU kernels of 8 decode steps",
                 "```",
                 r["kernels_8_steps"],
                 "```",

@@ -233,6 +233,43 @@ def test_max_num_tokens_bounds_the_tokens_each_step_processes(tiny_checkpoint, t
     assert sum(1 for s in steps if s.decoded and s.prefilled) >= 3
 
 
+def test_decode_attends_over_the_smallest_span_that_covers_the_longest_running_sequence(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    # Each decode step reads the first `span` columns of the cache; the key length layer 0's attention receives
+    # is recorded beside the longest decoding row's length at that step, read from the state itself.
+    from sweep.backends.compiled import inflight
+
+    seen: list[tuple[int, int]] = []  # (key length given to attention, longest decoding sequence incl. new token)
+    update = inflight.RowCache.update
+
+    def recording_update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        live = self.state.live[: self.n].bool()
+        if layer_idx == 0 and live.any():  # not the warm-up's steps, which decode no request
+            seen.append((keys.shape[2], int(self.state.pos[: self.n][live].max()) + 1))
+        return keys, values
+
+    monkeypatch.setattr(inflight.RowCache, "update", recording_update)
+    compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3")  # max_seq_len 64
+    hf, _ = start(HFBackend, cpu_config(tiny_checkpoint, tmp_path, "backend=hf"), tmp_path)
+    requests = make_requests([5, 20, 11], output_len=30)
+    steps = []
+    try:
+        assert compiled.spans == [8, 16, 32, 64]
+        # The 5-token prompt alone runs through every span (columns 6 to 35); then the three together (up to 50).
+        for batch in ([requests[0]], requests):
+            got = [g.token_ids for g in compiled.generate(batch)]
+            assert got == [g.token_ids for g in hf.generate(batch)]
+            steps += [s for s in compiled.scheduler.steps if s.graph_rows]
+    finally:
+        compiled.close()
+        hf.close()
+    assert [span for span, _ in seen] == [s.span for s in steps]
+    assert all(span == min(s for s in compiled.spans if s >= longest) for span, longest in seen)
+    assert {span for span, _ in seen} == {8, 16, 32, 64}
+
+
 def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -52,6 +52,7 @@ from sweep.backends.compiled.engine import (
 from sweep.backends.compiled.inflight import (
     InflightScheduler,
     SlotState,
+    attention_spans,
     decode_sizes,
     make_decode_calls,
     warm_up_inflight,
@@ -140,11 +141,13 @@ class CompiledBackend(Backend):
             **describe(self.plan, e.compile_mode),
             "scheduler": self.cfg.backend.scheduler,
             "batch_padding": (
-                "in flight: decode runs the smallest captured size that covers the highest running row"
+                "in flight: decode runs the smallest captured size that covers the highest running row, "
+                "attending over the smallest captured span that covers the longest running sequence"
                 if self.inflight
                 else "every batch is padded to max_batch_size, the one compiled and captured batch size"
             ),
             "captured_batch_sizes": self.sizes,
+            **({"attention_spans": self.spans} if self.inflight else {}),
             "kv_cache": {
                 "shape_per_layer": list(self.state.keys[0].shape),
                 "layers": len(self.state.keys),
@@ -225,10 +228,11 @@ class CompiledBackend(Backend):
         e = self.cfg.engine
         self.sizes = decode_sizes(e.cuda_graph_batch_sizes, e.max_batch_size)
         self.state = SlotState(model, e.max_batch_size, e.max_seq_len, e.attn_implementation)
-        run_decode = make_decode_calls(self.state, self.plan, self.sizes)
-        if self.plan["graphs"] == "manual":  # one graph per size, sharing one memory pool
-            for n in self.sizes:
-                run_decode[n], graph = capture_decode(run_decode[n], self.graphs[0].pool() if self.graphs else None)
+        self.spans = attention_spans(e.max_seq_len)
+        run_decode = make_decode_calls(self.state, self.plan, self.sizes, self.spans)
+        if self.plan["graphs"] == "manual":  # one graph per (size, span), sharing one memory pool
+            for pair, run in run_decode.items():
+                run_decode[pair], graph = capture_decode(run, self.graphs[0].pool() if self.graphs else None)
                 self.graphs.append(graph)
         warm_up_inflight(self.state, run_decode)
         self.scheduler = InflightScheduler(self.state, run_decode, e.max_num_tokens)

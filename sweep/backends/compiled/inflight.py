@@ -2,15 +2,17 @@
 admission to its last token.
 
 Device side (what is compiled and captured):
-- `decode_rows(state, n)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`;
-  rows that are not decoding (free, or in the middle of their prefill) compute a throw-away token, and only rows
-  marked in `state.live` advance. Two compiled variants (size 1, n symbolic) and one CUDA graph per size in
-  `decode_sizes`.
+- `decode_rows(state, n, span)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`,
+  attending over the first `span` columns of the cache; rows that are not decoding (free, or in the middle of their
+  prefill) compute a throw-away token, and only rows marked in `state.live` advance. Compiled for size 1, then with
+  n and span symbolic; one CUDA graph per (size, span) of `decode_sizes` x `attention_spans`.
 - `prefill_chunk(state, row, ids, start)`: part of one prompt into the row's cache columns start..start+width-1,
-  its last position's greedy token into `state.token[row]`. Eager (compile_plan says why).
+  attending over columns 0..start+width-1, its last position's greedy token into `state.token[row]`. Eager
+  (compile_plan says why).
 
 Host side (`InflightScheduler.serve`): every step takes what has arrived into free rows, decodes the running rows
-with the smallest captured size that covers them, then spends what is left of `max_num_tokens` on prompt chunks,
+with the smallest captured size that covers them and the smallest span that covers their longest sequence, then
+spends what is left of `max_num_tokens` on prompt chunks,
 oldest admission first. A request whose prompt is complete decodes from the next step on, and its row is free again
 the step it produces its last token. Nothing the host decides depends on a token's value (every request runs to
 its output length), so the host queues step i+1 before it waits for step i's tokens, and the GPU never idles on it.
@@ -37,7 +39,10 @@ class SlotState(StaticState):
     """The static state plus each row's own cache column and whether it is decoding."""
 
     def __init__(self, model, batch: int, max_seq_len: int, attn_implementation: str):
-        super().__init__(model, batch, max_seq_len, attn_implementation)
+        # Eight columns more than any span reads: a span that were the whole row would be a contiguous slice, which
+        # Inductor compiles as a case of its own (one more compile of the whole decode step).
+        super().__init__(model, batch, max_seq_len + 8, attn_implementation)
+        self.max_seq_len = max_seq_len
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # the column the row's next token fills
         self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
         for tensor in (self.pos, self.live):
@@ -56,11 +61,21 @@ def decode_sizes(requested, max_batch_size: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
 
 
-class RowCache:
-    """Decode over rows 0..n-1: row i writes its new key and value at its own column pos[i]."""
+def attention_spans(max_seq_len: int) -> list[int]:
+    """The key lengths decode attends over: an eighth, a quarter, a half and all of max_seq_len (multiples of 8).
+    A step attends over the smallest span that covers its longest running sequence, so attention reads at most
+    twice the live part of the cache (above an eighth) instead of all max_seq_len columns of every row: on an H200,
+    batch 16 at max_seq_len 1536 with ~544 live columns, reading all of them cost ~1 ms of a 5.7 ms step."""
+    spans = {min(max_seq_len, -(-max_seq_len // (8 * part)) * 8) for part in (8, 4, 2)}
+    return sorted(spans | {max_seq_len})
 
-    def __init__(self, state: SlotState, n: int):
-        self.state, self.n = state, n
+
+class RowCache:
+    """Decode over rows 0..n-1: row i writes its new key and value at its own column pos[i]; attention reads the
+    first `span` columns."""
+
+    def __init__(self, state: SlotState, n: int, span: int):
+        self.state, self.n, self.span = state, n, span
         self.rows = torch.arange(n, device=state.device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -71,12 +86,12 @@ class RowCache:
         pos = self.state.pos[: self.n]
         keys[self.rows, :, pos] = key_states[:, :, 0]  # key_states: [n, kv_heads, 1, head_dim]
         values[self.rows, :, pos] = value_states[:, :, 0]
-        return keys[: self.n], values[: self.n]
+        return keys[: self.n, :, : self.span], values[: self.n, :, : self.span]
 
 
-def visible(state: StaticState, query_cols):
-    """[queries, max_seq_len]: a query at column c sees columns 0..c of its row (a row starts at column 0)."""
-    cols = torch.arange(state.max_seq_len, device=state.device)
+def visible(state: StaticState, query_cols, span: int):
+    """[queries, span]: a query at column c sees columns 0..c of its row (a row starts at column 0)."""
+    cols = torch.arange(span, device=state.device)
     return cols[None, :] <= query_cols[:, None]
 
 
@@ -86,19 +101,19 @@ def as_mask(state: StaticState, allowed):
     return allowed
 
 
-def decode_rows(state: SlotState, n: int) -> None:
-    """One token for each of rows 0..n-1, inputs and outputs in the state's buffers (no arguments but the size, so
-    each size's CUDA graph replays as captured)."""
+def decode_rows(state: SlotState, n: int, span: int) -> None:
+    """One token for each of rows 0..n-1, attending over columns 0..span-1, inputs and outputs in the state's
+    buffers (no arguments but the two sizes, so each one's CUDA graph replays as captured)."""
     pos = state.pos[:n]
-    mask = as_mask(state, visible(state, pos)[:, None, None, :])  # [n, 1, 1, max_seq_len]
-    logits = forward_last(state, state.token[:n], pos[:, None], mask, RowCache(state, n))
+    mask = as_mask(state, visible(state, pos, span)[:, None, None, :])  # [n, 1, 1, span]
+    logits = forward_last(state, state.token[:n], pos[:, None], mask, RowCache(state, n, span))
     state.token[:n].copy_(logits.argmax(dim=-1, keepdim=True))
     state.pos[:n].add_(state.live[:n])
 
 
 class ChunkCache:
     """Prefill of one row: the chunk's keys and values go to columns start..start+width-1 of that row; attention
-    reads the row."""
+    reads the row's columns up to the chunk's last."""
 
     def __init__(self, state: SlotState, row: int, start: int):
         self.state, self.row, self.start = state, row, start
@@ -109,52 +124,60 @@ class ChunkCache:
         end = self.start + key_states.shape[2]  # key_states: [1, kv_heads, width, head_dim]
         keys[:, :, self.start : end] = key_states
         values[:, :, self.start : end] = value_states
-        return keys, values
+        return keys[:, :, :end], values[:, :, :end]
 
 
 def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
     """Prompt tokens [width] into `row` at columns start..start+width-1; their last position's greedy token goes to
     the row's state.token (the request's first output token when this chunk ends its prompt). Eager: see
     compile_plan."""
-    cols = torch.arange(start, start + input_ids.shape[0], device=state.device)
-    mask = as_mask(state, visible(state, cols)[None, None])  # [1, 1, width, max_seq_len]
+    end = start + input_ids.shape[0]
+    cols = torch.arange(start, end, device=state.device)
+    mask = as_mask(state, visible(state, cols, end)[None, None])  # [1, 1, width, end]
     logits = forward_last(state, input_ids[None], cols[None, :], mask, ChunkCache(state, row, start))
     state.token[row].copy_(logits.argmax(dim=-1))
-    state.pos[row].fill_(start + input_ids.shape[0])
+    state.pos[row].fill_(end)
 
 
-def make_decode_calls(state: SlotState, plan: dict, sizes: list[int]) -> dict[int, Callable]:
-    """One decode call per size, compiled as `plan` says (prompt chunks run eager in flight: see compile_plan)."""
+def make_decode_calls(
+    state: SlotState, plan: dict, sizes: list[int], spans: list[int]
+) -> dict[tuple[int, int], Callable]:
+    """One decode call per (size, span), compiled as `plan` says (prompt chunks run eager in flight: see
+    compile_plan). Warm-up calls them in this order, smallest first: see warm_up_inflight."""
     decode_fn = decode_rows
     if plan["decode"] is not None:
-        # The first size (1) compiles static, the second recompiles with n symbolic and serves every larger size:
-        # two compiles however many sizes are captured (each size still gets its own CUDA graph).
         decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
 
-    def decode_call(n: int) -> Callable:
+    def decode_call(n: int, span: int) -> Callable:
         if plan["graphs"] == "cudagraph trees":
 
             def run() -> None:
                 torch.compiler.cudagraph_mark_step_begin()
-                decode_fn(state, n)
+                decode_fn(state, n, span)
         else:
 
             def run() -> None:
-                decode_fn(state, n)
+                decode_fn(state, n, span)
 
         return run
 
-    return {n: decode_call(n) for n in sizes}
+    return {(n, span): decode_call(n, span) for n in sizes for span in spans}
 
 
-def warm_up_inflight(state: SlotState, run_decode: dict[int, Callable]) -> None:
-    """Compile every decode size (cudagraph trees: a warm-up run, a recording, a replay) and run one prompt chunk
-    (cuBLAS and allocator set-up) before any timed request; then clear the rows."""
+def warm_up_inflight(state: SlotState, run_decode: dict[tuple[int, int], Callable]) -> None:
+    """Compile every decode (size, span) (cudagraph trees: a warm-up run, a recording, a replay) and run one prompt
+    chunk (cuBLAS and allocator set-up) before any timed request; then clear the rows.
+
+    Compiles: the first call (size 1, the smallest span) compiles static; the next one that differs in both, n and
+    span symbolic, serves every other pair but size 1, whose specialised 1 needs one more (span symbolic): three
+    compiles however many pairs are captured."""
     width = max(2, min(16, state.max_seq_len // 4))
     prefill_chunk(state, 0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
-    for run in run_decode.values():
+    first, *rest = sorted(run_decode)
+    order = [first, *sorted(rest, key=lambda pair: (pair[0] == first[0] or pair[1] == first[1], pair))]
+    for pair in order:
         for _ in range(3):
-            run()
+            run_decode[pair]()
     state.reset_rows()
     if state.device.type == "cuda":
         torch.cuda.synchronize()
@@ -172,12 +195,13 @@ class Running:
 
 @dataclass
 class StepRecord:
-    """What one step processed: `decoded` + `prefilled` tokens never exceed max_num_tokens. `graph_rows` is the
-    decode size that ran (rows not decoding in it compute a throw-away token)."""
+    """What one step processed: `decoded` + `prefilled` tokens never exceed max_num_tokens. `graph_rows` and
+    `span` are the decode graph's size and key length (rows not decoding in it compute a throw-away token)."""
 
     decoded: int
     prefilled: int
     graph_rows: int
+    span: int
 
 
 @dataclass
@@ -194,11 +218,12 @@ class InflightScheduler:
     def __init__(
         self,
         state: SlotState,
-        run_decode: dict[int, Callable],
+        run_decode: dict[tuple[int, int], Callable],
         max_num_tokens: int,
     ):
         self.state, self.run_decode = state, run_decode
-        self.sizes = sorted(run_decode)
+        self.sizes = sorted({n for n, _ in run_decode})
+        self.spans = sorted({span for _, span in run_decode})
         self.max_num_tokens = max_num_tokens
         self.cuda = state.device.type == "cuda"
         # Two host buffers for token snapshots: step i+1 is queued into one while step i's is read.
@@ -245,11 +270,13 @@ class InflightScheduler:
         state = self.state
         report = Report(self.buffers[buffer], torch.cuda.Event() if self.cuda else None)
         decoding = [r for r in running.values() if r.prefilled == r.request.input_len]
-        graph_rows = 0
+        graph_rows = span = 0
         if decoding:
             top = max(r.row for r in decoding) + 1
             graph_rows = next(n for n in self.sizes if n >= top)
-            self.run_decode[graph_rows]()
+            longest = max(r.request.input_len + r.generated for r in decoding)  # its new token's column + 1
+            span = next(s for s in self.spans if s >= longest)
+            self.run_decode[(graph_rows, span)]()
             for r in decoding:
                 r.generated += 1
             report.produced += decoding
@@ -281,7 +308,7 @@ class InflightScheduler:
                 state.pos[r.row].fill_(0)
                 free.append(r.row)
         free.sort()
-        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows))
+        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows, span))
         return report
 
     @staticmethod
