@@ -143,7 +143,7 @@ def make_decode_calls(
     state: SlotState, plan: dict, sizes: list[int], spans: list[int]
 ) -> dict[tuple[int, int], Callable]:
     """One decode call per (size, span), compiled as `plan` says (prompt chunks run eager in flight: see
-    compile_plan). Warm-up calls them in this order, smallest first: see warm_up_inflight."""
+    compile_plan); warm_up_inflight says in which order they compile."""
     decode_fn = decode_rows
     if plan["decode"] is not None:
         decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
@@ -168,9 +168,9 @@ def warm_up_inflight(state: SlotState, run_decode: dict[tuple[int, int], Callabl
     """Compile every decode (size, span) (cudagraph trees: a warm-up run, a recording, a replay) and run one prompt
     chunk (cuBLAS and allocator set-up) before any timed request; then clear the rows.
 
-    Compiles: the first call (size 1, the smallest span) compiles static; the next one that differs in both, n and
-    span symbolic, serves every other pair but size 1, whose specialised 1 needs one more (span symbolic): three
-    compiles however many pairs are captured."""
+    Compiles: the first call (size 1, the smallest span) compiles static; the next one, chosen to differ in both,
+    compiles with n and span symbolic and serves every other pair but size 1, which dynamo specialises and compiles
+    once more (span symbolic): at most three compiles however many pairs are captured."""
     width = max(2, min(16, state.max_seq_len // 4))
     prefill_chunk(state, 0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
     first, *rest = sorted(run_decode)
