@@ -11,6 +11,9 @@ size) and in flight at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For 
 b requests of ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are
 compared with the static engine's), then `--steps` decode steps run back to back at context 512, timed with CUDA events
 (the median of `--repeats`), and the roofline efficiency as the run figure defines it (decode floor / step time).
+In flight is timed at the attention span a server would pick for these steps and, beside it, at the whole row.
+`--profile` adds each measurement's kernel table and, per step, kernel count, kernel time and idle time. The
+Llama-3.1-8B figures in the README: `--llama DIR --max-seq-len 1536 --engines static:1:1 inflight:16:1,16`.
 """
 
 from __future__ import annotations
