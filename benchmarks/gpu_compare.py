@@ -6,7 +6,7 @@ Steps, each printed and saved as it finishes (a run cut short keeps what it did)
 1. write the checkpoint once (config + safetensors + a byte-level tokenizer): speed does not depend on weight
    values when EOS is ignored (../shared/gpu.md);
 2. for each batch size and input length, hf then compiled: compose the config with Hydra's compose API and call
-   sweep.run.execute, the function `python -m sweep` runs, recording into an MLflow store under --work; batch 1
+   sweep.run, the function `python -m sweep` runs, recording into an MLflow store under --work; batch 1
    is the latency scenario, batch 8 the throughput scenario; one engine per batch size (max_seq_len holds the
    longest workload), so the second input length is an engine-cache hit;
 3. per batch size, the compiled engine once more (a cache hit): decode alone timed with CUDA events and
@@ -70,7 +70,7 @@ def make_checkpoint(path: Path, shape: dict, device: str, architecture: str = "q
     import torch
     import transformers
 
-    from sweep.model import build_byte_tokenizer
+    from sweep.model.source import build_byte_tokenizer
 
     config_class, model_class = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -111,7 +111,7 @@ def compose(
     iterations: int,
     extra: list[str],
 ):
-    from sweep.compose import compose as compose_config
+    from sweep.job.compose import compose as compose_config
 
     workload = (
         ["workload=latency", f"workload.num_requests={requests}", "workload.warmup_requests=1"]
@@ -172,11 +172,11 @@ def free_device_memory() -> None:
 
 
 def sweep_run(cfg, work: Path) -> dict[str, Any]:
-    from sweep.run import execute
+    from sweep import run
 
     start, started_at = time.perf_counter(), time.time()
     try:
-        execute(cfg)
+        run(cfg)
         error = None
     except BaseException as exc:  # one failed variant must not cost the others; the error goes into the results
         log.exception("run failed")
@@ -201,8 +201,8 @@ def sweep_run(cfg, work: Path) -> dict[str, Any]:
 
 # -- 3. decode alone: timing, profile, tokens against hf ------------------------------------------------------
 def start_backend(cfg):
-    """Build-or-reuse and load a backend exactly as sweep.run.execute does, without benchmarking it."""
-    from sweep.plan import make_plan, start_engine
+    """Build-or-reuse and load a backend exactly as sweep.run does, without benchmarking it."""
+    from sweep.job.plan import make_plan, start_engine
 
     p = make_plan(cfg)
     return p, start_engine(p).entry
@@ -291,8 +291,8 @@ def top_kernels(kernels: list, n: int = 8) -> list[dict[str, Any]]:
 
 
 def decode_roofline(p, batch: int, context: float, step_ms: float) -> dict[str, float]:
-    from sweep.metrics import roofline_figures
-    from sweep.telemetry import device_bandwidth
+    from sweep.measure.metrics import roofline_figures
+    from sweep.measure.telemetry import device_bandwidth
 
     bandwidth = device_bandwidth(p.cache.root, p.env)["bytes_per_s"]
     fig = roofline_figures(p.sizes, p.model.shape.vocab_size, batch, context, bandwidth, step_ms / 1e3)

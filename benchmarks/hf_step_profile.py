@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sweep.backends.hf.backend import TokenClock, load_hf_model
-from sweep.model import build_byte_tokenizer, generate_tiny_checkpoint
+from sweep.model.source import build_byte_tokenizer, generate_tiny_checkpoint
 
 # Llama-3.1-8B's architecture (vocab, layers, GQA ratio, rope) at a width a CPU runs quickly.
 LLAMA32 = dict(

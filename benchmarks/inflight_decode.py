@@ -5,7 +5,7 @@ gpu_compare.py).
     python benchmarks/inflight_decode.py --work build/inflight --out benchmarks/results
     python benchmarks/inflight_decode.py --small --device cpu --work build/inflight-cpu --out /tmp/x   # rehearsal
 
-Engines (--engines), each started as `python -m sweep` starts one (sweep.plan: plan, engine cache, load),
+Engines (--engines), each started as `python -m sweep` starts one (sweep.job.plan: plan, engine cache, load),
 compile_mode reduce-overhead (--compile-mode): by default static at max_batch_size 1 and at 8 (each captures its one
 size) and in flight at max_batch_size 8 with cuda_graph_batch_sizes [1, 8]. For each batch size b an engine serves
 b requests of ISL 512 (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are
@@ -49,7 +49,7 @@ def parse_engine(text: str) -> tuple[str, int, list[int]]:
 
 
 def compose(checkpoint: Path, args, scheduler: str, max_batch: int):
-    from sweep.compose import compose as compose_config
+    from sweep.job.compose import compose as compose_config
 
     dtype = ("bfloat16" if args.llama else "float16") if args.device == "cuda" else "float32"
     return compose_config(

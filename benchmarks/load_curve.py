@@ -3,7 +3,7 @@
     python benchmarks/load_curve.py --work build/load_curve --out benchmarks/results \
         --variant hf=backend=hf --variant compiled=backend=compiled --rates 1 2 4 8 16
 
-Steps (each run goes through sweep.run.execute, the function `python -m sweep` runs, into an MLflow store under
+Steps (each run goes through sweep.run, the function `python -m sweep` runs, into an MLflow store under
 --work):
 1. write a Llama-3.1-8B-shaped checkpoint with random bf16 weights once (--small: a tiny one of the same
    structure, to rehearse on a CPU); speed does not depend on weight values when EOS is ignored;
@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 from gpu_compare import make_checkpoint  # noqa: E402
 
 from hydra_plugins.sweep_max_rate_sweeper._impl import Probe, max_sustainable, next_rate  # noqa: E402
-from sweep.compose import compose  # noqa: E402
-from sweep.run import execute  # noqa: E402
+from sweep import run  # noqa: E402
+from sweep.job.compose import compose  # noqa: E402
 
 log = logging.getLogger("load_curve")
 
@@ -66,7 +66,7 @@ def run_point(args, checkpoint: Path, name: str, overrides: list[str], rate: flo
     ])  # fmt: skip
     start, error = time.perf_counter(), None
     try:
-        execute(cfg)
+        run(cfg)
     except Exception as exc:  # one failed point must not cost the others; the error goes into the results
         log.exception("%s failed", run_name)
         error = f"{type(exc).__name__}: {exc}"

@@ -3,7 +3,7 @@ after a compiled run, in one call, on Qwen2.5-7B's architecture with random fp16
 
     python benchmarks/roofline_order.py --work build/roofline_order --out benchmarks/results
 
-Two passes through sweep.run.execute (what `python -m sweep` runs), one engine cache and one MLflow store; the
+Two passes through sweep.run (what `python -m sweep` runs), one engine cache and one MLflow store; the
 cached device bandwidth is deleted before each pass, so each pass's first run measures it afresh:
 - hf first: hf (measures the bandwidth), then compiled (builds the engine; reads the cached bandwidth);
 - compiled first: compiled (engine-cache hit; measures the bandwidth after the first pass's runs), then hf.

@@ -32,8 +32,8 @@ import optuna
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from hydra_plugins.sweep_optuna_sweeper.space import warm_start_point  # noqa: E402
-from sweep.compose import compose  # noqa: E402
-from sweep.sweeper_api import WarmStartInputs  # noqa: E402
+from sweep.job.compose import compose  # noqa: E402
+from sweep.multirun.sweeper_api import WarmStartInputs  # noqa: E402
 
 SPACES = {
     "cpu": {

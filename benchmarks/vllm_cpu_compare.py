@@ -2,7 +2,7 @@
 
     python benchmarks/vllm_cpu_compare.py --work build/vllm_cpu_compare --out benchmarks/results
 
-Each configuration goes through sweep.run.execute, the function `python -m sweep` runs, recording into an MLflow
+Each configuration goes through sweep.run, the function `python -m sweep` runs, recording into an MLflow
 store under --work: the throughput scenario (all requests at t0, up to --batch in flight) and the latency scenario
 (one request at a time), for hf (static batches), compiled (compile_mode=none: Inductor's C++ build takes minutes
 here) and vllm (eager, and with --vllm-compile also compiled). The table (TTFT and TPOT P50/P99, output tok/s,
@@ -51,8 +51,8 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from sweep.compose import compose
-    from sweep.run import execute
+    from sweep import run
+    from sweep.job.compose import compose
 
     uri = f"sqlite:///{args.work.resolve() / 'mlruns' / 'mlflow.db'}"
     cfg = compose(
@@ -74,7 +74,7 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
         ]
     )
     started = time.perf_counter()
-    execute(cfg)
+    run(cfg)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("vllm_cpu_compare")
     (run,) = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--vllm-compile", action="store_true", help="also vLLM with torch.compile (minutes here)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
-    from sweep.compose import register_configs
+    from sweep.job.compose import register_configs
 
     register_configs()
     rows = []

@@ -1,4 +1,4 @@
-"""`python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
+"""`sweep` and `python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
 
 import logging
 import signal
@@ -7,15 +7,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sweep.compose import register_configs, unknown_key
+from sweep.config import CONF_DIR
+from sweep.job.compose import register_configs, unknown_key
 from trackers.store import redact
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    from sweep.run import main as run_main
+    from sweep.job.execute import main as run_main
 
     return run_main(cfg)
 
@@ -41,10 +42,15 @@ def redact_log_records() -> None:
     logging.setLogRecordFactory(redacted_record)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script `sweep`, the same as `python -m sweep`."""
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
     if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -58,7 +58,7 @@ def mlflow_runs(workdir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from sweep.model import generate_tiny_checkpoint
+    from sweep.model.source import generate_tiny_checkpoint
 
     return generate_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"), seed=0)
 
@@ -76,7 +76,7 @@ QUICK = [
 
 def cpu_config(checkpoint: Path, cache_dir: Path, *overrides: str):
     """An in-process engine test's config: the tiny checkpoint in fp32 on the CPU, short requests, nothing recorded."""
-    from sweep.compose import compose
+    from sweep.job.compose import compose
 
     base = [
         f"model.path={checkpoint}", f"cache_dir={cache_dir}", "tracker=none", "device=cpu", "engine.dtype=float32",
@@ -89,7 +89,7 @@ def make_requests(lengths: list[int], output_len: int = 12, seed: int = 1):
     """Requests of the given prompt lengths with seeded token ids (clear of the tiny tokenizer's specials)."""
     import torch
 
-    from sweep.workload import Request
+    from sweep.workload.requests import Request
 
     gen = torch.Generator().manual_seed(seed)
     return [

@@ -17,10 +17,10 @@ from conftest import cpu_config, make_requests
 
 from sweep.backends.compiled.backend import CompiledBackend
 from sweep.backends.hf.backend import HFBackend
-from sweep.errors import ConfigError
-from sweep.plan import make_plan, start_engine
-from sweep.serving import RequestStream
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.job.plan import make_plan, start_engine
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream
 
 REPO = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.gpu

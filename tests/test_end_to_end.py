@@ -8,7 +8,7 @@ from conftest import mlflow_runs, run_sweep
 from mlflow.tracking import MlflowClient
 
 from sweep.backends.hf.backend import HFBackend
-from sweep.compose import compose
+from sweep.job.compose import compose
 
 
 def artifact_paths(client, run_id, path=None):
@@ -112,14 +112,14 @@ def compose_config(tmp_path, *overrides):
     "error, status", [(RuntimeError("CUDA out of memory"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
 )
 def test_a_run_that_breaks_is_never_left_running(tmp_path, monkeypatch, error, status):
-    from sweep.run import execute
+    from sweep import run
 
     def broken_generate(self, requests):
         raise error
 
     monkeypatch.setattr(HFBackend, "generate", broken_generate)  # the break is faked; the rest is real
     with pytest.raises(type(error)):
-        execute(compose_config(tmp_path))
+        run(compose_config(tmp_path))
     (run,) = mlflow_runs(tmp_path)
     assert run.info.status == status
     assert run.data.tags["error"].startswith(type(error).__name__)
@@ -132,9 +132,9 @@ def test_dataset_workload_runs_with_variable_lengths(tmp_path):
             json.dumps({"task_id": i, "prompt": "benchmark " * (i + 1), "output_tokens": 3 + i}) for i in range(3)
         )
     )
-    from sweep.run import execute
+    from sweep import run
 
-    value = execute(
+    result = run(
         compose_config(
             tmp_path,
             "workload=throughput",
@@ -144,16 +144,17 @@ def test_dataset_workload_runs_with_variable_lengths(tmp_path):
             "engine.max_batch_size=2",
         )
     )
-    (run,) = mlflow_runs(tmp_path)
-    assert run.info.status == "FINISHED"
-    assert value == pytest.approx(run.data.metrics["output_throughput_tok_s"], rel=1e-4)
-    assert run.data.metrics["output_tokens"] == 3 + 4 + 5
+    (recorded,) = mlflow_runs(tmp_path)
+    assert recorded.info.status == "FINISHED" and recorded.info.run_id == result.run_id
+    assert result.objective == pytest.approx(recorded.data.metrics["output_throughput_tok_s"], rel=1e-4)
+    assert recorded.data.metrics["output_tokens"] == result.figures["output_tokens"] == 3 + 4 + 5
+    assert not result.cache_hit and result.plan.backend.name == "hf" and len(result.timings) == 3
 
 
 def test_a_local_checkpoint_goes_through_the_same_loading_path(tmp_path, tiny_checkpoint):
-    from sweep.run import execute
+    from sweep import run
 
-    execute(compose_config(tmp_path, f"model.path={tiny_checkpoint}", "workload.num_requests=1"))
+    run(compose_config(tmp_path, f"model.path={tiny_checkpoint}", "workload.num_requests=1"))
     (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["model"] == tiny_checkpoint.name
     manifest = json.loads((next((tmp_path / "engines_cache" / "hf").glob("*/manifest.json"))).read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.engine_cache import EngineCache, engine_key
+from sweep.backends.cache import EngineCache, engine_key
 
 BASE = {
     "model": {"hub_id": "Qwen/Qwen2.5-7B-Instruct", "revision": "abc"},

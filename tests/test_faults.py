@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import REPO, mlflow_runs, run_sweep
 
-from sweep.compose import compose
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
+from sweep.job.compose import compose
 
 SMALL = ["workload.iterations=1", "workload.num_requests=1", "workload.warmup_requests=0"]
 SECRET = "hunter2"
@@ -158,7 +158,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_naming_key_and_value_and_nothing_is_recorded(tmp_path, tiny_checkpoint, case):
-    from sweep.run import execute
+    from sweep import run
 
     make_overrides, message = BAD_INPUTS[case]
     overrides = make_overrides(tmp_path, tiny_checkpoint)
@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_naming_key_and_value_and_nothing_is_recorded(tmp_
     else:
         cfg = config(tmp_path, *overrides)
     with pytest.raises(ConfigError) as refused:
-        execute(cfg)
+        run(cfg)
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert mlflow_runs(tmp_path) == []
     assert not list((tmp_path / "engines_cache").glob("*/*/manifest.json"))
@@ -236,7 +236,7 @@ def test_logging_retries_while_the_store_is_locked(tmp_path, monkeypatch):
 
 
 def test_a_run_the_store_refuses_keeps_its_figures_locally_and_says_where(tmp_path, tiny_checkpoint, monkeypatch):
-    from sweep import run as run_module
+    from sweep.job import execute as run_module
     from trackers.mlflow_tracker import MLflowRun
 
     def always_locked(self, metrics):
@@ -247,7 +247,7 @@ def test_a_run_the_store_refuses_keeps_its_figures_locally_and_says_where(tmp_pa
     monkeypatch.setattr(run_module, "hydra_log_file", lambda: None)
     (tmp_path / "out").mkdir()
     with pytest.raises(run_module.RecordError, match=f"its figures and artifacts are in {tmp_path / 'out'}"):
-        run_module.execute(config(tmp_path, f"model.path={tiny_checkpoint}", "workload.output_len=2", *SMALL))
+        run_module.run(config(tmp_path, f"model.path={tiny_checkpoint}", "workload.output_len=2", *SMALL))
     figures = json.loads((tmp_path / "out" / "figures.json").read_text())["figures"]
     assert figures["output_throughput_tok_s"] > 0
     assert {p.name for p in (tmp_path / "out" / "artifacts").iterdir()} >= {"config.yaml", "results.json"}
@@ -290,7 +290,7 @@ def test_sigterm_during_a_benchmark_ends_the_run_killed(tmp_path):
 def test_sigterm_during_a_build_removes_the_temporary_directory(tmp_path, monkeypatch):
     """The real signal, delivered to this process mid-build, through the handler `python -m sweep` installs."""
     from sweep.__main__ import terminate
-    from sweep.engine_cache import EngineCache
+    from sweep.backends.cache import EngineCache
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -309,7 +309,7 @@ def test_sigterm_during_a_build_removes_the_temporary_directory(tmp_path, monkey
 
 
 def test_a_run_whose_process_was_killed_is_ended_at_the_next_start_and_the_report_skips_it(tmp_path):
-    from sweep.report import find_parent
+    from sweep.report.build import find_parent
     from trackers.mlflow_tracker import MLflowTracker
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -411,7 +411,7 @@ def corrupt_flipped_byte(entry: Path) -> None:
     ],
 )
 def test_a_corrupt_cache_entry_is_rebuilt_saying_why(tmp_path, caplog, corrupt, reason):
-    from sweep.engine_cache import EngineCache
+    from sweep.backends.cache import EngineCache
 
     builds = []
 
@@ -434,7 +434,7 @@ def test_a_corrupt_cache_entry_is_rebuilt_saying_why(tmp_path, caplog, corrupt, 
 def test_two_sweeps_started_together_get_their_own_directories(tmp_path):
     code = """
 from hydra import compose as hydra_compose, initialize_config_dir
-from sweep.compose import CONF_DIR, register_configs
+from sweep.job.compose import CONF_DIR, register_configs
 register_configs()
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
     cfg = hydra_compose(config_name="config", return_hydra_config=True)

@@ -15,10 +15,10 @@ from conftest import cpu_config, make_requests, mlflow_runs, run_sweep
 from sweep.backends.hf.backend import HFBackend
 from sweep.backends.hf_paged import backend as hf_paged
 from sweep.backends.hf_paged.backend import HFPagedBackend
-from sweep.errors import ConfigError
-from sweep.plan import make_plan, start_engine
-from sweep.serving import RequestStream
-from sweep.workload import Request
+from sweep.config.errors import ConfigError
+from sweep.job.plan import make_plan, start_engine
+from sweep.workload.requests import Request
+from sweep.workload.stream import RequestStream
 
 
 def compose(checkpoint: Path, cache_dir: Path, *overrides: str):

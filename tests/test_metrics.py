@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from sweep.metrics import (
-    RequestTiming,
+from sweep.measure.metrics import (
     benchmark_figures,
     decode_step_bytes,
     iteration_throughput,
     roofline_figures,
     summarize,
 )
+from sweep.workload.timing import RequestTiming
 
 
 def timing(rid, arrival, times, input_len=10, iteration=0, output_len=None):
@@ -113,7 +113,7 @@ def test_decode_floor_on_real_checkpoints_tied_and_untied(tiny_checkpoint, tmp_p
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sweep.model import ModelShape, ModelSource, model_sizes
+    from sweep.model.source import ModelShape, ModelSource, model_sizes
 
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     vocab, hidden = config["vocab_size"], config["hidden_size"]

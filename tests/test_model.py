@@ -5,7 +5,7 @@ import json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sweep.backends.trt.options import MMHA_HEAD_SIZES
-from sweep.model import ModelShape, ModelSource, generate_tiny_checkpoint, model_sizes, weights_digest
+from sweep.model.source import ModelShape, ModelSource, generate_tiny_checkpoint, model_sizes, weights_digest
 
 
 def test_tiny_checkpoint_is_deterministic_per_seed_and_loads_like_any_checkpoint(tmp_path):

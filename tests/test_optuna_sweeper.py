@@ -28,9 +28,9 @@ from hydra_plugins.sweep_optuna_sweeper.space import (
     warm_start_point,
 )
 from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
-from sweep.compose import compose
-from sweep.errors import ConfigError
-from sweep.sweeper_api import WarmStartInputs
+from sweep.config.errors import ConfigError
+from sweep.job.compose import compose
+from sweep.multirun.sweeper_api import WarmStartInputs
 
 QUICK = [*QUICK, "hydra.sweeper.n_jobs=1"]
 

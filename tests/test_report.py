@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import QUICK, mlflow_runs, run_sweep
 
-from sweep.report import main as report_main
-from sweep.summary import summary_table, unsteady_figures
+from sweep.measure.summary import summary_table, unsteady_figures
+from sweep.report.build import main as report_main
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 from submitit.core.utils import JobPaths
 
 from hydra_plugins.sweep_optuna_sweeper._impl import check_numbers, gpu_slots
-from sweep.compose import CONF_DIR, register_configs
-from sweep.errors import ConfigError
+from sweep.config import CONF_DIR
+from sweep.config.errors import ConfigError
+from sweep.job.compose import register_configs
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 RAY = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"

@@ -11,13 +11,14 @@ import pytest
 from conftest import mlflow_runs, run_sweep
 from mlflow.tracking import MlflowClient
 
-from sweep.compose import compose
-from sweep.errors import ConfigError
-from sweep.metrics import RequestTiming, benchmark_figures, iteration_goodput, load_figures, meets_slo
-from sweep.plan import make_plan
-from sweep.run import timings_from_artifacts
-from sweep.serving import RequestStream, open_loop_offsets
-from sweep.workload import Request
+from sweep.config.errors import ConfigError
+from sweep.job.artifacts import timings_from_artifacts
+from sweep.job.compose import compose
+from sweep.job.plan import make_plan
+from sweep.measure.metrics import benchmark_figures, iteration_goodput, load_figures, meets_slo
+from sweep.workload.requests import Request
+from sweep.workload.stream import RequestStream, open_loop_offsets
+from sweep.workload.timing import RequestTiming
 
 
 # -- arrivals ----------------------------------------------------------------------------------------------------

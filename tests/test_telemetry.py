@@ -3,7 +3,7 @@ And which GPU NVML reads in a pinned process (NVML faked: no GPU here)."""
 
 import pytest
 
-from sweep import telemetry
+from sweep.measure import telemetry
 
 
 def test_bandwidth_is_cached_per_board_driver_and_memory_clock(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ class RecordingNvml:
 def test_nvml_samples_the_gpu_cuda_calls_device_0(monkeypatch, visible, expected):
     # A trial pinned to GPU 3 sees it as cuda:0; NVML ignores CUDA_VISIBLE_DEVICES, so its index 0 would be
     # another trial's GPU (utilisation, power and energy of the wrong device).
-    from sweep.gpus import nvml_handle
+    from sweep.measure.gpus import nvml_handle
 
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

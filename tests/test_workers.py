@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._impl import worker_command
 from hydra_plugins.sweep_optuna_sweeper.study import tally
-from sweep.sweeper_api import STUDY_TAG, TRIAL_TAG, WORKER_TAG
+from sweep.multirun.sweeper_api import STUDY_TAG, TRIAL_TAG, WORKER_TAG
 
 GRID = ["engine.max_batch_size=choice(1,2)", "engine.attn_implementation=choice(eager,sdpa)"]
 POINTS = {(b, a) for b in (1, 2) for a in ("eager", "sdpa")}

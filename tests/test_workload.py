@@ -5,10 +5,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from sweep.config import WorkloadConfig
-from sweep.errors import ConfigError
-from sweep.model import build_byte_tokenizer
-from sweep.workload import make_workload
+from sweep.config.errors import ConfigError
+from sweep.config.schema import WorkloadConfig
+from sweep.model.source import build_byte_tokenizer
+from sweep.workload.requests import make_workload
 
 TOKENIZER = build_byte_tokenizer()
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from trackers.base import TrackedRun, Tracker
 
-# Set by the multirun callback (sweep/multirun.py): every job of a sweep becomes a child of this run.
+# Set by the multirun callback (sweep/multirun/callback.py): every job of a sweep becomes a child of this run.
 PARENT_RUN_ENV = "SWEEP_PARENT_RUN_ID"
 
 

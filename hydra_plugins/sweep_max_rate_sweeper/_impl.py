@@ -19,7 +19,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from sweep import sweeper_api
+from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)
 

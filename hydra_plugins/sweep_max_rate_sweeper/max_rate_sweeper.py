@@ -37,7 +37,7 @@ class MaxRateSweeper(Sweeper):
     @staticmethod
     def check_config(config: DictConfig) -> None:
         """Set-up errors before the multirun records anything (the multirun callback calls it; raises ConfigError)."""
-        from sweep import sweeper_api
+        from sweep.multirun import sweeper_api
 
         sweeper_api.check_sweep(config)
 

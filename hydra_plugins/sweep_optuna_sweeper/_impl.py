@@ -1,7 +1,7 @@
 """The search loop: ask Optuna for a batch of trials, prune the infeasible ones, launch the rest, tell the results.
 
 Each trial is a Hydra job (so any launcher runs it) and an MLflow child run of the sweep's parent run, which the
-multirun callback (sweep/multirun.py) opened. Everything the sweep could refuse is checked by `prepare`, which the
+multirun callback (sweep.multirun.callback) opened. Everything the sweep could refuse is checked by `prepare`, which the
 callback calls before it opens the parent run. The study lives in an RDB storage with Optuna's heartbeat, so a
 sweep that is interrupted and started again continues where it stopped.
 
@@ -56,8 +56,8 @@ from hydra_plugins.sweep_optuna_sweeper.space import (
     warm_start_point,
 )
 from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
-from sweep import sweeper_api
-from sweep.sweeper_api import ConfigError
+from sweep.multirun import sweeper_api
+from sweep.multirun.sweeper_api import ConfigError
 
 log = logging.getLogger(__name__)
 # The heartbeat, metric names and several samplers are "experimental" in Optuna 5: used on purpose, so no warning

@@ -66,7 +66,7 @@ class OptunaSweeper(Sweeper):
     def check_config(config: DictConfig) -> None:
         """Every set-up error (search space, sampler, objectives, study), before the multirun records anything.
 
-        Called by the multirun callback (sweep/multirun.py) before it opens the parent run; raises ConfigError.
+        Called by the multirun callback (sweep/multirun/callback.py) before it opens the parent run; raises ConfigError.
         """
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
 
@@ -76,7 +76,7 @@ class OptunaSweeper(Sweeper):
     def shared_parent_run_id(config: DictConfig, start_parent: Callable[[], str]) -> str:
         """The MLflow parent run of the study's workers: the one they share, or `start_parent()` for the first.
 
-        Called by the multirun callback (sweep/multirun.py) instead of starting a parent of its own.
+        Called by the multirun callback (sweep/multirun/callback.py) instead of starting a parent of its own.
         """
         from hydra_plugins.sweep_optuna_sweeper._impl import OptunaSearch
 

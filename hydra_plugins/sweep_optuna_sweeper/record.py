@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper.space import settings_text, space_identity
 from hydra_plugins.sweep_optuna_sweeper.study import best_trials, tally
-from sweep import sweeper_api
+from sweep.multirun import sweeper_api
 
 if TYPE_CHECKING:
     from hydra_plugins.sweep_optuna_sweeper._impl import Budget, OptunaSearch, SearchSettings

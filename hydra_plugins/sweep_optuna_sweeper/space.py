@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from sweep import sweeper_api
-from sweep.sweeper_api import ConfigError
+from sweep.multirun import sweeper_api
+from sweep.multirun.sweeper_api import ConfigError
 
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")

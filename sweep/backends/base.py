@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sweep.errors import ConfigError
-from sweep.model import ModelSource
-from sweep.serving import RequestStream
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.model.source import ModelSource
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream
 
 
 @dataclass

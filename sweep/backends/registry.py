@@ -18,7 +18,7 @@ from sweep.backends.hf.config import HFBackendConfig
 from sweep.backends.hf_paged.config import HFPagedBackendConfig
 from sweep.backends.trt.config import TRTBackendConfig
 from sweep.backends.vllm.config import VLLMBackendConfig
-from sweep.config import BackendConfig
+from sweep.config.schema import BackendConfig
 
 if TYPE_CHECKING:
     from sweep.backends.base import Backend

@@ -59,9 +59,9 @@ from sweep.backends.compiled.inflight import (
 )
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
 from sweep.backends.hf.backend import load_hf_model
-from sweep.errors import ConfigError
-from sweep.serving import RequestStream
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream
 
 log = logging.getLogger(__name__)
 

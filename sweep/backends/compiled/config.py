@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sweep.config import BackendConfig
+from sweep.config.schema import BackendConfig
 
 SCHEDULERS = ("inflight", "static")
 

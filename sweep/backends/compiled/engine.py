@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from sweep.workload import Request
+from sweep.workload.requests import Request
 
 
 class StaticKVCache:

@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 
 from sweep.backends.compiled.engine import StaticState, forward_last
-from sweep.serving import RequestStream
-from sweep.workload import Request
+from sweep.workload.requests import Request
+from sweep.workload.stream import RequestStream
 
 log = logging.getLogger(__name__)
 

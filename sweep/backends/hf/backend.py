@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sweep.backends.base import Backend, Generation
-from sweep.workload import Request
+from sweep.workload.requests import Request
 
 log = logging.getLogger(__name__)
 

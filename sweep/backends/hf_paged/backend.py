@@ -29,9 +29,9 @@ from packaging.version import Version
 
 from sweep.backends.base import Backend, Generation
 from sweep.backends.hf.backend import load_hf_model
-from sweep.errors import ConfigError
-from sweep.serving import RequestStream
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream
 
 log = logging.getLogger(__name__)
 

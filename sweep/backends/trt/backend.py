@@ -41,9 +41,9 @@ from sweep.backends.trt.options import (
     sampling_kwargs,
     trtllm_build_argv,
 )
-from sweep.errors import ConfigError
-from sweep.serving import RequestStream, serve_in_flight
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream, serve_in_flight
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from sweep.config import BackendConfig
+from sweep.config.schema import BackendConfig
 
 
 @dataclass

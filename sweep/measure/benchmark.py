@@ -1,6 +1,6 @@
 """Benchmark: warm up, then offer the workload `iterations` times under the NVML sampler, and compute the figures.
 
-The scenario decides when each request is offered (sweep/serving.py); the backend serves them as they arrive.
+The scenario decides when each request is offered (sweep/workload/stream.py); the backend serves them as they arrive.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any
 from tqdm import tqdm
 
 from sweep.backends.base import Backend
-from sweep.metrics import RequestTiming, benchmark_figures, load_figures
-from sweep.serving import RequestStream, open_loop_offsets
-from sweep.telemetry import GPUSampler, host_peak_rss_gb, torch_memory_figures
-from sweep.workload import Request, Workload
+from sweep.measure.metrics import benchmark_figures, load_figures
+from sweep.measure.telemetry import GPUSampler, host_peak_rss_gb, torch_memory_figures
+from sweep.workload.requests import Request, Workload
+from sweep.workload.stream import RequestStream, open_loop_offsets
+from sweep.workload.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 

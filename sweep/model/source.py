@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

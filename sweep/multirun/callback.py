@@ -23,9 +23,9 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.errors import ConfigError
-from sweep.run import JOB_ERROR_FILE
-from sweep.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
+from sweep.config.errors import ConfigError
+from sweep.job.artifacts import JOB_ERROR_FILE
+from sweep.multirun.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
@@ -121,8 +121,8 @@ class ParentRunCallback(Callback):
         sys.exit(1)
 
     def _report(self, config: DictConfig) -> Any:
-        """The comparison report (sweep/report.py), logged to the parent so the UI shows it beside the runs."""
-        from sweep.report import ReportError, build_report
+        """The comparison report (sweep/report/build.py), logged to the parent so the UI shows it beside the runs."""
+        from sweep.report.build import ReportError, build_report
         from trackers.mlflow_tracker import default_uri
 
         try:

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from pathlib import Path
 from typing import Iterable
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.backends.registry import BACKENDS
-from sweep.config import (
+from sweep.config import CONF_DIR
+from sweep.config.schema import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
     SweepConfig,
 )
-from sweep.figures import FIGURES
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from sweep.measure.figures import FIGURES
 
 
 def register_configs() -> None:
@@ -94,7 +92,7 @@ def help_text() -> str:
   python -m sweep [group=option ...] [key=value ...]      one run
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
-  python -m sweep.report                                  a comparison report of the latest sweep
+  python -m sweep.report.build                                  a comparison report of the latest sweep
 
 == Config groups (choose one option each: group=option) ==
 {config_groups()}

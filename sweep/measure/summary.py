@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sweep.figures import FIGURES
+from sweep.measure.figures import FIGURES
 
 DISTRIBUTION_STATS = ("p50", "p90", "p95", "p99", "mean")
 # Iterations of one run whose throughput differs by more than this share of the median were measured on a busy

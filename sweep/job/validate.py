@@ -11,7 +11,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sweep.backends.registry import BACKENDS
-from sweep.config import (
+from sweep.config.errors import ConfigError
+from sweep.config.schema import (
     ATTN_IMPLEMENTATIONS,
     COMPILE_MODES,
     DEVICES,
@@ -22,8 +23,7 @@ from sweep.config import (
     SCENARIOS,
     SLO_KEYS,
 )
-from sweep.errors import ConfigError
-from sweep.figures import objective_names, unknown_figure_message
+from sweep.measure.figures import objective_names, unknown_figure_message
 from trackers.store import redact, scheme_of
 
 # sqlite, a tracking server, or a database MLflow can use; the file store refuses to start in mlflow >= 3.13.

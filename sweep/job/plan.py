@@ -1,7 +1,7 @@
 """Planning a run: config -> model, workload, backend and cache key, with every check made before anything is built.
 
-One planning step and one start-engine step, shared by the CLI (sweep/run.py), the sweeper's feasibility check
-(sweep/sweeper_api.py), the tests and the benchmarks.
+One planning step and one start-engine step, shared by the CLI (sweep/job/execute.py), the sweeper's feasibility check
+(sweep/multirun/sweeper_api.py), the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from sweep.backends.base import Backend
+from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
-from sweep.engine_cache import CacheEntry, EngineCache, progress
-from sweep.errors import ConfigError
-from sweep.model import ModelSource, model_sizes, resolve_model
-from sweep.telemetry import environment
-from sweep.validate import validate
-from sweep.workload import Workload, make_workload
+from sweep.config.errors import ConfigError
+from sweep.job.validate import validate
+from sweep.measure.telemetry import environment
+from sweep.model.source import ModelSource, model_sizes, resolve_model
+from sweep.workload.requests import Workload, make_workload
 from trackers.mlflow_tracker import check_reachable, default_uri
 from trackers.store import StoreUnreachable
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sweep.errors import ConfigError
+from sweep.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

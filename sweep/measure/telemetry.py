@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sweep.gpus import GPU_ENV, nvml_handle
+from sweep.measure.gpus import GPU_ENV, nvml_handle
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Figure arithmetic, exactly as ../shared/metrics.md defines it (names, units and meanings: sweep/figures.py).
+"""Figure arithmetic, exactly as ../shared/metrics.md defines it (names, units and meanings: sweep/measure/figures.py).
 
 Pure functions over timestamps (seconds, one clock), so they are tested on synthetic timings.
 """
@@ -6,74 +6,15 @@ Pure functions over timestamps (seconds, one clock), so they are tested on synth
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from sweep.figures import FIGURES
+from sweep.measure.figures import FIGURES
+from sweep.workload.timing import RequestTiming
 
 PERCENTILES = (50, 90, 95, 99)
 THROUGHPUT_FIGURES = tuple(f.name for f in FIGURES if f.spread)  # per iteration: median, min and max
-
-
-@dataclass
-class RequestTiming:
-    """One request's clock (perf_counter seconds): arrival (offered), admitted (its prefill starts), and the time
-    each output token became available on the host. `t0` is its iteration's start, for relative times."""
-
-    request_id: str
-    input_len: int
-    output_len: int  # the number of tokens asked for
-    arrival: float
-    token_times: list[float]
-    iteration: int = 0
-    admitted: float | None = None
-    t0: float = 0.0
-
-    @property
-    def queue(self) -> float | None:
-        return None if self.admitted is None else self.admitted - self.arrival
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0] - self.arrival
-
-    @property
-    def e2e(self) -> float:
-        return self.token_times[-1] - self.arrival
-
-    @property
-    def tpot(self) -> float | None:
-        n = len(self.token_times)
-        return (self.e2e - self.ttft) / (n - 1) if n > 1 else None
-
-    @property
-    def itls(self) -> list[float]:
-        return chunk_gaps(self.token_times)
-
-    @property
-    def chunk_sizes(self) -> list[int]:
-        return chunk_sizes(self.token_times)
-
-
-def chunk_sizes(token_times: list[float]) -> list[int]:
-    """Tokens per streamed chunk: tokens that reached the host in one response carry the same timestamp."""
-    sizes: list[int] = []
-    for i, t in enumerate(token_times):
-        if i and t == token_times[i - 1]:
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-    return sizes
-
-
-def chunk_gaps(token_times: list[float]) -> list[float]:
-    """ITL per chunk, as vLLM's benchmark and AIPerf's inter-chunk latency count it: the gap between consecutive
-    responses. With one token per response this is every gap between tokens; a response carrying several tokens
-    adds one gap, not one gap plus zeros for the tokens that shared its timestamp."""
-    starts = [t for i, t in enumerate(token_times) if i == 0 or t != token_times[i - 1]]
-    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
@@ -195,7 +136,7 @@ def decode_step_bytes(
 
     A step reads every weight but the input embedding table, one row of that table per sequence, and each
     sequence's KV cache at its context length. gpt-fast's "bandwidth achieved" counts every weight instead; that
-    count is kept beside it by name (sizes: sweep.model.model_sizes).
+    count is kept beside it by name (sizes: sweep.model.source.model_sizes).
     """
     kv = batch_size * mean_context * sizes["kv_bytes_per_token"]
     table = sizes["input_embedding_bytes"]

@@ -1,7 +1,7 @@
 """Config schema: the dataclasses Hydra validates every composed config against, and the allowed values.
 
 The bottom layer: it imports nothing from sweep. Type errors and unknown keys are caught by OmegaConf while Hydra
-composes (it names the key and the value); ranges and choices are checked by sweep/validate.py.
+composes (it names the key and the value); ranges and choices are checked by sweep/job/validate.py.
 """
 
 from __future__ import annotations

@@ -6,40 +6,36 @@ From the moment the run starts, any failure ends it FAILED with the error (track
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.benchmark import run_benchmark
-from sweep.config import SLO_KEYS
-from sweep.engine_cache import CacheEntry, engine_key
-from sweep.errors import ConfigError
-from sweep.figures import HEADLINE
-from sweep.metrics import RequestTiming, roofline_figures
-from sweep.plan import Plan, make_plan, start_engine
-from sweep.summary import summary_table, unsteady_figures
-from sweep.sweeper_api import (
-    SUMMARY_TO_LOG_ENV,
-    SWEPT_KEYS_ENV,
-    TRIAL_TAG,
-    refuse_search_without_multirun,
-    write_result,
-)
-from sweep.telemetry import device_bandwidth
+from sweep.backends.cache import engine_key
+from sweep.config.errors import ConfigError
+from sweep.config.schema import SLO_KEYS
+from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, write_job_error, write_result
+from sweep.job.naming import run_name
+from sweep.job.plan import Plan, make_plan, start_engine
+from sweep.measure.benchmark import run_benchmark
+from sweep.measure.figures import HEADLINE
+from sweep.measure.metrics import roofline_figures
+from sweep.measure.summary import summary_table, unsteady_figures
+from sweep.measure.telemetry import device_bandwidth
+from sweep.workload.timing import RequestTiming
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
 
 log = logging.getLogger(__name__)
 
-JOB_ERROR_FILE = "error.txt"  # in a multirun job's output directory: why the job failed (counted by sweep/multirun.py)
+# Set by the sweeper for its jobs: a job then logs its summary table (to the job's log file) instead of printing
+# it, so that the console shows the sweeper's one progress line per trial.
+SUMMARY_TO_LOG_ENV = "SWEEP_SUMMARY_TO_LOG"
 
 
 class RecordError(RuntimeError):
@@ -48,8 +44,6 @@ class RecordError(RuntimeError):
 
 # The MLflow UI's default columns beside the headline figures: what tells runs apart.
 UI_PARAMS = ["model.name", "backend.name", "engine.dtype", "engine.max_batch_size", "workload.scenario"]
-# Keys that never name a run: where it is recorded, and the sweeper's own settings and presets.
-UNNAMED_KEYS = ("tracker", "hydra", "search", "model", "backend")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,8 +61,26 @@ def config_params(cfg: DictConfig) -> dict[str, Any]:
     return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}
 
 
-def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
-    """Run one configuration end to end; return the objective's value."""
+@dataclass(frozen=True)
+class RunResult:
+    """What one run measured and where it went: every figure, the tracker's run id (None with tracker=none), the
+    Hydra job's output directory (None in process), whether the engine came from the cache, the plan that ran
+    (model, backend, workload, device) and every request's clock."""
+
+    figures: dict[str, float]
+    run_id: str | None
+    output_dir: Path | None
+    cache_hit: bool
+    plan: Plan
+    timings: list[RequestTiming] = field(repr=False)
+
+    @property
+    def objective(self) -> float:
+        return self.figures[self.plan.cfg.objective.metric]
+
+
+def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
+    """Run one configuration end to end: plan, build or reuse the engine, benchmark it, record it."""
     t_start = time.perf_counter()
     p = make_plan(cfg)
     tracker = make_tracker(cfg.tracker)
@@ -87,7 +99,7 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
-        # Measured (once per board) before any engine is loaded: one resident skews it (sweep/telemetry.py).
+        # Measured (once per board) before any engine is loaded: one resident skews it (sweep/measure/telemetry.py).
         bandwidth = device_bandwidth(p.cache.root, p.env) if p.device == "cuda" else None
         if bandwidth:
             rec.set_tags({"device_bandwidth.method": bandwidth["method"]})
@@ -134,13 +146,15 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
         if out is not None:  # first on local disk, so a tracker that fails now loses nothing
             save_locally(out, artifacts, figures)
         try:
-            record_artifacts(rec, artifacts, entry)
+            record_artifacts(rec, artifacts, entry, hydra_log_file())
             phases["phase_record_s"] = time.perf_counter() - t
             figures.update(phases)
             rec.log_metrics(figures)
         except Exception as exc:
             if out is None:  # no output directory (an in-process run): the figures survive on the console
                 print(summary_table("not recorded", figures))
+            else:
+                write_result(out, figures, rec.run_id)
             where = f"its figures and artifacts are in {out}" if out else "its figures are printed above"
             raise RecordError(f"the tracker refused the finished run ({type(exc).__name__}: {exc}); {where}") from exc
         if unsteady := unsteady_figures(figures):
@@ -163,42 +177,10 @@ def execute(cfg: DictConfig, parent_run_id: str | None = None) -> float:
     if rec.run_id:
         command = tracker.ui_command()
         print(f"run {rec.run_id}: {tracker.run_url(rec.run_id)}" + (f"  (after: {command})" if command else ""))
-    return figures[cfg.objective.metric]
+    return RunResult(figures, rec.run_id, out, entry.hit, p, result.timings)
 
 
 SATURATION = 0.95  # an open-loop run whose achieved rate falls below this share of the offered rate is saturated
-
-
-def run_name(cfg: DictConfig, p: Plan) -> str:
-    """What the run is: model, backend and the settings that vary across its sweep (given alone: on its command
-    line), e.g. `trial 3: tiny/hf max_batch_size=4 attn_implementation=sdpa`. tracker.run_name overrides it."""
-    if cfg.tracker.run_name:
-        return cfg.tracker.run_name
-    swept = os.environ.get(SWEPT_KEYS_ENV)
-    keys = swept.split(",") if swept is not None else command_line_keys()
-    settings = [setting(cfg, key) for key in keys if key and key.split(".")[0].split("/")[0] not in UNNAMED_KEYS]
-    name = " ".join([f"{p.model.name}/{p.backend.name}", *filter(None, settings)])
-    trial = cfg.tracker.tags.get(TRIAL_TAG)
-    return f"trial {trial}: {name}" if trial is not None else name
-
-
-def command_line_keys() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task]
-
-
-def setting(cfg: DictConfig, key: str) -> str | None:
-    """`engine.max_batch_size` -> 'max_batch_size=4'; a config group (`workload`) -> its option ('throughput')."""
-    from hydra.core.hydra_config import HydraConfig
-
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, DictConfig) or (value is None and "." not in key):
-        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-        return choices.get(key)
-    return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def is_saturated(figures: dict[str, float]) -> bool | None:
@@ -210,121 +192,6 @@ def is_saturated(figures: dict[str, float]) -> bool | None:
 
 def slo_targets(cfg: DictConfig) -> dict[str, float]:
     return {key: float(cfg.slo[key]) for key in SLO_KEYS if cfg.slo[key] is not None}
-
-
-def run_artifacts(cfg: DictConfig, p: Plan, entry: CacheEntry, figures: dict, timings: list) -> dict[str, str]:
-    """The run's text artifacts by their path in the run: config.yaml, engine/manifest.json, results.json, ..."""
-    manifest = entry.manifest
-    results = {
-        "figures": figures,
-        "environment": p.env,
-        "engine": {"key": manifest.get("key"), "ignored_options": p.backend.ignored_options()},
-        "model": {"name": p.model.name, "path": str(p.model.path), **p.model.identity},
-    }
-    return {
-        "config.yaml": redact(OmegaConf.to_yaml(cfg, resolve=True)),
-        "engine/manifest.json": json.dumps(manifest, indent=2, sort_keys=True, default=str),
-        "results.json": json.dumps(results, indent=2, sort_keys=True, default=str),
-        "requests.csv": requests_csv(timings),
-        "token_times.jsonl": token_times_jsonl(timings),
-    }
-
-
-def save_locally(out: Path, artifacts: dict[str, str], figures: dict) -> None:
-    for name, text in artifacts.items():
-        (out / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / "artifacts" / name).write_text(text)
-    write_result(out, figures)
-
-
-def record_artifacts(rec: Any, artifacts: dict[str, str], entry: CacheEntry) -> None:
-    for name, text in artifacts.items():
-        rec.log_text(text, name)
-    log_file = hydra_log_file()
-    if log_file and log_file.is_file():
-        rec.log_artifact(log_file, "logs")
-    if (entry.path / "build.log").is_file():
-        rec.log_artifact(entry.path / "build.log", "engine")
-
-
-REQUEST_COLUMNS = (
-    "iteration",
-    "request_id",
-    "input_len",
-    "output_len",
-    "arrival_s",
-    "admitted_s",
-    "first_token_s",
-    "finish_s",
-    "queue_ms",
-    "ttft_ms",
-    "tpot_ms",
-    "e2e_latency_ms",
-)
-
-
-def requests_csv(timings: list[RequestTiming]) -> str:
-    """The per-request table; times in seconds from the iteration's start (pandas would cost most of a second to
-    import, for one CSV)."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(REQUEST_COLUMNS)
-    for t in timings:
-        admitted = "" if t.admitted is None else t.admitted - t.t0
-        queue = "" if t.queue is None else t.queue * 1e3
-        tpot = "" if t.tpot is None else t.tpot * 1e3
-        writer.writerow(
-            [
-                t.iteration,
-                t.request_id,
-                t.input_len,
-                len(t.token_times),
-                t.arrival - t.t0,
-                admitted,
-                t.token_times[0] - t.t0,
-                t.token_times[-1] - t.t0,
-                queue,
-                t.ttft * 1e3,
-                tpot,
-                t.e2e * 1e3,
-            ]
-        )
-    return out.getvalue()
-
-
-def token_times_jsonl(timings: list[RequestTiming]) -> str:
-    """Every output token's host time, in seconds from its iteration's start, one request per line."""
-    return "".join(
-        json.dumps(
-            {"iteration": t.iteration, "request_id": t.request_id, "token_times_s": [x - t.t0 for x in t.token_times]}
-        )
-        + "\n"
-        for t in timings
-    )
-
-
-def timings_from_artifacts(requests_text: str, token_times_text: str) -> list[RequestTiming]:
-    """The run's requests rebuilt from its two artifacts (each iteration's start at 0): every figure the run
-    logged can be recomputed from these with sweep.metrics."""
-    tokens = {}
-    for line in token_times_text.splitlines():
-        row = json.loads(line)
-        tokens[(row["iteration"], row["request_id"])] = row["token_times_s"]
-    timings = []
-    for row in csv.DictReader(io.StringIO(requests_text)):
-        iteration = int(row["iteration"])
-        timings.append(
-            RequestTiming(
-                row["request_id"],
-                int(row["input_len"]),
-                int(row["output_len"]),
-                float(row["arrival_s"]),
-                tokens[(iteration, row["request_id"])],
-                iteration,
-                admitted=float(row["admitted_s"]) if row["admitted_s"] else None,
-            )
-        )
-    return timings
 
 
 def job_output_dir() -> Path | None:
@@ -355,13 +222,29 @@ def redact_hydra_files() -> None:
         redact_file(file)
 
 
+def refuse_search_without_multirun() -> None:
+    """`python -m sweep search=throughput` without -m would run one job and exit 0: say what was meant."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
+        preset = hydra_cfg.runtime.choices.get("search")
+        given = f"search={preset}" if preset else "hydra/sweeper=optuna"
+        raise ConfigError(
+            f"{given} sets up a search, which runs only in multirun mode; add -m: python -m sweep -m {given} ..."
+        )
+
+
 def main(cfg: DictConfig) -> float:
     """The Hydra task. A config error prints its message and exits 2, with nothing built or recorded; in a
     multirun it fails that job only (a FAILED run with the error), and the sweep exits non-zero at its end."""
     redact_hydra_files()
     try:
         refuse_search_without_multirun()
-        return execute(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
+        return run(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV)).figures[cfg.objective.metric]
     except ConfigError as exc:
         log.error("%s", exc)
         if not in_multirun():
@@ -372,8 +255,7 @@ def main(cfg: DictConfig) -> float:
 
 def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     out = job_output_dir()
-    (out / JOB_ERROR_FILE).write_text(f"{exc}\n")
-    write_result(out, {})  # a sweeper finds no figure, so the trial fails too
+    write_job_error(out, str(exc))
     try:
         tracker = make_tracker(cfg.tracker)
         tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}

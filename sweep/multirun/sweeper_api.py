@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,19 +26,18 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sweep.errors import ConfigError
-from sweep.figures import metric_names
-from sweep.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
-from sweep.plan import make_plan, resolve_device
-from sweep.validate import check_figure, check_sweep
+from sweep.config.errors import ConfigError
+from sweep.job.artifacts import RESULT_FILE, JobResult, read_result, write_result
+from sweep.job.execute import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun
+from sweep.job.naming import SWEPT_KEYS_ENV, TRIAL_TAG
+from sweep.job.plan import make_plan, resolve_device
+from sweep.job.validate import check_figure, check_sweep
+from sweep.measure.figures import metric_names
+from sweep.measure.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.mlflow_tracker import default_uri
 from trackers.store import StoreUnreachable, advisory_lock, check_store_reachable, redact, sqlite_path, store_lock
 
-RESULT_FILE = "figures.json"  # in each job's Hydra output directory
-# The config keys a multirun varies (comma-separated), set by its callback: each job's run is named after them.
-SWEPT_KEYS_ENV = "SWEEP_SWEPT_KEYS"
-TRIAL_TAG = "optuna_trial"
 STUDY_TAG = "optuna_study"
 WORKER_TAG = "optuna_worker"  # host:pid of the worker process that asked for the trial
 # Set for the worker processes a sweep started (hydra.sweeper.workers=N): the starting process writes the summary.
@@ -49,9 +47,6 @@ WORKER_ENV = "SWEEP_WORKER"
 PARENT_STAYS_OPEN_ENV = "SWEEP_PARENT_STAYS_OPEN"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 DEFAULT_BEST_CONFIG_DIR = Path("conf") / "best"
-# Set by the sweeper for its jobs: a job then logs its summary table (to the job's log file) instead of printing
-# it, so that the console shows the sweeper's one progress line per trial.
-SUMMARY_TO_LOG_ENV = "SWEEP_SUMMARY_TO_LOG"
 
 __all__ = [
     "RESULT_FILE",
@@ -109,24 +104,9 @@ def infeasible(cfg: DictConfig) -> str | None:
     return None
 
 
-@dataclass
-class JobResult:
-    figures: dict[str, float]
-    run_id: str | None  # the job's tracker run; None when tracking is off
-
-
 def figure_unit(metric: str) -> str:
     figure = metric_names().get(metric)
     return figure.unit if figure else ""
-
-
-def write_result(output_dir: Path, figures: dict[str, float], run_id: str | None = None) -> None:
-    (output_dir / RESULT_FILE).write_text(json.dumps({"run_id": run_id, "figures": figures}, indent=2))
-
-
-def read_result(output_dir: Path) -> JobResult:
-    data = json.loads((Path(output_dir) / RESULT_FILE).read_text())
-    return JobResult(data["figures"], data["run_id"])
 
 
 def model_identity(model_cfg: Any) -> tuple[str, str]:
@@ -175,24 +155,9 @@ def memory_for_warm_start(cfg: DictConfig) -> WarmStartInputs | str:
     )
 
 
-def refuse_search_without_multirun() -> None:
-    """`python -m sweep search=throughput` without -m would run one job and exit 0: say what was meant."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.RUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
-        preset = hydra_cfg.runtime.choices.get("search")
-        given = f"search={preset}" if preset else "hydra/sweeper=optuna"
-        raise ConfigError(
-            f"{given} sets up a search, which runs only in multirun mode; add -m: python -m sweep -m {given} ..."
-        )
-
-
 def parent_run(config: DictConfig) -> tuple[Tracker, TrackedRun] | None:
-    """The sweep's parent run, opened by the multirun callback (sweep/multirun.py); None when tracking is off."""
+    """The sweep's parent run, opened by the multirun callback (sweep/multirun/callback.py); None when tracking is
+    off."""
     run_id = os.environ.get(PARENT_RUN_ENV)
     if config.tracker.name == "none" or not run_id:
         return None
