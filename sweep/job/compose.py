@@ -92,7 +92,7 @@ def help_text() -> str:
   python -m sweep [group=option ...] [key=value ...]      one run
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
-  python -m sweep.report.build                                  a comparison report of the latest sweep
+  python -m sweep.report                                  a comparison report of the latest sweep
 
 == Config groups (choose one option each: group=option) ==
 {config_groups()}

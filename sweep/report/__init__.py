@@ -1,0 +1,1 @@
+"""Comparison reports of recorded runs: `python -m sweep.report`."""

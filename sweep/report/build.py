@@ -1,4 +1,4 @@
-"""Comparison report from recorded runs: `python -m sweep.report.build`.
+"""Comparison report from recorded runs: `python -m sweep.report`.
 
 Reads runs from MLflow into pandas (the children of a sweep's parent run, a study's trials, or any runs by id)
 and writes a report to paste into a PR: `comparison.md` (what was compared, then the seed's table for every run,
@@ -6,9 +6,9 @@ best first, against a baseline), `comparison.csv` (that table), `runs.csv` (ever
 figures) and PNG plots, one function each: throughput against each swept option, latency percentiles per run,
 and the throughput/latency Pareto front. With a parent run, the files are logged to it under report/.
 
-    python -m sweep.report.build                       # the latest sweep in the default store
-    python -m sweep.report.build --study throughput-tiny-hf
-    python -m sweep.report.build --runs ID1,ID2,ID3 --baseline ID1
+    python -m sweep.report                       # the latest sweep in the default store
+    python -m sweep.report --study throughput-tiny-hf
+    python -m sweep.report --runs ID1,ID2,ID3 --baseline ID1
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd
 from sweep.measure.figures import HEADLINE, label, lookup
 from trackers.store import owner_alive
 
-log = logging.getLogger("sweep.report.build")
+log = logging.getLogger("sweep.report")
 
 OBJECTIVE = "output_throughput_tok_s"
 LATENCY_PERCENTILES = ("p50", "p90", "p95", "p99")
@@ -485,7 +485,7 @@ def build_report(
 def main(argv: list[str] | None = None) -> int:
     from trackers.mlflow_tracker import default_uri
 
-    parser = argparse.ArgumentParser(prog="python -m sweep.report.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)"
     )

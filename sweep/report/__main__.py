@@ -1,0 +1,7 @@
+"""`python -m sweep.report`: the comparison report of a sweep, or of any runs, from the tracking store."""
+
+import sys
+
+from sweep.report.build import main
+
+sys.exit(main())
