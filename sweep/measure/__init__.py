@@ -1,1 +1,1 @@
-"""The measure layer: the benchmark loop, figure arithmetic and registry, the hardware's telemetry, the summary table."""
+"""The measure layer: the benchmark loop, figure arithmetic and registry, hardware telemetry, the summary table."""
