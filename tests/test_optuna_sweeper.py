@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 import optuna
 import pytest
@@ -18,16 +17,15 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper._impl import Budget, OptunaSearch, SearchSettings
-from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.record import ParentRun, Progress, best_config_yaml
-from hydra_plugins.sweep_optuna_sweeper.space import (
-    grid_values,
-    split_overrides,
-    trtllm_bench_setting,
-    warm_start_point,
-)
-from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper._budget import Budget
+from hydra_plugins.sweep_optuna_sweeper._prepare import SearchSettings
+from hydra_plugins.sweep_optuna_sweeper._record import ParentRun, Progress, best_config_yaml
+from hydra_plugins.sweep_optuna_sweeper._samplers import choose_sampler
+from hydra_plugins.sweep_optuna_sweeper._search import OptunaSearch
+from hydra_plugins.sweep_optuna_sweeper._space import grid_values, split_overrides
+from hydra_plugins.sweep_optuna_sweeper._study import Heartbeat, best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper._warm_start import trtllm_bench_setting, warm_start_point
+from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
 from sweep.config.errors import ConfigError
 from sweep.job.compose import compose
 from sweep.multirun.sweeper_api import WarmStartInputs
@@ -40,9 +38,8 @@ def parse(*overrides):
 
 
 def make_search(**settings) -> OptunaSearch:
-    """The sweeper's search with its config's defaults, as Hydra would instantiate it."""
-    defaults = {k: v for k, v in asdict(OptunaSweeperConf()).items() if k != "_target_"}
-    return OptunaSearch(**defaults | settings)
+    """The sweeper's search with its config's defaults (the default sampler, tpe), as Hydra would instantiate it."""
+    return OptunaSearch(OptunaSweeperConf(**{"sampler": "tpe"} | settings))
 
 
 def test_search_space_translation_gets_hydra_bounds_right():
@@ -492,7 +489,7 @@ def test_samplers_fit_what_they_are_for():
         "qmc": samplers.QMCSampler,
     }
     for name, cls in expected.items():
-        assert isinstance(make_search(sampler=name).make_sampler(), cls)
+        assert isinstance(choose_sampler(name).make(seed=0), cls)
 
 
 def test_a_search_prints_one_progress_line_per_trial_and_names_its_runs(tmp_path):

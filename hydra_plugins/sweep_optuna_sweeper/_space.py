@@ -1,5 +1,5 @@
 """The search space: Hydra's sweep syntax as Optuna distributions, the grid, constraints, a trial's overrides and
-name, and the warm-start point (trtllm-bench's memory heuristic). Functions of the overrides and the study only."""
+name. Functions of the overrides and the study only."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from typing import Any, Sequence
 
 import optuna
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
-from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from sweep.multirun import sweeper_api
 from sweep.multirun.sweeper_api import ConfigError
 
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
-WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
+SWEEPS = "choice(a,b,...), range(start,stop[,step]) or interval(low,high)"
+INTERVAL_TAGS = ("log", "int")  # a log scale; integer values (int(interval(...)) says the same)
 
 
 def float_range(start: float, stop: float, step: float) -> list[float]:
@@ -31,10 +30,22 @@ def float_range(start: float, stop: float, step: float) -> list[float]:
     return [float(d_start + i * d_step) for i in range(count)]
 
 
+def refuse(override: Override, why: str, allowed: str) -> ConfigError:
+    return ConfigError(f"{override.input_line} is not allowed: {why}; {allowed}")
+
+
 def distribution_for(override: Override) -> BaseDistribution:
     """Hydra sweep syntax → an Optuna distribution. Hydra's range() excludes its stop, like Python's."""
     sweep = override.value()
-    key = override.get_key_element()
+    if not isinstance(sweep, (ChoiceSweep, RangeSweep, IntervalSweep)):  # glob(): a group's options by pattern
+        why = f"{type(sweep).__name__.lower()}() has no Optuna distribution"
+        raise refuse(override, why, f"hydra/sweeper=optuna takes {SWEEPS} (a group's options: choice(a,b))")
+    allowed_tags = INTERVAL_TAGS if isinstance(sweep, IntervalSweep) else ()
+    unknown = sorted(set(sweep.tags) - set(allowed_tags))
+    if unknown:
+        allowed = "interval() takes tag(log, ...) and tag(int, ...)"
+        why = f"the tag {unknown[0]!r} means nothing to the sweeper" if allowed_tags else "only interval() takes tags"
+        raise refuse(override, why, allowed)
     log_scale = "log" in sweep.tags
     try:
         if isinstance(sweep, ChoiceSweep):
@@ -50,16 +61,17 @@ def distribution_for(override: Override) -> BaseDistribution:
             if isinstance(low, int):
                 return IntDistribution(low, high, step=step)
             return FloatDistribution(low, high, step=step)
-        if isinstance(sweep, IntervalSweep):
-            # int(interval(a,b)) gives int bounds; tag(int, interval(a,b)) the project's older spelling
-            if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
-                return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
-            return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
+        if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
+            low, high = math.ceil(sweep.start), math.floor(sweep.end)  # the integers within the bounds
+            if sweep.start <= sweep.end and low > high:
+                why = "an integer interval holds no integer between these bounds"
+                raise refuse(override, why, "give bounds with an integer between them, or drop int for floats")
+            return IntDistribution(low, high, log=log_scale)
+        return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
     except ConfigError:
         raise
     except ValueError as exc:  # Optuna's own check (low > high, log of a bound <= 0): name the key
         raise ConfigError(f"{override.input_line}: {exc}") from None
-    raise ConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range() or interval()")
 
 
 def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistribution], list[str]]:
@@ -78,6 +90,11 @@ def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistri
             space.pop(key, None)
             fixed[key] = override.input_line  # exactly as given, with any +/~ prefix
     return space, list(fixed.values())
+
+
+def command_keys(overrides: Sequence[Override]) -> dict[str, str]:
+    """Each swept key as a trial's command line writes it: `+note` for a key added to the config with `+`."""
+    return {o.key_or_group: o.get_key_element() for o in overrides if o.is_sweep_override()}
 
 
 def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
@@ -134,9 +151,11 @@ def override_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value) else str(value)
 
 
-def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
-    """The command-line overrides of one point of the space: the fixed ones, then the sampled values."""
-    return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
+def overrides_for(fixed: list[str], params: dict[str, Any], keys: dict[str, str] | None = None) -> list[str]:
+    """The command-line overrides of one point of the space: the fixed ones, then the sampled values, each under
+    its key as `keys` (command_keys) writes it."""
+    keys = keys or {}
+    return fixed + [f"{keys.get(k, k)}={override_value(v)}" for k, v in params.items()]
 
 
 def settings_text(params: dict[str, Any]) -> str:
@@ -151,75 +170,3 @@ def space_digest(space: dict[str, BaseDistribution], objectives: dict[str, str],
 
 def space_identity(space: dict[str, BaseDistribution]) -> dict[str, str]:
     return {k: repr(v) for k, v in sorted(space.items())}
-
-
-def trtllm_bench_setting(w: sweeper_api.WarmStartInputs, kv_fraction: float = 0.9) -> dict[str, int] | None:
-    """max_batch_size and max_num_tokens from free memory, after trtllm-bench's build heuristic.
-
-    The KV cache gets kv_fraction of what the weights leave free; the batch is the number of requests of the
-    workload's input + output length it holds (capped at 4096), the token budget that batch times
-    (1 + input/output) (capped at 32768), both rounded up to trtllm-bench's steps. None when not one request fits.
-    """
-    kv_bytes = (w.free_bytes - w.model_bytes) * kv_fraction
-    requests = kv_bytes / (w.kv_bytes_per_token * (w.input_len + w.output_len))
-    if requests < 1:
-        return None
-    raw_batch = min(requests, 4096)
-    raw_tokens = min(raw_batch * (1 + w.input_len / max(w.output_len, 1)), 32768)
-    batch_step = 32 if raw_batch < 256 else 128 if raw_batch < 1024 else 256
-    token_step = 512 if raw_tokens < 2048 else 1024 if raw_tokens < 8192 else 2048
-    return {
-        "engine.max_batch_size": batch_step * math.ceil(raw_batch / batch_step),
-        "engine.max_num_tokens": token_step * math.ceil(raw_tokens / token_step),
-    }
-
-
-def nearest_allowed(dist: BaseDistribution, target: int) -> Any | None:
-    """The largest value of `dist` at or under target (else its smallest); None for a non-numeric choice."""
-    if isinstance(dist, CategoricalDistribution):
-        values = [v for v in dist.choices if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    elif isinstance(dist, IntDistribution):
-        values = list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else [dist.low, dist.high]
-    else:
-        return None
-    if not values:
-        return None
-    under = [v for v in values if v <= target]
-    return max(under) if under else min(values)
-
-
-def holds(dist: BaseDistribution, value: Any) -> bool:
-    """Whether `value` is one of the distribution's points (True is not the choice 1, nor 1.0 the choice 1)."""
-    if isinstance(dist, CategoricalDistribution):
-        return any(type(choice) is type(value) and choice == value for choice in dist.choices)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if isinstance(dist, IntDistribution):  # range(a,b,step) is one: a value between its steps is not a point
-        return isinstance(value, int) and dist.low <= value <= dist.high and (value - dist.low) % dist.step == 0
-    if isinstance(dist, FloatDistribution):
-        if not dist.low <= value <= dist.high:
-            return False
-        steps = (value - dist.low) / dist.step if dist.step else 0.0
-        return math.isclose(steps, round(steps), abs_tol=1e-9)
-    return False
-
-
-def warm_start_point(
-    space: dict[str, BaseDistribution], w: sweeper_api.WarmStartInputs, defaults: DictConfig | None = None
-) -> dict[str, Any]:
-    """trtllm-bench's batch size and token budget for the memory there is; every other searched key at its value in
-    `defaults` (the composed config) when the space holds it, as trtllm-bench leaves the rest at the defaults. Left
-    to the sampler, those keys would make the warm start's first trial a random draw."""
-    predicted = trtllm_bench_setting(w)
-    if predicted is None:
-        return {}
-    point = {}
-    for key in WARM_START_KEYS:
-        if key in space and (value := nearest_allowed(space[key], predicted[key])) is not None:
-            point[key] = value
-    if defaults is not None:
-        for key, dist in space.items():
-            value = OmegaConf.select(defaults, key, default=None)
-            if key not in point and holds(dist, value):
-                point[key] = value
-    return point
