@@ -42,11 +42,34 @@ def redact_log_records() -> None:
     logging.setLogRecordFactory(redacted_record)
 
 
+def unparsable_override(args: list[str]) -> str | None:
+    """One line for the first `key=value` Hydra's override grammar cannot parse (`choice()`, an unquoted `<=5`),
+    which Hydra reports in several lines and exit code 1."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as exc:
+            evaluated = [line.split("': ", 1)[1] for line in str(exc).splitlines() if " while evaluating '" in line]
+            why = evaluated[0] if evaluated else "not in Hydra's override grammar"
+            return (
+                f"{arg} is not allowed: {why}; write key=value, key=a,b or a sweep (choice(a,b), range(1,9), "
+                "interval(0,1)), and quote a value holding < = ( or ): key='<=5'"
+            )
+    return None
+
+
 def cli() -> None:
     """The console script `sweep`, the same as `python -m sweep`."""
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
-    if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
+    # before Hydra, whose advice for a typo is to add it with `+`, and whose parse errors take several lines
+    if message := unknown_key(sys.argv[1:]) or unparsable_override(sys.argv[1:]):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     main()

@@ -82,22 +82,24 @@ def minutes(seconds: float) -> str:
 def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: dict, overrides: list[str]) -> str:
     """A package-global config: the trial's group choices go to the defaults list, its values to their keys.
 
-    A deletion (`~key`) cannot be written in a config: the header names it for the command line.
+    A deletion (`~key`) or a key added to the config (`+key=value`) cannot be written in a config (the schema has no
+    such key): the header's rerun command carries it.
     """
     defaults: list[Any] = [{f"override /{group}": choices[group]} for group in CONFIG_GROUPS if group in choices]
     values = OmegaConf.create({})
-    deletions = []
+    on_command_line = []
     for item in overrides:
-        if item.startswith("~"):
-            deletions.append(item)
+        key, _, value = item.partition("=")
+        if key.lstrip("+~").startswith(("hydra.", "tracker.tags.")):  # the sweep's own settings, the trial's tags
             continue
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
+        if key.startswith(("~", "+")):
+            on_command_line.append(item)
+            continue
         group_choice = key in CONFIG_GROUPS or key == "search"  # already in the defaults list, or the sweep itself
-        if not group_choice and not key.startswith(("hydra.", "tracker.tags.")):
+        if not group_choice:
             OmegaConf.update(values, key, yaml.safe_load(value), force_add=True)
     body = {"defaults": defaults + ["_self_"], **OmegaConf.to_container(values)}
-    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in deletions)
+    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in on_command_line)
     header = (
         f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
         f"# Rerun from the directory above conf/: {rerun}\n"

@@ -51,7 +51,7 @@ def choose_sampler(sampler: Any) -> SamplerChoice:
         if target not in by_target:
             raise ConfigError(
                 f"hydra.sweeper.sampler._target_={target!r} is not allowed; the sweeper instantiates only its own "
-                f"samplers: hydra/sweeper/sampler={{{sampler_names()}}}"
+                f"samplers: hydra/sweeper/sampler=<name>, one of {sampler_names()}"
             )
         name, given = by_target[target], {k: v for k, v in sampler.items() if k != "_target_"}
     else:

@@ -177,10 +177,7 @@ def open_study(
             directions=list(spec.objectives.values()),
             load_if_exists=True,
         )
-    held = len(study.get_trials(deepcopy=False))
-    study.sampler = spec.sampler.make(sampler_seed(spec.seed, held))
-    if held:
-        log.info("study %s holds %d trials: the %s sampler draws on from there", spec.name, held, spec.sampler.name)
+    study.sampler = spec.sampler.make(sampler_seed(spec.seed, len(study.get_trials(deepcopy=False))))
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", spec.identity)
     study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows the objectives by name

@@ -61,12 +61,32 @@ KEYS = f"""\
   tracker.uri            an MLflow tracking URI (default $$MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db);
                          tracker.experiment, tracker.run_name (default: model, backend and what the sweep varies)
   cache_dir              where built engines are kept (engines_cache)"""
-SWEEPS = """\
+SAMPLER_GROUP = "hydra/sweeper/sampler"
+
+
+def sampler_names() -> list[str]:
+    """The Optuna sweeper's samplers, as its plugin registers them in Hydra's ConfigStore (none without it)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra imports the plugins, which register their configs
+    try:
+        return [name.removesuffix(".yaml") for name in ConfigStore.instance().list(SAMPLER_GROUP)]
+    except OSError:
+        return []
+
+
+def sweeps_help() -> str:
+    """The sweep lines of the help, with the search presets in conf/search/ and the samplers registered."""
+    presets = ", ".join(sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml")))
+    samplers = ", ".join(sampler_names())
+    return f"""\
   -m key=a,b,c                  a grid over the values (Hydra's basic sweeper): one MLflow child run per point
   -m hydra/sweeper=optuna 'engine.max_batch_size=choice(1,2,4,8)' 'engine.max_num_tokens=range(256,4097,256)'
                                 an Optuna search over choice(), range(), interval(); other overrides stay fixed
-  -m search=throughput          the same through a preset in conf/search/ (throughput, pareto)
-  hydra.sweeper.*               sampler (tpe, random, grid, gp), seed, n_trials, n_jobs, study_name, storage,
+  -m search=throughput          a preset in conf/search/: {presets}
+  {SAMPLER_GROUP}=<name>  the Optuna sampler: {samplers};
+                                its settings as hydra.sweeper.sampler.<setting>=...
+  hydra.sweeper.*               seed, n_trials, n_jobs, study_name, storage,
                                 objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
                                 max_failure_rate, best_config_dir"""
 
@@ -104,7 +124,7 @@ def help_text() -> str:
 {KEYS}
 
 == Sweeps (-m) ==
-{SWEEPS}
+{sweeps_help()}
 
 == Figures: objective.metric, hydra.sweeper.objectives and .constraints take these names ==
 Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 mean stdev min max.
