@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, mlflow_runs, run_sweep
@@ -451,8 +450,8 @@ print(cfg.hydra.sweep.dir, cfg.hydra.sweep.dir, cfg.hydra.run.dir)
 def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     import optuna
 
-    from hydra_plugins.sweep_optuna_sweeper._impl import Budget
-    from hydra_plugins.sweep_optuna_sweeper.record import ParentRun
+    from hydra_plugins.sweep_optuna_sweeper._budget import Budget
+    from hydra_plugins.sweep_optuna_sweeper._record import ParentRun
     from trackers import PARENT_RUN_ENV
     from trackers.mlflow_tracker import MLflowTracker
 
@@ -463,8 +462,7 @@ def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: t.suggest_int("engine.max_batch_size", 1, 8), n_trials=3)
-    search = SimpleNamespace(s=SimpleNamespace(objectives={"output_throughput_tok_s": "maximize"}))
-    ParentRun(cfg).log_summary(search, study, Budget(None, "cpu"))
+    ParentRun(cfg).log_summary({"output_throughput_tok_s": "maximize"}, study, Budget(None, "cpu"))
     assert list((tmp_path / "tmp").iterdir()) == []
     plots = list((tmp_path / "mlruns" / "artifacts").rglob("plots/*.png"))
     assert {p.stem for p in plots} == {"optimization_history", "param_importances"}

@@ -27,10 +27,14 @@ from hydra_plugins.sweep_optuna_sweeper._prepare import SearchSettings
 from hydra_plugins.sweep_optuna_sweeper._record import ParentRun, Progress, best_config_yaml
 from hydra_plugins.sweep_optuna_sweeper._samplers import choose_sampler
 from hydra_plugins.sweep_optuna_sweeper._search import OptunaSearch
-from hydra_plugins.sweep_optuna_sweeper._space import grid_values, split_overrides
 from hydra_plugins.sweep_optuna_sweeper._study import Heartbeat, best_trials, tally
-from hydra_plugins.sweep_optuna_sweeper._warm_start import trtllm_bench_setting, warm_start_point
 from hydra_plugins.sweep_optuna_sweeper.config import SAMPLERS, OptunaSweeperConf
+from hydra_plugins.sweep_optuna_sweeper.space import (
+    grid_values,
+    split_overrides,
+    trtllm_bench_setting,
+    warm_start_point,
+)
 from sweep.config import CONF_DIR
 from sweep.config.errors import ConfigError
 from sweep.job.compose import compose, register_configs

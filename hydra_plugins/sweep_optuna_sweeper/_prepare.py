@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
 from hydra_plugins.sweep_optuna_sweeper._samplers import GRID, SamplerChoice, check_sampler, choose_sampler
-from hydra_plugins.sweep_optuna_sweeper._space import (
+from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
+from hydra_plugins.sweep_optuna_sweeper.space import (
     command_keys,
     grid_values,
     parse_constraints,
@@ -23,7 +24,6 @@ from hydra_plugins.sweep_optuna_sweeper._space import (
     space_identity,
     split_overrides,
 )
-from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
 from sweep.multirun import sweeper_api
 from sweep.multirun.sweeper_api import ConfigError
 
