@@ -593,6 +593,9 @@ def test_only_the_registered_samplers_are_instantiated(tmp_path):
         instantiate(config.hydra.sweeper).search.prepare(config, ["engine.max_batch_size=choice(1,2)"])
     with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler \(tpe\): .*its settings are: n_startup_trials"):
         choose_sampler({"_target_": "optuna.samplers.TPESampler", "seed": 3})  # the seed is hydra.sweeper.seed
+    qmc = sweeper_config("hydra/sweeper=optuna", "hydra/sweeper/sampler=qmc", "hydra.sweeper.sampler.qmc_type=sobel")
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler \(qmc\): The `qmc_type='sobel'` is invalid"):
+        instantiate(qmc.hydra.sweeper).search.prepare(qmc, ["engine.max_batch_size=choice(1,2)"])
 
 
 def test_each_samplers_settings_are_its_optuna_class_defaults():
@@ -720,3 +723,9 @@ def test_a_resumed_study_draws_new_points(tmp_path, sampler):
             points.append(tuple(trial.params.values()))
             study.tell(trial, 1.0)
     assert len(set(points)) == 6, points
+
+
+def test_a_presets_sweep_that_hydra_cannot_parse_names_it(tmp_path):
+    search = make_search(storage=f"sqlite:///{tmp_path / 'o.db'}", params={"engine.max_batch_size": "choice()"})
+    with pytest.raises(ConfigError, match=re.escape("engine.max_batch_size=choice() is not allowed: empty choice")):
+        search.prepare(compose(), [])

@@ -67,7 +67,7 @@ def choose_sampler(sampler: Any) -> SamplerChoice:
 
 
 def check_sampler(choice: SamplerChoice, n_objectives: int) -> None:
-    """What a sampler cannot do with this study, or without its package."""
+    """What a sampler cannot do with this study, without its package, or with these settings."""
     if choice.name in SINGLE_OBJECTIVE_SAMPLERS and n_objectives > 1:
         raise ConfigError(
             f"hydra.sweeper.sampler={choice.name} optimises one objective, {n_objectives} are given; "
@@ -78,6 +78,10 @@ def check_sampler(choice: SamplerChoice, n_objectives: int) -> None:
             import cmaes  # noqa: F401
         except ImportError:
             raise ConfigError("hydra.sweeper.sampler=cmaes needs the cmaes package: pip install cmaes") from None
+    try:
+        choice.make(seed=0)
+    except ValueError as exc:  # Optuna's own check of a setting (qmc_type, population_size, ...)
+        raise ConfigError(f"hydra.sweeper.sampler ({choice.name}): {exc}") from None
 
 
 def sampler_seed(seed: int | None, trials_in_study: int) -> int | None:

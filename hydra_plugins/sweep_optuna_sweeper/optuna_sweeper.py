@@ -1,8 +1,9 @@
 """`hydra/sweeper=optuna`: search build settings with Optuna 5 (the published plugin pins optuna<3).
 
 Hydra imports every module under hydra_plugins/ whose name does not start with `_` while it scans for plugins, so
-this one stays light: the thin plugin class. Its settings are config.py's; optuna and the search live in the `_`
-modules, imported only when a sweep runs.
+this one stays light: the thin plugin class over its settings (config.OptunaSweeperConf). The search lives in the
+`_` modules, imported only when a sweep runs: _prepare (what a sweep could refuse), _search (the loop), _session
+(the study's workers), _study, _trials, _samplers, _budget and _record (what a person sees), with space.py.
 """
 
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules while scanning for
