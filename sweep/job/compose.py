@@ -24,6 +24,7 @@ def register_configs() -> None:
     # ${sweep_id:} in hydra.run.dir and hydra.sweep.dir: two commands started in the same second get their own
     # output directories. Cached, like ${now:}, so every job of a sweep sees the same value.
     OmegaConf.register_new_resolver("sweep_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("sweep_samplers", sampler_names, replace=True)  # in the help, see sampler_names
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=SweepConfig)  # types model, engine, workload, tracker and objective
     # The backend node's type depends on the backend chosen: each backend YAML pulls in its own schema.
@@ -64,27 +65,24 @@ KEYS = f"""\
 SAMPLER_GROUP = "hydra/sweeper/sampler"
 
 
-def sampler_names() -> list[str]:
-    """The Optuna sweeper's samplers, as its plugin registers them in Hydra's ConfigStore (none without it)."""
-    from hydra.core.plugins import Plugins
-
-    Plugins.instance()  # Hydra imports the plugins, which register their configs
+def sampler_names() -> str:
+    """The options of hydra/sweeper/sampler, read from Hydra's ConfigStore as the help is shown: the Optuna
+    sweeper's plugin registers them while Hydra scans for plugins (scanning here would slow every start)."""
     try:
-        return [name.removesuffix(".yaml") for name in ConfigStore.instance().list(SAMPLER_GROUP)]
+        return ", ".join(name.removesuffix(".yaml") for name in ConfigStore.instance().list(SAMPLER_GROUP))
     except OSError:
-        return []
+        return "none (the Optuna sweeper plugin is not installed)"
 
 
 def sweeps_help() -> str:
     """The sweep lines of the help, with the search presets in conf/search/ and the samplers registered."""
     presets = ", ".join(sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml")))
-    samplers = ", ".join(sampler_names())
     return f"""\
   -m key=a,b,c                  a grid over the values (Hydra's basic sweeper): one MLflow child run per point
   -m hydra/sweeper=optuna 'engine.max_batch_size=choice(1,2,4,8)' 'engine.max_num_tokens=range(256,4097,256)'
                                 an Optuna search over choice(), range(), interval(); other overrides stay fixed
   -m search=throughput          a preset in conf/search/: {presets}
-  {SAMPLER_GROUP}=<name>  the Optuna sampler: {samplers};
+  {SAMPLER_GROUP}=<name>  the Optuna sampler: ${{sweep_samplers:}};
                                 its settings as hydra.sweeper.sampler.<setting>=...
   hydra.sweeper.*               seed, n_trials, n_jobs, study_name, storage,
                                 objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
