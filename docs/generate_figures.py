@@ -32,8 +32,8 @@ the check of `objective.metric`, the Optuna sweeper's `objectives` and `constrai
 all read it. A sweep may optimise or constrain any figure that has a better direction; `-` in the *better*
 column marks a fact that is neither (a size, a count), which cannot be an objective.
 
-**Arrival**, where a figure counts from it, is when the scenario offers the request: t0 in the `throughput`
-scenario, when its client sends it in `latency` and `concurrency`, its scheduled time in `rate`
+**Arrival**, which a request's figures count from, is when the scenario offers the request: t0 in the
+`throughput` scenario, when its client sends it in `latency` and `concurrency`, its scheduled time in `rate`
 ([serving-load.md](serving-load.md)). In `throughput` a request's latency therefore includes its wait for a free
 slot. A GPU figure on a CPU run is absent, never 0.
 """

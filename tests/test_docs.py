@@ -134,13 +134,13 @@ NOT_IN_DOCS = {
     "a path outside the repository": r"\.\./shar" + "ed",
     "an issue number": r"\bissues?\s+#?\d|(?<![\w/&?=])#\d+\b",
     "a defect number": r"\bDefe" + r"ct\s+\d",
-    "a working session": r"\bsess" + "ion",
+    "a work log's period": r"\bsess" + "ion",
     "the original project by its old name": r"\bthe\s+se" + r"ed\b",
 }
 
 
 @pytest.mark.parametrize("page", [*PAGES, REPO / "docs" / "generate_figures.py"], ids=lambda p: p.name)
-def test_the_docs_name_no_outside_path_issue_or_session(page):
+def test_the_docs_name_no_outside_path_issue_or_work_log(page):
     text = page.read_text()
     found = [
         f"{what}: {m.group(0)!r}" for what, pattern in NOT_IN_DOCS.items() for m in re.finditer(pattern, text, re.I)
