@@ -223,6 +223,8 @@ def test_the_highest_rate_that_held_per_set_up_and_what_broke_above_it():
             "params.slo.name": "custom",
             "metrics.slo_attainment_pct": [pct for _, _, pct in rows],
             "metrics.output_throughput_tok_s": 10.0,
+            "metrics.achieved_rate_req_s": [rate for _, rate, _ in rows],
+            "tags.saturated": "False",
         }
     )
     swept = ["params.engine.max_batch_size", "params.workload.request_rate"]
@@ -244,6 +246,17 @@ def test_the_highest_rate_that_held_per_set_up_and_what_broke_above_it():
     assert "Lower rates did not hold either (4 req/s)" in load.headline(two)
     # a lower target lets the dip hold
     assert analyse(runs, swept, 95.0, "asked for").capacities[1].dips == ()
+    # an engine that fell behind at its highest held rate has not shown that it sustains it
+    behind = analyse(runs.assign(**{"tags.saturated": ["False"] * 5 + ["True"]}), swept, 99.0, "the default")
+    assert "At 48 req/s the engine fell behind" in behind.headline(behind.capacities[1])
+    assert "the capacity is higher" not in behind.headline(behind.capacities[1])
+    # without an SLO a rate holds when the engine kept up with it
+    no_slo = runs.assign(**{"params.slo.ttft_ms": "None", "tags.saturated": ["False", "True", "True"] * 2})
+    unbounded = analyse(no_slo, swept, 99.0, "the default")
+    assert unbounded.criterion == "saturation" and [c.held_rate for c in unbounded.capacities] == [4.0, 4.0]
+    assert unbounded.headline(unbounded.capacities[0]).startswith(
+        "max_batch_size=1: **4 req/s** is the highest offered rate that the engine kept up with"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -86,11 +86,20 @@ class LoadSweep:
             f"{who}**{rate_text(capacity.held_rate)} req/s** is the highest offered rate that {held} (a rate holds when"
             f" {self.slo_text()}), with {self.outcome(capacity, capacity.held_rate)}"
         )
-        if capacity.broke_rate is None:
-            text += "; it held at every rate tried, so the capacity is higher: sweep higher rates"
-        else:
+        top = capacity.held_run
+        saturated = self.criterion == "slo" and top.get("tags.saturated") == "True"
+        if capacity.broke_rate is not None:
             broke = capacity.broke_rate
             text += f"; {rate_text(broke)} req/s did not, with {self.outcome(capacity, broke)}"
+        elif not saturated:
+            text += "; it held at every rate tried, so the capacity is higher: sweep higher rates"
+        if saturated:
+            text += (
+                f". At {rate_text(capacity.held_rate)} req/s the engine fell behind (it admitted"
+                f" {fmt(top.get('metrics.achieved_rate_req_s'))} req/s, tagged saturated): its queue grows for as"
+                " long as the load lasts, so a longer run breaks the SLO there; add requests (workload.num_requests)"
+                " to find the rate it sustains"
+            )
         if capacity.dips:
             dips = ", ".join(rate_text(r) for r in capacity.dips)
             text += f". Lower rates did not hold either ({dips} req/s): a busy machine or a marginal SLO; rerun them"

@@ -16,6 +16,7 @@ from sweep.report.load import ATTAINMENT, SLO_FIGURES, LoadSweep
 from sweep.report.objective import Objective
 
 LATENCY_STYLES = {"ttft_ms": "-", "tpot_ms": "--", "e2e_ms": ":"}
+LATENCY_MARKERS = {"ttft_ms": "o", "tpot_ms": "^", "e2e_ms": "s"}
 THRESHOLD = "tab:red"
 
 
@@ -23,7 +24,7 @@ THRESHOLD = "tab:red"
 class Panel:
     title: str
     ylabel: str
-    series: list[tuple[str, str, str]]  # (metric, legend name, line style) drawn for each set-up
+    series: list[tuple[str, str, str, str]]  # (metric, legend name, line style, marker) drawn for each set-up
     lines: Callable[[object, list[float]], None]  # what is drawn once: thresholds, the target, the diagonal
 
 
@@ -55,23 +56,29 @@ def panels(load: LoadSweep, objective: Objective) -> list[Panel]:
         Panel(
             "P99 latency (lower is better)",
             "latency P99 (ms)",
-            [(SLO_FIGURES[k], label(SLO_FIGURES[k], with_unit=False), LATENCY_STYLES[k]) for k in keys],
+            [
+                (SLO_FIGURES[k], label(SLO_FIGURES[k], with_unit=False), LATENCY_STYLES[k], LATENCY_MARKERS[k])
+                for k in keys
+            ],
             slo_lines,
         )
     ]
     if load.criterion == "slo":
         found.append(
             Panel(
-                "SLO attainment (higher is better)", label(ATTAINMENT), [(ATTAINMENT, "attainment", "-")], target_line
+                "SLO attainment (higher is better)",
+                label(ATTAINMENT),
+                [(ATTAINMENT, "attainment", "-", "o")],
+                target_line,
             )
         )
-    served = [("achieved_rate_req_s", "achieved", "--")]
+    served = [("achieved_rate_req_s", "achieved", "--", "s")]
     if load.criterion == "slo":
-        served.insert(0, ("goodput_req_s", "goodput", "-"))
+        served.insert(0, ("goodput_req_s", "goodput", "-", "o"))
     found.append(
         Panel("goodput and achieved rate (higher is better)", "requests per second (req/s)", served, offered_line)
     )
-    drawn = {metric for panel in found for metric, _, _ in panel.series}
+    drawn = {series[0] for panel in found for series in panel.series}
     if objective.metric not in drawn:
         name = label(objective.metric, with_unit=False)
         better = "higher" if objective.higher else "lower"
@@ -79,7 +86,7 @@ def panels(load: LoadSweep, objective: Objective) -> list[Panel]:
             Panel(
                 f"{name} ({better} is better)",
                 label(objective.metric),
-                [(objective.metric, name, "-")],
+                [(objective.metric, name, "-", "o")],
                 lambda ax, rates: None,
             )
         )
@@ -124,7 +131,7 @@ def load_curve_figure(load: LoadSweep, objective: Objective):
 
 
 def draw_series(ax, panel: Panel, runs: pd.DataFrame, group: str, color: str) -> None:
-    for metric, name, style in panel.series:
+    for metric, name, style, marker in panel.series:
         if f"metrics.{metric}" in runs and runs[f"metrics.{metric}"].notna().any():
             legend = f"{name}, {group}" if group else name
-            ax.plot(runs["rate"], runs[f"metrics.{metric}"], marker="o", linestyle=style, color=color, label=legend)
+            ax.plot(runs["rate"], runs[f"metrics.{metric}"], marker=marker, linestyle=style, color=color, label=legend)

@@ -101,9 +101,12 @@ def markdown_table(table: pd.DataFrame, report: Report) -> list[str]:
     figures = [c for c in table.columns if c not in ("run", "run_id")]
     unsteady = set(unsteady_runs(report.runs)["run_id"])
     lines = ["| run | " + " | ".join(figures) + " |", "| --- |" + " ---: |" * len(figures)]
+    highest = (
+        {c.held_run["run_id"] for c in report.load.capacities if c.held_rate is not None} if report.load else set()
+    )
     for (_, row), (_, run) in zip(table.iterrows(), report.runs.iterrows()):
         marks = []
-        if report.load is not None and row["run_id"] == report.best["run_id"] and report.best["held"]:
+        if row["run_id"] in highest:
             marks.append("**highest rate that held**")
         elif report.load is None and row["run_id"] == report.best["run_id"]:
             marks.append("**best**")
