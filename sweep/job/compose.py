@@ -18,6 +18,7 @@ from sweep.config.schema import (
     SweepConfig,
 )
 from sweep.measure.figures import FIGURES
+from sweep.model.shapes import SHAPES
 
 
 def register_configs() -> None:
@@ -35,6 +36,7 @@ def register_configs() -> None:
 # The groups `python -m sweep --help` lists, in this order, with what choosing one means.
 GROUPS = {
     "model": "the checkpoint: tiny is generated locally; the others are hub ids at a pinned revision",
+    "experiment": "a benchmark's shared overrides (benchmarks/), added with +experiment=<name>",
     "backend": "the inference engine (below)",
     "workload": "when requests arrive: latency (one client), throughput (all at t0), concurrency (N clients), "
     "rate (open loop at workload.request_rate)",
@@ -48,6 +50,8 @@ GROUPS = {
 KEYS = f"""\
   device                 {", ".join(DEVICES)} (auto: CUDA when present, else the CPU)
   model.dtype            the checkpoint's native dtype, a fact about the model (used when engine.dtype=auto)
+  model.shape            with model.generate=random: random weights of {", ".join(SHAPES)},
+                         written once under cache_dir in the run's dtype, recorded as random-<shape> (no download)
   engine.dtype           the dtype the engine runs in: {", ".join(DTYPES)}
                          (auto: model.dtype on a GPU, float32 on a CPU)
   engine.*               build options; each backend honours some and records the rest as ignored:
