@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from sweep.backends.base import DecodeLoop, Generation
+from sweep.config.errors import ConfigError
 from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.decode import profile_decode, time_decode
 from sweep.measure.metrics import roofline_figures
@@ -56,7 +57,7 @@ class Engine:
         """The median ms of a decode step of `batch` rows from column `context` (`steps` back to back, `repeats`
         times), decode tok/s, and on a GPU the roofline figures at the steps' mean context. Run generate() on those
         rows first: the steps read their cache."""
-        loop = self.decode_loop(batch, context, span)
+        loop = self.checked_loop(batch, context, steps, span)
         step_ms = time_decode(loop, steps, repeats, self.plan.device == "cuda")
         out = {"batch": batch, "context": context, "span": loop.span, "decode_step_ms": step_ms}
         out["decode_tok_s"] = batch / (step_ms / 1e3)
@@ -74,7 +75,16 @@ class Engine:
         """The GPU kernels of `steps` decode steps (sweep/measure/decode.py); {} on a CPU."""
         if self.plan.device != "cuda":
             return {}
-        return profile_decode(self.decode_loop(batch, context, span), steps)
+        return profile_decode(self.checked_loop(batch, context, steps, span), steps)
+
+    def checked_loop(self, batch: int, context: int, steps: int, span: int | None) -> DecodeLoop:
+        loop = self.decode_loop(batch, context, span)
+        if context + steps > loop.span:
+            raise ConfigError(
+                f"{steps} decode steps from column {context} run past the {loop.span} columns decode attends over; "
+                "take fewer steps or a longer engine.max_seq_len"
+            )
+        return loop
 
 
 @contextmanager
