@@ -68,7 +68,9 @@ def spans_to_measure(engine, scheduler: str, args) -> list[int | None]:
     return [fit] if fit == spans[-1] else [fit, spans[-1]]
 
 
-def measure_engine(args, scheduler: str, max_batch: int, batches: list[int], static_tokens: dict) -> list[dict]:
+def measure_engine(args, scheduler: str, max_batch: int, batches: list[int], static_tokens: dict) -> tuple[list, str]:
+    """Each batch size's decode steps on one engine, and the device's name; static engines leave their tokens in
+    `static_tokens` for the in-flight ones to be compared with."""
     results = []
     with open_engine(engine_config(args, scheduler, max_batch)) as engine:
         for batch in batches:

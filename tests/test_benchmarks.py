@@ -195,3 +195,23 @@ def test_vllm_cpu_compare_runs_the_three_engines_on_one_workload(tmp_path):
     for engine in ("hf", "compiled", "vllm"):
         (row,) = rows(out, f"{engine} · throughput")
         assert min(numbers(row[1:6])) > 0
+
+
+def test_open_engine_refuses_decode_alone_it_cannot_time(tmp_path):
+    """sweep.open_engine, what the decode benchmarks stand on: a clear refusal where decode alone cannot be timed."""
+    from sweep import compose, open_engine
+    from sweep.config.errors import ConfigError
+
+    base = ["device=cpu", "tracker=none", f"cache_dir={tmp_path}", "workload.input_len=8", "workload.output_len=4"]
+    with open_engine(compose([*base, "backend=hf"])) as engine:
+        assert len(engine.generate(engine.requests[:1])[0].token_ids) == 4
+        with pytest.raises(ConfigError, match="backend=hf has no decode step to drive on its own"):
+            engine.time_decode(1, 8, steps=4)
+    compiled = ["backend=compiled", "backend.scheduler=static", "engine.compile_mode=none", "engine.max_seq_len=16"]
+    with open_engine(compose([*base, *compiled])) as engine:
+        engine.generate(engine.requests[:1])
+        assert engine.time_decode(1, 8, steps=8)["decode_step_ms"] > 0
+        with pytest.raises(ConfigError, match="9 decode steps from column 8 run past the 16 columns"):
+            engine.time_decode(1, 8, steps=9)
+        with pytest.raises(ConfigError, match="backend.scheduler=static decodes all engine.max_batch_size=1 rows"):
+            engine.time_decode(2, 8, steps=4)

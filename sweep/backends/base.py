@@ -24,14 +24,13 @@ class Generation:
 class DecodeLoop:
     """An engine's decode step driven on its own, for timing it below a whole request (sweep/measure/decode.py).
 
-    `step()` decodes one token for each of `batch` rows, its inputs and outputs in the engine's buffers, with no host
-    sync; `reset()` puts the rows back at the cache column the loop was made for, so that every timed stretch reads
+    `step()` decodes one token for each of the loop's rows, its inputs and outputs in the engine's buffers, with no
+    host sync; `reset()` puts the rows back at the cache column the loop was made for, so that every timed stretch reads
     the same cache. Both run under torch.inference_mode().
     """
 
     step: Callable[[], None]
     reset: Callable[[], None]
-    batch: int
     span: int  # the cache columns each step's attention reads
 
 

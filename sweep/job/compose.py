@@ -36,7 +36,6 @@ def register_configs() -> None:
 # The groups `python -m sweep --help` lists, in this order, with what choosing one means.
 GROUPS = {
     "model": "the checkpoint: tiny is generated locally; the others are hub ids at a pinned revision",
-    "experiment": "a benchmark's shared overrides (benchmarks/), added with +experiment=<name>",
     "backend": "the inference engine (below)",
     "workload": "when requests arrive: latency (one client), throughput (all at t0), concurrency (N clients), "
     "rate (open loop at workload.request_rate)",
@@ -97,6 +96,7 @@ def help_text() -> str:
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
   python -m sweep.report                                  a comparison report of the latest sweep
+  python -m sweep +experiment=gpu_compare ...             a benchmark's shared settings (conf/experiment/)
 
 == Config groups (choose one option each: group=option) ==
 {config_groups()}

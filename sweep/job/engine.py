@@ -50,14 +50,22 @@ class Engine:
         """Greedy generation of each request's output_len tokens, as one batch: token ids and their host times."""
         return self.plan.backend.generate(requests)
 
-    def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
-        return self.plan.backend.decode_loop(batch, context, span)
+    def decode_loop(self, batch: int, context: int, steps: int, span: int | None = None) -> DecodeLoop:
+        """The engine's decode step for `batch` rows from cache column `context` (sweep/backends/base.py), refused
+        when `steps` of them would run past the columns it attends over."""
+        loop = self.plan.backend.decode_loop(batch, context, span)
+        if context + steps > loop.span:
+            raise ConfigError(
+                f"{steps} decode steps from column {context} run past the {loop.span} columns decode attends over; "
+                "take fewer steps or a longer engine.max_seq_len"
+            )
+        return loop
 
     def time_decode(self, batch: int, context: int, steps: int, repeats: int = 1, span: int | None = None) -> dict:
         """The median ms of a decode step of `batch` rows from column `context` (`steps` back to back, `repeats`
         times), decode tok/s, and on a GPU the roofline figures at the steps' mean context. Run generate() on those
         rows first: the steps read their cache."""
-        loop = self.checked_loop(batch, context, steps, span)
+        loop = self.decode_loop(batch, context, steps, span)
         step_ms = time_decode(loop, steps, repeats, self.plan.device == "cuda")
         out = {"batch": batch, "context": context, "span": loop.span, "decode_step_ms": step_ms}
         out["decode_tok_s"] = batch / (step_ms / 1e3)
@@ -75,16 +83,7 @@ class Engine:
         """The GPU kernels of `steps` decode steps (sweep/measure/decode.py); {} on a CPU."""
         if self.plan.device != "cuda":
             return {}
-        return profile_decode(self.checked_loop(batch, context, steps, span), steps)
-
-    def checked_loop(self, batch: int, context: int, steps: int, span: int | None) -> DecodeLoop:
-        loop = self.decode_loop(batch, context, span)
-        if context + steps > loop.span:
-            raise ConfigError(
-                f"{steps} decode steps from column {context} run past the {loop.span} columns decode attends over; "
-                "take fewer steps or a longer engine.max_seq_len"
-            )
-        return loop
+        return profile_decode(self.decode_loop(batch, context, steps, span), steps)
 
 
 @contextmanager

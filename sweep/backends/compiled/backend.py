@@ -252,7 +252,7 @@ class CompiledBackend(Backend):
                 state.pad_len.zero_()
                 state.input_pos.fill_(context)
 
-            return DecodeLoop(self.run_decode, reset_static, batch, state.max_seq_len)
+            return DecodeLoop(self.run_decode, reset_static, state.max_seq_len)
         span = span or self.spans[-1]
         if (batch, span) not in self.scheduler.run_decode:
             raise ConfigError(
@@ -265,7 +265,7 @@ class CompiledBackend(Backend):
             state.pos[:batch].fill_(context)
             state.live[:batch].fill_(1)
 
-        return DecodeLoop(self.scheduler.run_decode[(batch, span)], reset_rows, batch, span)
+        return DecodeLoop(self.scheduler.run_decode[(batch, span)], reset_rows, span)
 
     def engine_figures(self) -> dict[str, float]:
         """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""
