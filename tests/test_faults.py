@@ -308,7 +308,7 @@ def test_sigterm_during_a_build_removes_the_temporary_directory(tmp_path, monkey
 
 
 def test_a_run_whose_process_was_killed_is_ended_at_the_next_start_and_the_report_skips_it(tmp_path):
-    from sweep.report.build import find_parent
+    from sweep.report.selection import find_parent
     from trackers.mlflow_tracker import MLflowTracker
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

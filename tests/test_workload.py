@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from sweep.config.errors import ConfigError
 from sweep.config.schema import WorkloadConfig
-from sweep.model.source import build_byte_tokenizer
+from sweep.model.random_weights import build_byte_tokenizer
 from sweep.workload.requests import make_workload
 
 TOKENIZER = build_byte_tokenizer()

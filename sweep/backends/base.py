@@ -6,7 +6,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from sweep.config.errors import ConfigError
 from sweep.model.source import ModelSource
@@ -18,6 +18,20 @@ from sweep.workload.stream import RequestStream
 class Generation:
     token_ids: list[int]
     token_times: list[float]  # perf_counter() when each token was available on the host
+
+
+@dataclass
+class DecodeLoop:
+    """An engine's decode step driven on its own, for timing it below a whole request (sweep/measure/decode.py).
+
+    `step()` decodes one token for each of the loop's rows, its inputs and outputs in the engine's buffers, with no
+    host sync; `reset()` puts the rows back at the cache column the loop was made for, so that every timed stretch reads
+    the same cache. Both run under torch.inference_mode().
+    """
+
+    step: Callable[[], None]
+    reset: Callable[[], None]
+    span: int  # the cache columns each step's attention reads
 
 
 class Backend(ABC):
@@ -131,6 +145,11 @@ class Backend(ABC):
                 for t in gen.token_times:
                     stream.tokens(req.id, 1, at=t)
                 stream.finished(req.id, at=gen.token_times[-1])
+
+    def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
+        """Decode steps of `batch` rows from cache column `context`, attending over `span` columns (None: the
+        engine's choice); after generate() filled those rows. Engines whose decode step is not their own refuse."""
+        raise ConfigError(f"backend={self.name} has no decode step to drive on its own; use backend=compiled")
 
     def engine_figures(self) -> dict[str, float]:
         """Figures of the engine itself (e.g. compile time, which a cache hit still pays in part), as metrics."""

@@ -20,16 +20,20 @@ SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 LENGTH_DISTRIBUTIONS = ("fixed", "normal")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("maximize", "minimize")
+GENERATORS = ("random",)  # model.generate
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    # The source, first set wins: a local checkpoint dir, a hub id (at `revision`), or `generate: tiny`.
+    name: str = MISSING  # a generated model is recorded under its shape's name instead (random-<shape>, or tiny)
+    # The source, first set wins: a local checkpoint dir, a hub id (at `revision`), or `generate: random`: random
+    # weights of the architecture `shape` names (one of sweep.model.SHAPES), drawn from `seed`, written once in the
+    # run's dtype under cache_dir/checkpoints/.
     path: Optional[str] = None
     hub_id: Optional[str] = None
     revision: Optional[str] = None
     generate: Optional[str] = None
+    shape: Optional[str] = None
     seed: int = 0
     dtype: str = "bfloat16"  # the checkpoint's native dtype; engine.dtype=auto uses it on a GPU
 

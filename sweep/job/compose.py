@@ -18,6 +18,7 @@ from sweep.config.schema import (
     SweepConfig,
 )
 from sweep.measure.figures import FIGURES
+from sweep.model.shapes import SHAPES
 
 
 def register_configs() -> None:
@@ -49,6 +50,8 @@ GROUPS = {
 KEYS = f"""\
   device                 {", ".join(DEVICES)} (auto: CUDA when present, else the CPU)
   model.dtype            the checkpoint's native dtype, a fact about the model (used when engine.dtype=auto)
+  model.shape            with model.generate=random: random weights of {", ".join(SHAPES)},
+                         written once under cache_dir in the run's dtype, recorded as random-<shape> (no download)
   engine.dtype           the dtype the engine runs in: {", ".join(DTYPES)}
                          (auto: model.dtype on a GPU, float32 on a CPU)
   engine.*               build options; each backend honours some and records the rest as ignored:
@@ -111,6 +114,7 @@ def help_text() -> str:
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
   python -m sweep.report                                  a comparison report of the latest sweep
+  python -m sweep +experiment=gpu_compare ...             a benchmark's shared settings (conf/experiment/)
 
 == Config groups (choose one option each: group=option) ==
 {config_groups()}

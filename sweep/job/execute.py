@@ -96,7 +96,9 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
     }
     tracker.set_view(UI_PARAMS, list(HEADLINE))
     with tracker.run(run_name(cfg, p), tags, parent_run_id) as rec:
-        rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
+        # model.name as the run resolved it: a local checkpoint's directory, a generated model's random-<shape>
+        resolved = {"model.name": p.model.name, "engine.ignored_options": ",".join(p.backend.ignored_options())}
+        rec.log_params(config_params(cfg) | resolved)
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
         # Measured (once per board) before any engine is loaded: one resident skews it (sweep/measure/telemetry.py).

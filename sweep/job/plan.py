@@ -87,7 +87,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     device = resolve_device(cfg.device)
     dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
     cache = EngineCache(Path(cfg.cache_dir).resolve())
-    model = resolve_model(cfg.model, cache.root)
+    model = resolve_model(cfg.model, cache.root, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
     check_objective_recordable(cfg.objective.metric, workload, device)

@@ -18,12 +18,14 @@ from sweep.config.schema import (
     DEVICES,
     DIRECTIONS,
     DTYPES,
+    GENERATORS,
     LENGTH_DISTRIBUTIONS,
     PLUGIN_DTYPES,
     SCENARIOS,
     SLO_KEYS,
 )
 from sweep.measure.figures import objective_names, unknown_figure_message
+from sweep.model.shapes import SHAPES
 from trackers.store import redact, scheme_of
 
 # sqlite, a tracking server, or a database MLflow can use; the file store refuses to start in mlflow >= 3.13.
@@ -85,7 +87,8 @@ def validate(cfg: Any) -> None:
     if not (m.path or m.hub_id or m.generate):
         raise ConfigError(f"model={m.name!r} has no source; set model.path, model.hub_id or model.generate")
     if m.generate and not (m.path or m.hub_id):
-        choice("model.generate", m.generate, ("tiny",))
+        choice("model.generate", m.generate, GENERATORS)
+        choice("model.shape", m.shape, tuple(SHAPES))
     choice("model.dtype", m.dtype, DTYPES[1:])
     for key, seed in (("model.seed", m.seed), ("workload.seed", cfg.workload.seed)):
         at_least(key, seed, 0)

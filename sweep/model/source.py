@@ -3,7 +3,8 @@
 Three sources, one loading path (`from_pretrained` on a directory):
 - `hub_id` + pinned `revision`: downloaded through huggingface_hub (or found in its cache when offline);
 - `path`: a local checkpoint directory;
-- `generate: tiny`: a tiny Qwen2-architecture checkpoint generated here, deterministically from `seed`.
+- `generate: random`: random weights of a named shape (`model.shape`, sweep/model/shapes.py), written once under the
+  cache in the run's dtype (sweep/model/random_weights.py).
 """
 
 from __future__ import annotations
@@ -12,34 +13,15 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sweep.config.errors import ConfigError
+from sweep.model.random_weights import write_random_checkpoint
+from sweep.model.shapes import random_model_name
 
 log = logging.getLogger(__name__)
-
-# Shapes of the tiny model: big enough to exercise GQA, rope and a multi-layer KV cache, small enough for CI.
-# Head size 64 (hidden_size / num_attention_heads) is one every engine's attention kernel supports (TensorRT-LLM's
-# MMHA and vLLM's CPU attention reject 16). It is derived, never written as head_dim: vLLM ignores an explicit
-# head_dim on Qwen2 and would silently compute a different one.
-TINY_SHAPE = dict(
-    vocab_size=320,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-TINY_FORMAT_VERSION = 2  # bump when the generator changes, so old tiny checkpoints are not reused
 
 
 @dataclass(frozen=True)
@@ -89,7 +71,9 @@ class ModelSource:
     shape: ModelShape
 
 
-def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
+def resolve_model(model_cfg: Any, cache_dir: Path, dtype: str, device: str) -> ModelSource:
+    """The checkpoint the config names; the first source set wins: path, hub_id, generate. `dtype` and `device`
+    (the run's, resolved) are what a generated checkpoint is written in and built on."""
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():
@@ -102,8 +86,10 @@ def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
         path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
         name, identity = model_cfg.name, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
     else:
-        path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
-        name, identity = model_cfg.name, {"generated": "tiny", "weights_sha256": weights_digest(path)}
+        shape, seed = model_cfg.shape, model_cfg.seed
+        path = write_random_checkpoint(cache_dir / "checkpoints", shape, dtype, seed, device)
+        name = random_model_name(shape)
+        identity = {"generated": "random", "shape": shape, "seed": seed, "weights_sha256": weights_digest(path)}
     return ModelSource(name, path, identity, ModelShape.read(path))
 
 
@@ -180,63 +166,6 @@ def _digest(path: Path, files: tuple[tuple[str, int, int], ...]) -> str:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def generate_tiny_checkpoint(root: Path, seed: int) -> Path:
-    """Write (once) a tiny random Qwen2 checkpoint with a byte-level tokenizer; return its directory."""
-    shape_tag = hashlib.sha256(json.dumps([TINY_SHAPE, TINY_FORMAT_VERSION], sort_keys=True).encode()).hexdigest()[:8]
-    target = root / f"tiny-qwen2-seed{seed}-{shape_tag}"
-    if (target / "config.json").is_file():
-        return target
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-tiny-"))
-    try:
-        tokenizer = build_byte_tokenizer()
-        config = Qwen2Config(
-            **TINY_SHAPE,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            torch_dtype="float32",
-        )
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its checkpoint is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("generated tiny checkpoint at %s", target)
-    return target
-
-
-def build_byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: one token per byte, plus three special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|im_start|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
 
 
 def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:

@@ -121,8 +121,8 @@ class ParentRunCallback(Callback):
         sys.exit(1)
 
     def _report(self, config: DictConfig) -> Any:
-        """The comparison report (sweep/report/build.py), logged to the parent so the UI shows it beside the runs."""
-        from sweep.report.build import ReportError, build_report
+        """The comparison report (sweep/report/), logged to the parent so the UI shows it beside the runs."""
+        from sweep.report import ReportError, build_report
         from trackers.mlflow_tracker import default_uri
 
         try:

@@ -34,6 +34,7 @@ from sweep.job.plan import make_plan, resolve_device
 from sweep.job.validate import check_figure, check_sweep
 from sweep.measure.figures import metric_names
 from sweep.measure.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
+from sweep.model.shapes import random_model_name
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.mlflow_tracker import default_uri
 from trackers.store import StoreUnreachable, advisory_lock, check_store_reachable, redact, sqlite_path, store_lock
@@ -113,14 +114,15 @@ def model_identity(model_cfg: Any) -> tuple[str, str]:
     """(short name, full identity) of a model config, read from the config alone: nothing is fetched or hashed.
 
     A local checkpoint is named after its directory (not the preset it overrides), a hub model after its id at its
-    revision, a generated one after its seed.
+    revision, a generated one after its shape and seed.
     """
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         return path.name, f"path:{path}"
     if model_cfg.hub_id:
         return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
-    return model_cfg.name, f"generated:{model_cfg.generate}:seed={model_cfg.seed}"
+    shape = model_cfg.shape
+    return random_model_name(shape), f"generated:{model_cfg.generate}:{shape}:seed={model_cfg.seed}"
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import transformers
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, DecodeLoop, Generation
 from sweep.backends.compiled.config import SCHEDULERS
 from sweep.backends.compiled.engine import (
     StaticState,
@@ -236,6 +236,36 @@ class CompiledBackend(Backend):
                 self.graphs.append(graph)
         warm_up_inflight(self.state, run_decode)
         self.scheduler = InflightScheduler(self.state, run_decode, e.max_num_tokens)
+
+    def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
+        """Static: every row decodes, over the whole cache. In flight: `batch` rows, a captured size, over `span`
+        columns, one of the captured attention spans (None: the whole row)."""
+        state = self.state
+        if not self.inflight:
+            if batch != state.batch or span not in (None, state.max_seq_len):
+                raise ConfigError(
+                    f"backend.scheduler=static decodes all engine.max_batch_size={state.batch} rows over all "
+                    f"{state.max_seq_len} columns; batch={batch}, span={span} asked for"
+                )
+
+            def reset_static() -> None:
+                state.pad_len.zero_()
+                state.input_pos.fill_(context)
+
+            return DecodeLoop(self.run_decode, reset_static, state.max_seq_len)
+        span = span or self.spans[-1]
+        if (batch, span) not in self.scheduler.run_decode:
+            raise ConfigError(
+                f"batch={batch}, span={span} is not a captured decode of this engine: batch sizes {self.sizes}, "
+                f"attention spans {self.spans}"
+            )
+
+        def reset_rows() -> None:
+            state.reset_rows()
+            state.pos[:batch].fill_(context)
+            state.live[:batch].fill_(1)
+
+        return DecodeLoop(self.scheduler.run_decode[(batch, span)], reset_rows, span)
 
     def engine_figures(self) -> dict[str, float]:
         """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""

