@@ -27,14 +27,14 @@ from hydra_plugins.sweep_optuna_sweeper._prepare import SearchSettings
 from hydra_plugins.sweep_optuna_sweeper._record import ParentRun, Progress, best_config_yaml
 from hydra_plugins.sweep_optuna_sweeper._samplers import choose_sampler
 from hydra_plugins.sweep_optuna_sweeper._search import OptunaSearch
-from hydra_plugins.sweep_optuna_sweeper._study import Heartbeat, best_trials, tally
-from hydra_plugins.sweep_optuna_sweeper.config import SAMPLERS, OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.space import (
+from hydra_plugins.sweep_optuna_sweeper._space import (
     grid_values,
     split_overrides,
     trtllm_bench_setting,
     warm_start_point,
 )
+from hydra_plugins.sweep_optuna_sweeper._study import Heartbeat, best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper.config import SAMPLERS, OptunaSweeperConf
 from sweep.config import CONF_DIR
 from sweep.config.errors import ConfigError
 from sweep.job.compose import compose, register_configs
@@ -587,12 +587,26 @@ def test_a_samplers_settings_on_the_command_line_reach_it(tmp_path, overrides, s
         assert sampler._n_startup_trials == n_startup_trials
 
 
+def test_a_sampler_named_in_a_config_replaces_the_default_and_a_clash_is_refused(tmp_path):
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}"
+    config = sweeper_config("+experiment=scale_out", storage)  # its YAML names the sampler: `sampler: grid`
+    search = instantiate(config.hydra.sweeper).search
+    search.prepare(config, [])
+    assert search.prepared.sampler.name == "grid" and search.s.n_trials == 8
+    clash = sweeper_config("+experiment=scale_out", "hydra/sweeper/sampler=gp", storage)
+    with pytest.raises(ConfigError, match="hydra.sweeper.sampler=grid and hydra/sweeper/sampler=gp pick two"):
+        instantiate(clash.hydra.sweeper).search.prepare(clash, [])
+
+
 def test_only_the_registered_samplers_are_instantiated(tmp_path):
     config = sweeper_config("hydra/sweeper=optuna", "hydra.sweeper.sampler._target_=os.system")
     with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler._target_='os.system' is not allowed; .* tpe"):
         instantiate(config.hydra.sweeper).search.prepare(config, ["engine.max_batch_size=choice(1,2)"])
-    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler \(tpe\): .*its settings are: n_startup_trials"):
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler.seed=3 is not allowed \(tpe\): the sweeper seeds"):
         choose_sampler({"_target_": "optuna.samplers.TPESampler", "seed": 3})  # the seed is hydra.sweeper.seed
+    typo = sweeper_config("hydra/sweeper=optuna", "hydra.sweeper.sampler.n_startup_trials=five")
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler.n_startup_trials='five' is not allowed \(tpe\)"):
+        instantiate(typo.hydra.sweeper).search.prepare(typo, ["engine.max_batch_size=choice(1,2)"])
     qmc = sweeper_config("hydra/sweeper=optuna", "hydra/sweeper/sampler=qmc", "hydra.sweeper.sampler.qmc_type=sobel")
     with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler \(qmc\): The `qmc_type='sobel'` is invalid"):
         instantiate(qmc.hydra.sweeper).search.prepare(qmc, ["engine.max_batch_size=choice(1,2)"])

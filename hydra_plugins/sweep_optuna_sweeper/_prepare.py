@@ -15,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
 from hydra_plugins.sweep_optuna_sweeper._samplers import GRID, SamplerChoice, check_sampler, choose_sampler
-from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.space import (
+from hydra_plugins.sweep_optuna_sweeper._space import (
     command_keys,
     grid_values,
     parse_constraints,
@@ -24,6 +23,7 @@ from hydra_plugins.sweep_optuna_sweeper.space import (
     space_identity,
     split_overrides,
 )
+from hydra_plugins.sweep_optuna_sweeper.config import SAMPLER_GROUP, OptunaSweeperConf
 from sweep.multirun import sweeper_api
 from sweep.multirun.sweeper_api import ConfigError
 
@@ -149,7 +149,7 @@ def parse_sweeps(st: OptunaSweeperConf, arguments: Sequence[str], config_loader:
 
 def prepare(st: OptunaSweeperConf, config: DictConfig, arguments: Sequence[str], config_loader: Any = None) -> Prepared:
     """Check everything a sweep could refuse, before the parent run and the first trial; ConfigError if not."""
-    sampler = choose_sampler(st.sampler)
+    sampler = choose_sampler(st.sampler, OmegaConf.select(config, f"hydra.runtime.choices.{SAMPLER_GROUP}"))
     overrides = parse_sweeps(st, arguments, config_loader)
     space, fixed = split_overrides(overrides)
     if not space:

@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._budget import Budget
 from hydra_plugins.sweep_optuna_sweeper._prepare import Prepared
+from hydra_plugins.sweep_optuna_sweeper._space import settings_text, space_identity
 from hydra_plugins.sweep_optuna_sweeper._study import best_trials, tally
 from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.space import settings_text, space_identity
 from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hydra_plugins.sweep_optuna_sweeper.config import SAMPLERS
+from hydra_plugins.sweep_optuna_sweeper.config import DEFAULT_SAMPLER, SAMPLERS
 from sweep.multirun.sweeper_api import ConfigError
 
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
@@ -39,11 +39,21 @@ def sampler_names() -> str:
     return ", ".join(SAMPLERS)
 
 
-def choose_sampler(sampler: Any) -> SamplerChoice:
-    """hydra.sweeper.sampler: a name (its default settings) or a config with a registered `_target_`."""
+def choose_sampler(sampler: Any, group_choice: str | None = None) -> SamplerChoice:
+    """hydra.sweeper.sampler: a name (its default settings) or a config with a registered `_target_`.
+
+    group_choice: the option of hydra/sweeper/sampler the config was composed with; a name given besides another
+    option than the default would silently replace it.
+    """
     if isinstance(sampler, str):
         if sampler not in SAMPLERS:
             raise ConfigError(f"hydra.sweeper.sampler={sampler!r} is not allowed; choose one of: {sampler_names()}")
+        if group_choice not in (None, DEFAULT_SAMPLER, sampler):
+            raise ConfigError(
+                f"hydra.sweeper.sampler={sampler} and hydra/sweeper/sampler={group_choice} pick two samplers; keep "
+                "one: hydra/sweeper/sampler=<name> (with hydra.sweeper.sampler.<setting>=...) or "
+                "hydra.sweeper.sampler=<name> (its default settings)"
+            )
         name, given = sampler, {}
     elif isinstance(sampler, Mapping):
         by_target = {conf._target_: name for name, conf in SAMPLERS.items()}
@@ -56,13 +66,19 @@ def choose_sampler(sampler: Any) -> SamplerChoice:
         name, given = by_target[target], {k: v for k, v in sampler.items() if k != "_target_"}
     else:
         raise ConfigError(f"hydra.sweeper.sampler={sampler!r} is not allowed; choose one of: {sampler_names()}")
-    try:  # the Python API can hand over any mapping: its settings must be the sampler config's, of their types
-        settings = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(SAMPLERS[name]), given))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(
-            f"hydra.sweeper.sampler ({name}): {str(exc).splitlines()[0]}; its settings are: "
-            f"{', '.join(k for k in OmegaConf.structured(SAMPLERS[name]) if k != '_target_') or 'none'}"
-        ) from None
+    schema = OmegaConf.structured(SAMPLERS[name])
+    for key, value in given.items():  # each setting must be the sampler config's, of its type
+        try:
+            OmegaConf.merge(schema, {key: value})
+        except OmegaConfBaseException as exc:
+            settings = ", ".join(k for k in schema if k != "_target_") or "none"
+            why = str(exc).splitlines()[0]
+            if key not in schema:
+                why = "the sweeper seeds the sampler (hydra.sweeper.seed)" if key == "seed" else "no such setting"
+            raise ConfigError(
+                f"hydra.sweeper.sampler.{key}={value!r} is not allowed ({name}): {why}; its settings: {settings}"
+            ) from None
+    settings = OmegaConf.to_container(OmegaConf.merge(schema, given))
     return SamplerChoice(name, settings.pop("_target_"), settings)
 
 

@@ -35,6 +35,7 @@ from hydra_plugins.sweep_optuna_sweeper._record import (
 )
 from hydra_plugins.sweep_optuna_sweeper._samplers import GRID
 from hydra_plugins.sweep_optuna_sweeper._session import WORKER_ATTR, Worker, run_workers
+from hydra_plugins.sweep_optuna_sweeper._space import overrides_for, settings_text, warm_start
 from hydra_plugins.sweep_optuna_sweeper._study import (
     Heartbeat,
     StudySpec,
@@ -51,7 +52,6 @@ from hydra_plugins.sweep_optuna_sweeper._trials import (
     tell_figures,
 )
 from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.space import overrides_for, settings_text, warm_start
 from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._record import ParentRun
+from hydra_plugins.sweep_optuna_sweeper._space import override_value
 from hydra_plugins.sweep_optuna_sweeper._study import study_lock, tally
-from hydra_plugins.sweep_optuna_sweeper.space import override_value
 from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._samplers import GRID, SamplerChoice, sampler_seed
-from hydra_plugins.sweep_optuna_sweeper.space import enqueue_grid
+from hydra_plugins.sweep_optuna_sweeper._space import enqueue_grid
 from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)

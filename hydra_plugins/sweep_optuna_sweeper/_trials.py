@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.sweep_optuna_sweeper._prepare import SearchSettings
 from hydra_plugins.sweep_optuna_sweeper._record import ParentRun, Progress
-from hydra_plugins.sweep_optuna_sweeper.space import constraint_violation, override_value, overrides_for
+from hydra_plugins.sweep_optuna_sweeper._space import constraint_violation, override_value, overrides_for
 from sweep.multirun import sweeper_api
 
 log = logging.getLogger(__name__)

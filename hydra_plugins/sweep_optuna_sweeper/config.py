@@ -2,19 +2,25 @@
 
 Each sampler is a config of the group hydra/sweeper/sampler: a `_target_` (an Optuna sampler class) and the
 settings it takes, so that `hydra/sweeper/sampler=gp` picks one and `hydra.sweeper.sampler.n_startup_trials=5`
-sets one of its settings. The sweeper instantiates only the targets registered here (SAMPLERS), and seeds them
-itself from hydra.sweeper.seed. Hydra imports this module while it scans for plugins: it holds configs only.
+sets one of its settings. The sweeper instantiates only the targets registered here (SAMPLERS), checks the
+settings against their dataclass, and seeds the sampler itself from hydra.sweeper.seed.
+
+The group's options are stored as plain dicts, not as their dataclasses: a config that names a sampler,
+`hydra: {sweeper: {sampler: grid}}`, then replaces the group's dict, as `hydra.sweeper.sampler=grid` does on the
+command line (a typed node would refuse the string). Hydra imports this module while it scans for plugins: it
+holds configs only.
 """
 
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules while scanning for
 # plugins, and dataclasses cannot resolve string annotations there.
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 SAMPLER_GROUP = "hydra/sweeper/sampler"
+DEFAULT_SAMPLER = "tpe"
 
 
 @dataclass
@@ -102,7 +108,7 @@ class OptunaSweeperConf:
     # The sampler's config reaches the sweeper as plain data: it checks the target against SAMPLERS and seeds it.
     _recursive_: bool = False
     _convert_: str = "all"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    defaults: List[Any] = field(default_factory=lambda: [{"sampler": DEFAULT_SAMPLER}])
     # hydra/sweeper/sampler=<name> (SAMPLERS; README: which fits what), its settings as
     # hydra.sweeper.sampler.<setting>=...; hydra.sweeper.sampler=<name> picks one with its default settings
     sampler: Any = MISSING
@@ -138,4 +144,4 @@ class OptunaSweeperConf:
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="sweep")
 for _name, _conf in SAMPLERS.items():
-    ConfigStore.instance().store(group=SAMPLER_GROUP, name=_name, node=_conf, provider="sweep")
+    ConfigStore.instance().store(group=SAMPLER_GROUP, name=_name, node=asdict(_conf()), provider="sweep")

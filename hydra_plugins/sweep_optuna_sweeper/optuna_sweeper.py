@@ -3,7 +3,8 @@
 Hydra imports every module under hydra_plugins/ whose name does not start with `_` while it scans for plugins, so
 this one stays light: the thin plugin class over its settings (config.OptunaSweeperConf). The search lives in the
 `_` modules, imported only when a sweep runs: _prepare (what a sweep could refuse), _search (the loop), _session
-(the study's workers), _study, _trials, _samplers, _budget and _record (what a person sees), with space.py.
+(the study's workers), _study, _trials, _samplers, _space (the space and the warm start), _budget and _record
+(what a person sees).
 """
 
 # No `from __future__ import annotations`: Hydra execs this module outside sys.modules while scanning for

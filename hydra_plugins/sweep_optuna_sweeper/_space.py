@@ -1,9 +1,5 @@
 """The search space: Hydra's sweep syntax as Optuna distributions, the grid, constraints, a trial's overrides and
-name, and the warm start (trtllm-bench's memory heuristic picks the first trial of a new study).
-
-A public module (Hydra imports it while scanning for plugins): benchmarks/search_efficiency.py replays the warm
-start with warm_start_point.
-"""
+name, and the warm start (trtllm-bench's memory heuristic picks the first trial of a new study)."""
 
 from __future__ import annotations
 
