@@ -2,6 +2,9 @@
 
 The file store is deprecated and refuses to start in mlflow >= 3.13, hence SQLite. $MLFLOW_TRACKING_URI or
 `tracker.uri` points elsewhere, for example at a tracking server (`http://host:5000`).
+
+Nothing it stores or prints holds user info from a URI (`user:password@`): every param, tag, run name and text
+artifact is redacted on its way in, and every link it prints.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows al
 UI_VIEW_KEY = "sweep"
 UI_QUERY = f"workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow prints "View run ... at: <tracking URI>" as each run on a tracking server ends, user info included: sweep
+# prints its own link instead (run_url), without user info and in the UI's model-training view.
+SUPPRESS_URL_PRINTING_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def default_uri() -> str:
@@ -69,7 +75,7 @@ class MLflowRun(TrackedRun):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             retry_when_locked(self.client.log_batch, self.run_id, params=items[i : i + BATCH])
 
@@ -84,7 +90,7 @@ class MLflowRun(TrackedRun):
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
         for i in range(0, len(items), BATCH):
             retry_when_locked(self.client.log_batch, self.run_id, tags=items[i : i + BATCH])
 
@@ -92,7 +98,7 @@ class MLflowRun(TrackedRun):
         retry_when_locked(self.client.log_artifact, self.run_id, str(path), artifact_dir)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry_when_locked(self.client.log_text, self.run_id, text, artifact_file)
+        retry_when_locked(self.client.log_text, self.run_id, redact(text), artifact_file)
 
     def end(self, status: str) -> None:
         retry_when_locked(self.client.set_terminated, self.run_id, status)
@@ -104,6 +110,7 @@ class MLflowTracker(Tracker):
 
         self.uri = uri or default_uri()
         check_reachable(self.uri)
+        os.environ[SUPPRESS_URL_PRINTING_ENV] = "true"
         with store_lock(self.uri):  # the first client on a store creates or migrates its schema
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment_id(experiment)
@@ -158,20 +165,21 @@ class MLflowTracker(Tracker):
         return f"{self._ui_base()}/#/experiments/{self.experiment_id}/runs?{UI_QUERY}"
 
     def ui_command(self) -> str | None:
-        return None if self._served() else f"mlflow ui --backend-store-uri {self.uri}"
+        return None if self._served() else f"mlflow ui --backend-store-uri {redact(self.uri)}"
 
     def _served(self) -> bool:
         return self.uri.startswith(("http://", "https://"))
 
     def _ui_base(self) -> str:
-        return self.uri.rstrip("/") if self._served() else LOCAL_UI
+        return redact(self.uri).rstrip("/") if self._served() else LOCAL_UI
 
     def start_run(
         self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None, owned: bool = True
     ) -> TrackedRun:
-        tags = {k: str(v) for k, v in tags.items() if v is not None} | (owner_tags() if owned else {})
+        tags = {k: redact(str(v)) for k, v in tags.items() if v is not None} | (owner_tags() if owned else {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        name = redact(name) if name else name
         run = retry_when_locked(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
         log.info("MLflow run %s in %s", run.info.run_id, redact(self.uri))
         return MLflowRun(self.client, run.info.run_id)

@@ -40,12 +40,13 @@ CONNECT_TIMEOUT_S = 3  # whole seconds: libpq's and the MySQL drivers' unit
 STORE_LOCK_NAME = "sweep-store"  # the PostgreSQL advisory lock every sweep process takes to create a store
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
-USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# `scheme://user:password@`, also as Hydra writes an override's value into its files: `scheme\://user\:password@`
+USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*\\?://)[^/@\s]+@")
 
 
 def redact(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`, anywhere in a text."""
-    return USER_INFO.sub(r"\g<scheme>***@", text)
+    """`scheme://user:password@host` -> `scheme://***@host`, anywhere in a text, also with the colons Hydra escapes."""
+    return USER_INFO.sub(lambda m: f"{m['scheme']}***@", text)
 
 
 def redact_file(path: Path) -> None:

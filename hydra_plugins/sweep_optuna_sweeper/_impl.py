@@ -739,7 +739,9 @@ class OptunaSearch:
         trial = best[0]
         overrides = overrides_for(fixed, trial.params)
         composed = self.compose(overrides)
-        text = best_config_yaml(study.study_name, trial, dict(composed.hydra.runtime.choices), overrides)
+        text = sweeper_api.redact(
+            best_config_yaml(study.study_name, trial, dict(composed.hydra.runtime.choices), overrides)
+        )
         path = sweeper_api.best_config_path(self.best_config_dir, study.study_name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -90,8 +90,8 @@ class ParentRunCallback(Callback):
         kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
         swept = sweeps(config)
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
-        self.run = self.tracker.start_run(redact(name), tags, owned=owned)
-        self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
+        self.run = self.tracker.start_run(name, tags, owned=owned)  # the tracker takes user info out of URIs
+        self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         return self.run
 
