@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from sweep.config import CONF_DIR
 from sweep.job.command_line import hydra_error_message, unknown_key
 from sweep.job.compose import register_configs
+from sweep.multirun.callback import end_stopped_sweeps
 from trackers.store import redact
 
 register_configs()
@@ -79,6 +80,9 @@ def cli() -> None:
     try:
         with hydra_errors_raised():
             main()
+    except KeyboardInterrupt as exc:
+        end_stopped_sweeps(exc)
+        raise
     except Exception as exc:
         if message := hydra_error_message(exc):
             refuse(message)

@@ -149,6 +149,18 @@ BAD_INPUTS = {
         lambda t, c: ["workload.output_len=1", "objective.metric=tpot_ms_p50", "objective.direction=minimize"],
         "objective.metric='tpot_ms_p50' needs a measured request with at least 2 output tokens",
     ),
+    "goodput objective without an SLO": (
+        lambda t, c: ["objective.metric=goodput_req_s"],
+        "objective.metric='goodput_req_s' is recorded only under an SLO, and slo='none' sets none",
+    ),
+    "achieved rate objective on workload=latency": (
+        lambda t, c: ["objective.metric=achieved_rate_req_s"],
+        "objective.metric='achieved_rate_req_s' is recorded only by an open loop",
+    ),
+    "achieved rate objective with every request at t0": (
+        lambda t, c: ["workload=rate", "workload.request_rate=inf", "objective.metric=achieved_rate_req_s"],
+        "this run's workload.scenario is 'rate' at workload.request_rate=inf",
+    ),
     "TPOT objective, variable lengths all 1": (
         lambda t, c: [dataset(t, [{"prompt": "hi", "output_tokens": 1}]), "objective.metric=itl_ms_p99"],
         "objective.metric='itl_ms_p99' needs a measured request with at least 2 output tokens",
