@@ -187,6 +187,22 @@ def test_bad_input_is_one_line_naming_key_and_value_and_nothing_is_recorded(tmp_
     assert not list((tmp_path / "engines_cache").glob("*/*/manifest.json"))
 
 
+def test_a_relative_sqlite_store_is_opened_under_the_working_directory(tmp_path, tiny_checkpoint, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sweep import run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["tracker.uri=sqlite:///rel/mlflow.db", f"cache_dir={tmp_path}/engines_cache",
+                   f"model.path={tiny_checkpoint}", "workload.output_len=2", *SMALL])  # fmt: skip
+    result = run(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/rel/mlflow.db")
+    (recorded,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert recorded.info.run_id == result.run_id and recorded.info.status == "FINISHED"
+    assert recorded.info.artifact_uri.startswith((tmp_path / "rel" / "artifacts").as_uri())
+    assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
+
+
 # -- item 1: creating a store from several processes at once -----------------------------------------------------
 def test_first_runs_side_by_side_create_one_sound_store(tmp_path):
     """Two processes open a fresh MLflow store and a fresh Optuna storage at the same moment."""

@@ -18,6 +18,7 @@ from typing import Any
 from trackers.base import TrackedRun, Tracker
 from trackers.store import (
     OWNER_HOST,
+    absolute_sqlite,
     check_store_reachable,
     owner_alive,
     owner_tags,
@@ -108,7 +109,7 @@ class MLflowTracker(Tracker):
     def __init__(self, uri: str | None, experiment: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or default_uri()
+        self.uri = absolute_sqlite(uri or default_uri())  # an artifact location beside it must be absolute
         check_reachable(self.uri)
         os.environ[SUPPRESS_URL_PRINTING_ENV] = "true"
         with store_lock(self.uri):  # the first client on a store creates or migrates its schema

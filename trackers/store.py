@@ -108,6 +108,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
 
 
+def absolute_sqlite(uri: str) -> str:
+    """A SQLite URI with a relative path (sqlite:///rel/mlflow.db) resolved against the working directory, as
+    SQLite itself would open it; any other URI as it is."""
+    path = sqlite_path(uri)
+    return f"{SQLITE_PREFIX}{Path.cwd() / path}" if path is not None and not path.is_absolute() else uri
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Hold the store's creation lock: a file lock beside a SQLite store (creating its directory), an advisory
