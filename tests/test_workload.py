@@ -106,3 +106,23 @@ def test_bad_dataset_lines_are_named(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         make_workload(wcfg(dataset=str(path)), TOKENIZER, 300)
+
+
+@pytest.mark.parametrize("rate, warned", [(0.001, True), (4, False)])
+def test_a_long_arrival_schedule_is_warned_of_with_its_length(tmp_path, tiny_checkpoint, caplog, rate, warned):
+    from conftest import cpu_config
+
+    from sweep.job.plan import make_plan
+
+    cfg = cpu_config(
+        tiny_checkpoint, tmp_path / "engines", "workload=rate", f"workload.request_rate={rate}",
+        "workload.num_requests=4", "workload.iterations=1", "workload.warmup_requests=0",
+    )  # fmt: skip
+    make_plan(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "request_rate" in r.getMessage()]
+    if warned:
+        (warning,) = warnings
+        assert warning.startswith("workload.request_rate=0.001 spreads the arrivals over ~50 minutes")
+        assert "raise workload.request_rate or lower workload.num_requests" in warning
+    else:
+        assert warnings == []
