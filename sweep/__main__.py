@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweep.config import CONF_DIR
-from sweep.job.command_line import hydra_error_message, unknown_key
+from sweep.job.command_line import hydra_error_message, sweep_value_refusal, unknown_key
 from sweep.job.compose import register_configs
 from sweep.multirun.callback import end_stopped_sweeps
 from trackers.store import redact
@@ -75,7 +75,8 @@ def cli() -> None:
     exit 2, before anything runs; any other error shows as Hydra shows it."""
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
-    if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
+    # before Hydra, whose advice for a typo is to add it with `+`, and which composes a sweep's jobs one by one
+    if message := unknown_key(sys.argv[1:]) or sweep_value_refusal(sys.argv[1:]):
         refuse(message)
     try:
         with hydra_errors_raised():

@@ -99,6 +99,10 @@ HYDRA_CASES = [
         "engine.max_batch_size='choice(1,2' cannot be parsed; write one value, or a sweep: a,b,c, choice(a,b,c)",
     ),
     (["-m", "engine.max_batch_size=1,,2"], "engine.max_batch_size='1,,2' cannot be parsed; write one value"),
+    # a sweep's values are composed before the first job runs: Hydra would compose the bad one only in its turn
+    (["-m", "engine.max_batch_size=1,abc"], "engine.max_batch_size='abc' is not allowed; it must be an integer"),
+    (["-m", "model=tiny,nonexistent"], "model='nonexistent' is not allowed; choose one of: llama-3.1-8b"),
+    (["-m", "engine.max_batch_size=choice(2,1.5)"], "engine.max_batch_size=1.5 is not allowed; it must be an integer"),
     (["+engine.foo=1"], "engine.foo is not a key of the config"),
     (
         ["++workload.num_request=2"],

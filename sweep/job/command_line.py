@@ -67,6 +67,38 @@ def unknown_key(args: Iterable[str]) -> str | None:
     return None
 
 
+def sweep_value_refusal(args: list[str]) -> str | None:
+    """One line for the first value of a multirun's sweep that Hydra cannot compose (a wrong type, a missing group
+    option), with the command line's other settings: Hydra composes each job only as it launches it, after the
+    jobs before it ran and recorded. None when every value composes (or this is no multirun)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    from sweep.job.compose import compose
+
+    parsed = get_args_parser().parse_args(args)
+    if not parsed.multirun or parsed.config_dir or parsed.config_name or parsed.config_path:
+        return None  # another config tree than sweep's own: Hydra judges it as it launches the jobs
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except OverrideParseException:
+        return None  # Hydra refuses it in a moment, as one line (hydra_error_message)
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    for override in overrides:
+        if not override.is_discrete_sweep() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            continue  # a single value, an interval (a search samples it), or a glob over the group's options
+        if override.is_hydra_override():
+            continue
+        values = list(override.sweep_string_iterator())
+        for value in values[:1] if override.is_range_sweep() else values:  # a range's values share one type
+            try:
+                compose([*fixed, f"{override.get_key_element()}={value}"])
+            except Exception as exc:
+                return hydra_error_message(exc)
+    return None
+
+
 def hydra_error_message(exc: BaseException) -> str | None:
     """One line for an error of Hydra's composing the config from the command line; None for any other error."""
     if isinstance(exc, OverrideParseException):
