@@ -1,14 +1,19 @@
 """`sweep` and `python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
 
+import contextlib
 import logging
+import os
 import signal
 import sys
+from typing import Iterator
 
 import hydra
 from omegaconf import DictConfig
 
 from sweep.config import CONF_DIR
-from sweep.job.compose import register_configs, unknown_key
+from sweep.job.command_line import hydra_error_message, sweep_value_refusal, unknown_key
+from sweep.job.compose import register_configs
+from sweep.multirun.callback import end_stopped_sweeps
 from trackers.store import redact
 
 register_configs()
@@ -42,37 +47,62 @@ def redact_log_records() -> None:
     logging.setLogRecordFactory(redacted_record)
 
 
-def unparsable_override(args: list[str]) -> str | None:
-    """One line for the first `key=value` Hydra's override grammar cannot parse (`choice()`, an unquoted `<=5`),
-    which Hydra reports in several lines and exit code 1."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+# Hydra prints an error itself and exits 1, unless this is "1": then the error reaches the caller.
+HYDRA_FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
-    parser = OverridesParser.create()
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            parser.parse_overrides([arg])
-        except OverrideParseException as exc:
-            evaluated = [line.split("': ", 1)[1] for line in str(exc).splitlines() if " while evaluating '" in line]
-            why = evaluated[0] if evaluated else "not in Hydra's override grammar"
-            return (
-                f"{arg} is not allowed: {why}; write key=value, key=a,b or a sweep (choice(a,b), range(1,9), "
-                "interval(0,1)), and quote a value holding < = ( or ): key='<=5'"
-            )
-    return None
+
+@contextlib.contextmanager
+def hydra_errors_raised() -> Iterator[None]:
+    """Hydra's errors reach the block's caller while it runs; the user's own HYDRA_FULL_ERROR after it."""
+    users = os.environ.get(HYDRA_FULL_ERROR_ENV)
+    os.environ[HYDRA_FULL_ERROR_ENV] = "1"
+    try:
+        yield
+    finally:
+        if users is None:
+            os.environ.pop(HYDRA_FULL_ERROR_ENV, None)
+        else:
+            os.environ[HYDRA_FULL_ERROR_ENV] = users
+
+
+def refuse(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli() -> None:
-    """The console script `sweep`, the same as `python -m sweep`."""
+    """The console script `sweep`, the same as `python -m sweep`. A setting Hydra cannot compose is one line and
+    exit 2, before anything runs; any other error shows as Hydra shows it."""
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
-    # before Hydra, whose advice for a typo is to add it with `+`, and whose parse errors take several lines
-    if message := unknown_key(sys.argv[1:]) or unparsable_override(sys.argv[1:]):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    # before Hydra, whose advice for a typo is to add it with `+`, and which composes a sweep's jobs one by one
+    if message := unknown_key(sys.argv[1:]) or sweep_value_refusal(sys.argv[1:]):
+        refuse(message)
+    try:
+        with hydra_errors_raised():
+            main()
+    except KeyboardInterrupt as exc:
+        end_stopped_sweeps(exc)
+        raise
+    except Exception as exc:
+        if message := hydra_error_message(exc):
+            refuse(message)
+        show_as_hydra_does(exc)
+
+
+def show_as_hydra_does(exc: Exception) -> None:
+    """Hydra's report of an error: from the job's frames on (or all of it, with HYDRA_FULL_ERROR=1), exit 1."""
+    from hydra._internal.utils import run_and_report
+
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_name != "run_job":  # Hydra looks for it among the top
+        frames = frames.tb_next
+    exc = exc.with_traceback(frames or exc.__traceback__)
+
+    def reraise() -> None:
+        raise exc
+
+    run_and_report(reraise)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def write_best_config(
     parent: ParentRun,
 ) -> Path:
     """The best trial as conf/best/<study>.yaml (and in the parent run), with the command that reruns it."""
-    text = best_config_yaml(study.study_name, trial, choices, overrides)
+    text = sweeper_api.redact(best_config_yaml(study.study_name, trial, choices, overrides))
     path = sweeper_api.best_config_path(best_config_dir, study.study_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

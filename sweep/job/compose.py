@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from typing import Iterable
 
@@ -136,39 +135,6 @@ Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 m
 == The composed config ==
 $CONFIG
 $FLAGS_HELP"""
-
-
-def known_keys() -> set[str]:
-    """Every key a command line may set without `+`: the schema's fields, every backend's, the groups."""
-    import typing
-
-    keys = set(GROUPS)
-    for name, schema in typing.get_type_hints(SweepConfig).items():
-        keys.add(name)
-        if dataclasses.is_dataclass(schema):  # a section: model, engine, workload, slo, tracker, objective
-            keys |= {f"{name}.{f.name}" for f in dataclasses.fields(schema)}
-    for spec in BACKENDS.values():
-        keys |= {f"backend.{f.name}" for f in dataclasses.fields(spec.config_class)}
-    return keys
-
-
-def unknown_key(args: Iterable[str]) -> str | None:
-    """One line for the first `key=value` whose key the config does not have, with the nearest known keys.
-
-    Hydra's own error would advise `+key=value`, which adds the typo as a new key instead of fixing it."""
-    import difflib
-
-    keys = known_keys()
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~", "hydra")) or "/" in key or "@" in key:
-            continue
-        if key in keys or key.startswith("tracker.tags."):  # tracker.tags is a dict: any name is a tag
-            continue
-        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "no key is close to it;"
-        return f"{key} is not a key of the config: {hint} (`python -m sweep --help` lists the keys)"
-    return None
 
 
 def compose(overrides: Iterable[str] = ()) -> DictConfig:

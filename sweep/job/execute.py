@@ -29,7 +29,7 @@ from sweep.measure.summary import summary_table, unsteady_figures
 from sweep.measure.telemetry import device_bandwidth
 from sweep.workload.timing import RequestTiming
 from trackers import PARENT_RUN_ENV, make_tracker
-from trackers.store import redact, redact_file
+from trackers.store import redact_file
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config as run params, with user info taken out of any URI."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}
+    """The flattened config as run params (the tracker takes user info out of any URI)."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         "dtype": p.dtype,
         "gpu": p.env.get("gpu_name", "none"),
         "scenario": cfg.workload.scenario,
-        **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()},
+        **cfg.tracker.tags,
     }
     tracker.set_view(UI_PARAMS, list(HEADLINE))
     with tracker.run(run_name(cfg, p), tags, parent_run_id) as rec:
@@ -260,7 +259,7 @@ def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     write_job_error(out, str(exc))
     try:
         tracker = make_tracker(cfg.tracker)
-        tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}
+        tags = {"config_error": "true", **cfg.tracker.tags}
         with tracker.run(cfg.tracker.run_name, tags, os.environ.get(PARENT_RUN_ENV)) as rec:
             rec.log_params(config_params(cfg))
             raise exc

@@ -6,6 +6,7 @@ One planning step and one start-engine step, shared by the CLI (sweep/job/execut
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,8 +25,11 @@ from sweep.job.validate import validate
 from sweep.measure.telemetry import environment
 from sweep.model.source import ModelSource, model_sizes, resolve_model
 from sweep.workload.requests import Workload, make_workload
+from sweep.workload.stream import arrival_schedule_s
 from trackers.mlflow_tracker import check_reachable, default_uri
 from trackers.store import StoreUnreachable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +78,24 @@ def check_objective_recordable(metric: str, workload: Workload, device: str) -> 
         raise ConfigError(f"objective.metric={metric!r} is recorded on a GPU only, and this run is on {device}")
 
 
+LONG_SCHEDULE_S = 600  # an open loop whose arrivals alone take longer than this is probably not what was meant
+
+
+def warn_long_schedule(wcfg: Any) -> None:
+    """One warning for an arrival schedule that takes long (workload.request_rate=0.001 spreads 4 requests over
+    ~50 minutes), with how to shorten it."""
+    seconds = arrival_schedule_s(wcfg)
+    if seconds > LONG_SCHEDULE_S:
+        log.warning(
+            "workload.request_rate=%s spreads the arrivals over ~%.0f minutes (%d requests x %d iterations, and the "
+            "warm-up); raise workload.request_rate or lower workload.num_requests / workload.iterations to shorten it",
+            wcfg.request_rate,
+            seconds / 60,
+            wcfg.num_requests,
+            wcfg.iterations,
+        )
+
+
 def make_plan(cfg: DictConfig) -> Plan:
     """Every check a run makes before it builds or records anything; a ConfigError says what to change."""
     validate(cfg)
@@ -91,6 +113,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
     check_objective_recordable(cfg.objective.metric, workload, device)
+    warn_long_schedule(cfg.workload)
     w = cfg.workload
     batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
     backend = backend_cls(cfg, model, device, dtype)

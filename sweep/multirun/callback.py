@@ -16,6 +16,7 @@ import atexit
 import logging
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.config.errors import ConfigError
 from sweep.job.artifacts import JOB_ERROR_FILE
+from sweep.job.validate import check_sweep
 from sweep.multirun.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -49,17 +51,19 @@ class ParentRunCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper_class = get_class(config.hydra.sweeper._target_)
-        # A sweeper that can check its settings does so now, so that a set-up error records nothing.
+        # Every multirun's objectives, and the settings of a sweeper that can check its own, are checked now, so
+        # that a set-up error records nothing.
         check = getattr(sweeper_class, "check_config", None)
-        if check is not None:
-            try:
+        try:
+            check_sweep(config, sweeps(config))
+            if check is not None:
                 check(config)
-            except ConfigError as exc:
-                log.error("%s", exc)
-                sys.exit(2)
-            except Exception as exc:  # e.g. an unreachable storage: Hydra would only warn and run the sweep anyway
-                log.error("the sweep could not be set up: %s", redact(f"{type(exc).__name__}: {exc}"))
-                sys.exit(1)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
+        except Exception as exc:  # e.g. an unreachable storage: Hydra would only warn and run the sweep anyway
+            log.error("the sweep could not be set up: %s", redact(f"{type(exc).__name__}: {exc}"))
+            sys.exit(1)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         share = getattr(sweeper_class, "shared_parent_run_id", None)
@@ -80,8 +84,10 @@ class ParentRunCallback(Callback):
             sys.exit(1)
         os.environ[PARENT_RUN_ENV] = self.run.run_id
         os.environ[SWEPT_KEYS_ENV] = ",".join(sweeps(config))
-        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
+        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING, or
+        # KILLED when Ctrl-C or SIGTERM stopped it (end_stopped_sweeps).
         atexit.register(self._end, "FAILED")
+        OPEN_SWEEPS.add(self)
 
     def _start_parent(self, config: DictConfig, owned: bool) -> Any:
         overrides = list(config.hydra.overrides.task)
@@ -90,8 +96,8 @@ class ParentRunCallback(Callback):
         kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
         swept = sweeps(config)
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
-        self.run = self.tracker.start_run(redact(name), tags, owned=owned)
-        self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
+        self.run = self.tracker.start_run(name, tags, owned=owned)  # the tracker takes user info out of URIs
+        self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         return self.run
 
@@ -148,6 +154,11 @@ class ParentRunCallback(Callback):
         settings = {f"best.{p.removeprefix('params.')}": best[p] for p in report.swept}
         self.run.log_params(settings | {"best.run_id": best["run_id"]})
 
+    def stopped(self, reason: BaseException) -> None:
+        if self.run is not None and not os.environ.get(PARENT_STAYS_OPEN_ENV):
+            self.run.set_tags({"error": f"{type(reason).__name__}: {reason}"[:5000]})
+        self._end("KILLED")
+
     def _end(self, status: str) -> None:
         """End the parent, unless the sweeper left it to other workers of its study."""
         if self.run is not None:
@@ -156,6 +167,20 @@ class ParentRunCallback(Callback):
             os.environ.pop(PARENT_RUN_ENV, None)
             os.environ.pop(SWEPT_KEYS_ENV, None)
             self.run = None
+
+
+# The multirun callbacks whose parent run is open in this process.
+OPEN_SWEEPS: weakref.WeakSet[ParentRunCallback] = weakref.WeakSet()
+
+
+def end_stopped_sweeps(reason: BaseException) -> None:
+    """Ctrl-C or SIGTERM stopped the multirun: its parent run ends KILLED with the reason, as its jobs' runs did
+    (unless other workers of its study keep it)."""
+    for callback in list(OPEN_SWEEPS):
+        try:
+            callback.stopped(reason)
+        except Exception as exc:  # the store itself may be what is gone: the parent is then ended at the next start
+            log.error("the sweep's parent run could not be ended KILLED: %s", redact(str(exc)))
 
 
 def failed_jobs(sweep_dir: Path) -> tuple[list[str], int]:
