@@ -66,7 +66,7 @@ def test_engine_options_map_to_vllm_arguments(tiny_checkpoint, tmp_path):
         "engine.tokens_per_block=64",
         "engine.compile_mode=default",
         "engine.cuda_graphs=false",
-        "backend.kv_cache_dtype=fp8",
+        "engine.kv_cache_dtype=fp8",
     )
     kw = engine_kwargs(cfg, "/m", "cpu", "float32", bytes_per_token=1024)
     sizes = (kw["max_num_seqs"], kw["max_model_len"], kw["max_num_batched_tokens"], kw["block_size"])
