@@ -111,7 +111,12 @@ def make_plan(cfg: DictConfig) -> Plan:
         "model": model.identity,
         "backend": backend.name,
         "libraries": backend.library_versions(),
-        "options": {k: cfg.engine[k] for k in backend.artifact_options},
+        # engine.quantization and kv_cache_dtype only when set: unquantized engines keep the keys they had
+        "options": {
+            k: cfg.engine[k]
+            for k in backend.artifact_options
+            if not (k in QUANTIZATION_DEFAULTS and cfg.engine[k] == QUANTIZATION_DEFAULTS[k])
+        },
         "dtype": dtype,
         "gpu": gpu,
     }

@@ -76,7 +76,8 @@ class HFBackend(Backend):
         "attn_implementation",
         "quantization",
     )
-    # It builds nothing: one cache entry per model, dtype, device and quantization (applied as the model loads).
+    # It builds nothing: one cache entry per model, dtype, device and quantization (applied as the model loads; in
+    # the key only when set).
     artifact_options = ("quantization",)
     scores = "full"
 
