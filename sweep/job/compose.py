@@ -42,8 +42,8 @@ GROUPS = {
     "rate (open loop at workload.request_rate)",
     "slo": "service-level objectives for goodput (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)",
     "tracker": "mlflow records into ./mlruns/mlflow.db (or tracker.uri); none records nothing",
-    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput) or max_rate, the "
-    "highest request rate held under the SLO",
+    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput, quality: quantization "
+    "held to a quality bound) or max_rate, the highest request rate held under the SLO",
 }
 # What the main keys mean; `== The composed config ==` below shows their defaults. Hydra fills the help in as a
 # string.Template: a literal dollar sign is written $$.

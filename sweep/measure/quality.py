@@ -156,7 +156,10 @@ def reference_for(cfg: Any, model: ModelSource, dtype: str, device: str, workloa
     final = directory / key
     with FileLock(str(directory / f"{key}.lock")):
         if (final / REFERENCE_FILE).is_file():
-            return load_reference(final / REFERENCE_FILE), final / REFERENCE_FILE
+            try:
+                return load_reference(final / REFERENCE_FILE), final / REFERENCE_FILE
+            except Exception as exc:  # safetensors raises its own error types for a damaged file
+                log.warning("quality reference %s is damaged (%s): computing it again", final, exc)
         log.info("computing the quality reference: %d prompts, unquantized %s on %s", len(prompts), dtype, device)
         reference = compute_reference(model.path, dtype, device, prompts, tokens)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-{key}-"))
