@@ -36,7 +36,6 @@ SCORED = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hf", "compiled"])
 def test_an_unquantized_engine_agrees_with_its_reference_and_a_quantized_one_less(tiny_checkpoint, tmp_path, backend):
     def figures(value):
@@ -107,7 +106,6 @@ def test_quality_can_be_turned_off_and_a_quality_objective_needs_it(tiny_checkpo
         make_plan(cpu_config(tiny_checkpoint, tmp_path, "quality.enabled=false", "objective.metric=quality_kl"))
 
 
-@pytest.mark.slow
 def test_a_search_holds_quality_as_a_constraint_and_prunes_what_breaks_it(tmp_path):
     # search=quality on the CPU: int4 cannot run here (pruned before building); int8 runs, but its quality_kl is
     # above the bound (infeasible); only the unquantized engine is feasible, so it is the best.
