@@ -68,7 +68,7 @@ def test_the_cache_key_holds_the_quantization(tiny_checkpoint, tmp_path, backend
         value: plan(tiny_checkpoint, tmp_path, f"backend={backend}", f"engine.quantization={value}").key_inputs
         for value in ("none", "int8_weight_only")
     }
-    assert "quantization" not in keys["none"]["options"]  # unquantized engines keep the keys they had
+    assert "quantization" not in keys["none"]["options"]  # an unquantized engine's key does not depend on it
     assert keys["int8_weight_only"]["options"]["quantization"] == "int8_weight_only"
     assert {k: v for k, v in keys["none"].items() if k != "options"} == {
         k: v for k, v in keys["int8_weight_only"].items() if k != "options"

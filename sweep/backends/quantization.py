@@ -1,8 +1,8 @@
 """engine.quantization through torchao (backends hf and compiled), and what each value needs of the device.
 
 Read from torchao 0.18.0's source (torchao/quantization/quant_api.py and quantize_/workflows/):
-- int8_weight_only: Int8WeightOnlyConfig, an Int8Tensor per row whose linear dequantizes and runs torch.mm: any
-  device, any dtype;
+- int8_weight_only: Int8WeightOnlyConfig, an Int8Tensor per row whose linear casts the int8 weights to the
+  activations' dtype, runs torch.mm and scales each row: any device, any dtype;
 - int4_weight_only: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"), tinygemm's
   packing (aten._weight_int4pack_mm): CUDA of compute capability 8.0+, bfloat16 weights. Its default packing
   ("plain") needs the mslk kernels, and its other formats are XPU's and NPU's: none runs on the CPU;

@@ -111,7 +111,7 @@ def make_plan(cfg: DictConfig) -> Plan:
         "model": model.identity,
         "backend": backend.name,
         "libraries": backend.library_versions(),
-        # engine.quantization and kv_cache_dtype only when set: unquantized engines keep the keys they had
+        # engine.quantization and kv_cache_dtype only when set: an unquantized engine's key does not depend on them
         "options": {
             k: cfg.engine[k]
             for k in backend.artifact_options

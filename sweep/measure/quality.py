@@ -121,7 +121,9 @@ def load_reference(path: Path) -> Reference:
     )
 
 
-def compute_reference(model_path: Path, dtype: str, device: str, prompts: list[list[int]], tokens: list[int]):
+def compute_reference(
+    model_path: Path, dtype: str, device: str, prompts: list[list[int]], tokens: list[int]
+) -> Reference:
     """Greedy continuations and teacher-forced log-probabilities from plain transformers, unquantized."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -146,7 +148,9 @@ def compute_reference(model_path: Path, dtype: str, device: str, prompts: list[l
     return Reference(sequences, [len(p) for p in prompts], logprobs)
 
 
-def reference_for(cfg: Any, model: ModelSource, dtype: str, device: str, workload: Workload, cache_root: Path):
+def reference_for(
+    cfg: Any, model: ModelSource, dtype: str, device: str, workload: Workload, cache_root: Path
+) -> tuple[Reference, Path]:
     """The cached reference of this run's prompts, computed (once, under a lock) when missing. Returns it and its
     file."""
     prompts, tokens = scored_prompts(cfg.quality, workload)
@@ -230,7 +234,9 @@ class QualityCheck:
         return {"quality.logits": backend.scores or "", "quality.reference": str(self.reference_file)}
 
 
-def prepare(cfg: Any, backend: Backend, model: ModelSource, dtype: str, device: str, workload: Workload, root: Path):
+def prepare(
+    cfg: Any, backend: Backend, model: ModelSource, dtype: str, device: str, workload: Workload, root: Path
+) -> tuple[QualityCheck | None, str | None]:
     """The run's quality check, or None with why there is none."""
     if not cfg.quality.enabled:
         return None, "quality.enabled=false"
