@@ -27,6 +27,16 @@ CASES = [
     ),
     (["objective.metric=speed"], "objective.metric='speed' is not allowed; choose a figure sweep records"),
     (
+        ["engine.quantization=int3"],
+        "engine.quantization='int3' is not allowed; choose one of: none, int8_weight_only, int4_weight_only, fp8",
+    ),
+    (
+        ["engine.quantization=fp8"],
+        "engine.quantization='fp8' is not allowed for backend=hf on cpu (float32): fp8 needs a CUDA GPU of compute "
+        "capability 8.9+ (fp8 tensor cores), and this run is on the CPU; allowed here: none, int8_weight_only",
+    ),
+    (["quality.prompts=0"], "quality.prompts=0 is not allowed; it must be >= 1"),
+    (
         ["model.hub_id=Qwen/Qwen2.5-0.5B-Instruct"],
         "the hub cannot be reached and Qwen/Qwen2.5-0.5B-Instruct@None is not in the local",
     ),

@@ -16,10 +16,17 @@ from conftest import mlflow_runs, run_sweep
 from optuna.trial import TrialState
 
 from sweep.backends.hf.backend import HFBackend
-from sweep.backends.vllm.options import INSTALL_HINT, check_supported_version, engine_kwargs, installed_version
+from sweep.backends.vllm.options import (
+    INSTALL_HINT,
+    PROMPT_LOGPROBS,
+    check_supported_version,
+    engine_kwargs,
+    installed_version,
+)
 from sweep.config.errors import ConfigError
 from sweep.job.compose import compose as compose_config
 from sweep.job.plan import make_plan, start_engine
+from sweep.measure.quality import compute_reference, quality_figures
 from sweep.workload.requests import Request
 from sweep.workload.stream import RequestStream
 
@@ -66,7 +73,7 @@ def test_engine_options_map_to_vllm_arguments(tiny_checkpoint, tmp_path):
         "engine.tokens_per_block=64",
         "engine.compile_mode=default",
         "engine.cuda_graphs=false",
-        "backend.kv_cache_dtype=fp8",
+        "engine.kv_cache_dtype=fp8",
     )
     kw = engine_kwargs(cfg, "/m", "cpu", "float32", bytes_per_token=1024)
     sizes = (kw["max_num_seqs"], kw["max_model_len"], kw["max_num_batched_tokens"], kw["block_size"])
@@ -91,6 +98,9 @@ def test_engine_options_map_to_vllm_arguments(tiny_checkpoint, tmp_path):
         ("backend.kv_cache_gb=4096", "backend.kv_cache_gb asks for a KV cache of 4096.00 GiB"),
         ("engine.paged_kv_cache=false", "vLLM always pages its KV cache"),
         ("engine.max_num_tokens=2", "it must be >= engine.max_batch_size=4"),
+        ("engine.quantization=int4_weight_only", "packs int4 for CUDA"),
+        ("engine.quantization=fp8", "engine.quantization='fp8' is not allowed for backend=vllm on cpu"),
+        ("objective.metric=quality_kl", "scores top-20 prompt logprobs and records quality_top1_agreement_pct"),
     ],
 )
 def test_configs_vllm_would_fail_on_at_start_are_refused_before_building(tiny_checkpoint, tmp_path, override, message):
@@ -126,6 +136,32 @@ def test_greedy_tokens_equal_hf_in_fp32(vllm_engine):
 
 
 @needs_vllm
+def test_unquantized_vllm_agrees_with_the_transformers_reference(vllm_engine):
+    plan, _ = vllm_engine
+    prompts = [r.input_ids for r in requests_of([16, 24], output_len=1)]
+    reference = compute_reference(plan.model.path, plan.dtype, plan.device, prompts, [16, 16])
+    scores = plan.backend.score(reference.sequences, reference.starts)
+    assert [tuple(s.token_ids.shape) for s in scores] == [(16, PROMPT_LOGPROBS)] * 2
+    figures = quality_figures(reference, scores)
+    assert figures["quality_top1_agreement_pct"] == 100.0 and figures["quality_kl_topk"] < 1e-6
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_int8_through_vllms_torchao_path_scores_below_the_unquantized_engine(tmp_path):
+    scored = [*QUICK, "workload=throughput", "workload.warmup_requests=0", "workload.output_len=32"]
+    result = run_sweep(tmp_path, "-m", *scored, "engine.quantization=none,int8_weight_only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r.data.params["engine.quantization"]: r.data for r in mlflow_runs(tmp_path) if "backend" in r.data.tags}
+    plain, int8 = runs["none"], runs["int8_weight_only"]
+    assert int8.tags["quality.logits"] == "top-20 prompt logprobs" and "quality_kl" not in int8.metrics
+    assert plain.metrics["quality_top1_agreement_pct"] == 100.0
+    assert int8.metrics["quality_top1_agreement_pct"] < 100.0
+    assert int8.metrics["quality_kl_topk"] > 100 * plain.metrics["quality_kl_topk"]
+    assert int8.metrics["model_bytes"] < plain.metrics["model_bytes"]
+
+
+@needs_vllm
 def test_requests_arriving_over_time_each_stream_exactly_their_output_length(vllm_engine):
     plan, _ = vllm_engine
     requests = requests_of([8, 30, 12, 20, 6], output_len=10)
@@ -150,7 +186,8 @@ def test_throughput_and_latency_runs_record_every_figure_hf_records(tmp_path):
     by = {(r.data.tags["backend"], r.data.tags["scenario"]): r for r in runs}
     for scenario in ("throughput", "latency"):
         vllm, hf = by[("vllm", scenario)].data, by[("hf", scenario)].data
-        assert set(hf.metrics) <= set(vllm.metrics)
+        # vLLM returns its top-k prompt logprobs, not logits: its KL divergence is over its top k tokens
+        assert set(hf.metrics) - {"quality_kl"} <= set(vllm.metrics) and "quality_kl_topk" in vllm.metrics
         assert vllm.metrics["ttft_ms_n"] == 4 and vllm.metrics["output_tokens"] == 4 * 8
         assert vllm.metrics["output_throughput_tok_s"] > 0
         assert "attn_implementation" in vllm.params["engine.ignored_options"]

@@ -14,6 +14,8 @@ from sweep.config.schema import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     SweepConfig,
 )
 from sweep.measure.figures import FIGURES
@@ -41,8 +43,8 @@ GROUPS = {
     "rate (open loop at workload.request_rate)",
     "slo": "service-level objectives for goodput (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)",
     "tracker": "mlflow records into ./mlruns/mlflow.db (or tracker.uri); none records nothing",
-    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput) or max_rate, the "
-    "highest request rate held under the SLO",
+    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput, quality: quantization "
+    "held to a quality bound) or max_rate, the highest request rate held under the SLO",
 }
 # What the main keys mean; `== The composed config ==` below shows their defaults. Hydra fills the help in as a
 # string.Template: a literal dollar sign is written $$.
@@ -57,6 +59,10 @@ KEYS = f"""\
                          max_batch_size, max_input_len, max_seq_len, max_num_tokens, attn_implementation
                          ({", ".join(ATTN_IMPLEMENTATIONS)}), compile_mode and cuda_graphs (compiled),
                          gemm_plugin, gpt_attention_plugin, context_fmha, paged_kv_cache, tokens_per_block (trt)
+  engine.quantization    {", ".join(QUANTIZATIONS)} (fp8: weights and activations, a GPU of
+                         compute capability 8.9+); engine.kv_cache_dtype {", ".join(KV_CACHE_DTYPES)} (vllm, trt)
+  quality.*              enabled, prompts (K), tokens: each run scores the engine teacher-forced against the
+                         model unquantized (transformers) on the first K prompts; quality_kl, quality_top1_agreement_pct
   workload.*             num_requests, warmup_requests, iterations, input_len, output_len,
                          length_distribution (fixed, normal with input_len_std, output_len_std), batch_size,
                          dataset (JSONL in trtllm-bench's format), seed

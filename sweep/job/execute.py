@@ -25,6 +25,7 @@ from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
+from sweep.measure.quality import SCORES_FILE, prepare, save_scores
 from sweep.measure.summary import summary_table, unsteady_figures
 from sweep.measure.telemetry import device_bandwidth
 from sweep.workload.timing import RequestTiming
@@ -104,6 +105,11 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         bandwidth = device_bandwidth(p.cache.root, p.env) if p.device == "cuda" else None
         if bandwidth:
             rec.set_tags({"device_bandwidth.method": bandwidth["method"]})
+        # The unquantized reference comes first (or from the cache): it never shares the device with the engine.
+        t = time.perf_counter()
+        quality, no_quality = prepare(cfg, p.backend, p.model, p.dtype, p.device, p.workload, p.cache.root)
+        quality_s = time.perf_counter() - t
+        rec.set_tags(quality.tags(p.backend) if quality else {"quality.skipped": no_quality})
         log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
         started = start_engine(p)
         entry = started.entry
@@ -114,10 +120,16 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
             phases["phase_benchmark_s"] = time.perf_counter() - t
+            if quality:  # after the timed part, on the same engine
+                t = time.perf_counter()
+                quality.score(p.backend)
+                phases["phase_quality_s"] = quality_s + time.perf_counter() - t
         finally:
             p.backend.close()
 
         figures = dict(result.figures)
+        if quality:
+            figures.update(quality.figures())
         figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
         figures["engine_cache_hit"] = float(entry.hit)
         figures.update(engine_figures)
@@ -146,6 +158,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         artifacts = run_artifacts(cfg, p, entry, figures, result.timings)
         if out is not None:  # first on local disk, so a tracker that fails now loses nothing
             save_locally(out, artifacts, figures)
+            if quality:  # the engine's log-probabilities, beside the cached reference's: the figures' inputs
+                save_scores(out / SCORES_FILE, quality.scores)
         try:
             record_artifacts(rec, artifacts, entry, hydra_log_file())
             phases["phase_record_s"] = time.perf_counter() - t

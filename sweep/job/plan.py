@@ -17,11 +17,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from sweep.backends.base import Backend
+from sweep.backends.base import QUANTIZATION_DEFAULTS, Backend
 from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
 from sweep.config.errors import ConfigError
 from sweep.job.validate import validate
+from sweep.measure.quality import check_quality
 from sweep.measure.telemetry import environment
 from sweep.model.source import ModelSource, model_sizes, resolve_model
 from sweep.workload.requests import Workload, make_workload
@@ -43,7 +44,7 @@ class Plan:
     batch_size: int  # requests in flight at once
     backend: Backend
     env: dict[str, Any]
-    sizes: dict[str, int]  # model_params, model_bytes, kv_bytes_per_token
+    sizes: dict[str, int]  # model_params, model_bytes, kv_bytes_per_token, as the engine holds them (quantized)
     key_inputs: dict[str, Any]  # everything that shapes the built engine
 
 
@@ -118,8 +119,11 @@ def make_plan(cfg: DictConfig) -> Plan:
     batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
     backend = backend_cls(cfg, model, device, dtype)
     backend.check(workload)
+    check_quality(cfg, backend, workload, model.shape.vocab_size)
     env = environment(device)
-    sizes = model_sizes(model, dtype)
+    # What the engine holds: an option the backend ignores leaves its weights or KV cache as they are.
+    held = {k: cfg.engine[k] if k in backend.honoured_options else v for k, v in QUANTIZATION_DEFAULTS.items()}
+    sizes = model_sizes(model, dtype, held["quantization"], held["kv_cache_dtype"])
     if device == "cuda":
         memory = ("GPU", env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in env else None)
     else:
@@ -130,7 +134,12 @@ def make_plan(cfg: DictConfig) -> Plan:
         "model": model.identity,
         "backend": backend.name,
         "libraries": backend.library_versions(),
-        "options": {k: cfg.engine[k] for k in backend.artifact_options},
+        # engine.quantization and kv_cache_dtype only when set: an unquantized engine's key does not depend on them
+        "options": {
+            k: cfg.engine[k]
+            for k in backend.artifact_options
+            if not (k in QUANTIZATION_DEFAULTS and cfg.engine[k] == QUANTIZATION_DEFAULTS[k])
+        },
         "dtype": dtype,
         "gpu": gpu,
     }

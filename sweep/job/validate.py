@@ -19,8 +19,10 @@ from sweep.config.schema import (
     DIRECTIONS,
     DTYPES,
     GENERATORS,
+    KV_CACHE_DTYPES,
     LENGTH_DISTRIBUTIONS,
     PLUGIN_DTYPES,
+    QUANTIZATIONS,
     SCENARIOS,
     SLO_KEYS,
 )
@@ -102,6 +104,8 @@ def validate(cfg: Any) -> None:
     choice("engine.compile_mode", e.compile_mode, COMPILE_MODES)
     choice("engine.gemm_plugin", e.gemm_plugin, PLUGIN_DTYPES)
     choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
+    choice("engine.quantization", e.quantization, QUANTIZATIONS)
+    choice("engine.kv_cache_dtype", e.kv_cache_dtype, KV_CACHE_DTYPES)
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
         at_least(f"engine.{key}", e[key], 1)
     for size in e.cuda_graph_batch_sizes or ():
@@ -136,6 +140,8 @@ def validate(cfg: Any) -> None:
     for key in SLO_KEYS:
         if cfg.slo[key] is not None:
             positive(f"slo.{key}", cfg.slo[key])
+    for key in ("prompts", "tokens"):
+        at_least(f"quality.{key}", cfg.quality[key], 1)
     check_figure("objective.metric", cfg.objective.metric)
     check_recordable("objective.metric", cfg.objective.metric, cfg)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)

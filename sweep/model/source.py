@@ -168,28 +168,66 @@ def _digest(path: Path, files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
-    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token, and
-    the bytes of the input embedding table that a decode step does not read whole."""
+def is_decoder_linear_weight(name: str, ndim: int) -> bool:
+    """A linear layer's weight inside the decoder layers: what engine.quantization quantizes. The embedding table,
+    the LM head and the norms stay in the run's dtype (as vLLM's online quantization leaves them)."""
+    return ndim == 2 and name.endswith(".weight") and ".layers." in f".{name}"
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+INT4_GROUP_SIZE = 128  # int4_weight_only: one scale and zero point per 128 input features (gpt-fast's and torchao's)
+
+
+def linear_weight_bytes(quantization: str, out_features: int, in_features: int, itemsize: int) -> int:
+    """Bytes one linear weight occupies as a quantized engine holds it, scales included, in torchao 0.18's layouts
+    (sweep/backends/quantization.py); a weight the scheme leaves alone keeps the run's dtype."""
+    n, k = out_features, in_features
+    if quantization == "int8_weight_only":  # Int8Tensor per row: int8 values, a float32 scale, an int8 zero point
+        return n * k + 5 * n
+    if quantization == "int4_weight_only" and k % INT4_GROUP_SIZE == 0:
+        # Int4TilePackedTo4dTensor (tinygemm): rows padded to a multiple of 8, columns to 1024, two values a byte,
+        # and a bfloat16 scale and zero point per group of each padded row
+        n, k = round_up(n, 8), round_up(k, 1024)
+        return n * k // 2 + (k // INT4_GROUP_SIZE) * n * 2 * 2
+    if quantization == "fp8" and n % 16 == 0 and k % 16 == 0:  # Float8Tensor per row: fp8 values, a float32 scale
+        return n * k + 4 * n
+    return n * k * itemsize
+
+
+def model_sizes(
+    model: ModelSource, dtype: str, quantization: str = "none", kv_cache_dtype: str = "auto"
+) -> dict[str, int]:
+    """Parameter count and the bytes the engine holds them in (from the safetensors headers, no weights read): the
+    decoder's linear weights as `quantization` packs them, the rest in `dtype`; KV bytes per token (one byte an
+    element for an fp8 KV cache), and the bytes of the input embedding table that a decode step does not read whole."""
     from safetensors import safe_open
 
-    numel = 0
+    itemsize = 4 if dtype == "float32" else 2
+    numel = weight_bytes = 0
     for file in model.path.glob("*.safetensors"):
         try:
             with safe_open(file, framework="np") as f:
                 for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
                     n = 1
-                    for dim in f.get_slice(name).get_shape():
+                    for dim in shape:
                         n *= dim
                     numel += n
+                    if quantization != "none" and is_decoder_linear_weight(name, len(shape)):
+                        weight_bytes += linear_weight_bytes(quantization, shape[0], shape[1], itemsize)
+                    else:
+                        weight_bytes += n * itemsize
         except Exception as exc:  # safetensors raises its own error types for a damaged header or a short file
             raise ConfigError(f"{file} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
-    itemsize = 4 if dtype == "float32" else 2
     s = model.shape
+    kv_itemsize = 1 if kv_cache_dtype == "fp8" else itemsize
     return {
         "model_params": numel,
-        "model_bytes": numel * itemsize,
-        "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * itemsize,
+        "model_bytes": weight_bytes,
+        "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * kv_itemsize,
         # A decode step reads one row of the input embedding table per sequence, not the table; a tied table is
         # also the LM head, which reads all of it, so then nothing is left out of the decode floor.
         "input_embedding_bytes": 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size * itemsize,

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import transformers
 
-from sweep.backends.base import Backend, DecodeLoop, Generation
+from sweep.backends.base import Backend, DecodeLoop, Generation, TokenScores
 from sweep.backends.compiled.config import SCHEDULERS
 from sweep.backends.compiled.engine import (
     StaticState,
@@ -46,6 +46,7 @@ from sweep.backends.compiled.engine import (
     describe,
     left_pad_batch,
     make_steps,
+    sequence_logits,
     stream_tokens,
     warm_up,
 )
@@ -59,6 +60,7 @@ from sweep.backends.compiled.inflight import (
 )
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
 from sweep.backends.hf.backend import load_hf_model
+from sweep.backends.quantization import quantize_model, torchao_refusals
 from sweep.config.errors import ConfigError
 from sweep.workload.requests import Request, Workload
 from sweep.workload.stream import RequestStream
@@ -66,12 +68,13 @@ from sweep.workload.stream import RequestStream
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE = "compile_cache.bin"  # torch.compiler.save_cache_artifacts() bytes, inside the engine dir
-STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
+STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs", "quantization")
 INFLIGHT_OPTIONS = (*STATIC_OPTIONS, "max_num_tokens", "cuda_graph_batch_sizes")
 
 
 class CompiledBackend(Backend):
     name = "compiled"
+    scores = "full"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -90,6 +93,9 @@ class CompiledBackend(Backend):
 
     def artifact_settings(self) -> dict[str, Any]:
         return {"scheduler": self.cfg.backend.scheduler}
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        return torchao_refusals(self.device, self.dtype)
 
     def check(self, workload: Workload) -> None:
         e = self.cfg.engine
@@ -155,6 +161,7 @@ class CompiledBackend(Backend):
                 "bytes": self.state.cache_bytes,
             },
             "attention": ATTENTION[e.attn_implementation],
+            "weights": self.quantized,
             "compile_and_warmup_s": self.warmup_s,
             "model_load_s": self.model_load_s,
         }
@@ -202,6 +209,7 @@ class CompiledBackend(Backend):
         model, tokenizer = load_hf_model(self.model.path, self.dtype, ATTENTION[e.attn_implementation], self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fuse_projections(model)
+        self.quantized = quantize_model(model, e.quantization)  # the fused projections, each quantized as one
         self.model_load_s = time.perf_counter() - start
 
         log.info(
@@ -292,6 +300,13 @@ class CompiledBackend(Backend):
             Generation(token_ids=rows[row][: req.output_len], token_times=times[: req.output_len])
             for row, req in enumerate(requests)
         ]
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        with torch.inference_mode():
+            return [
+                TokenScores(sequence_logits(self.state, ids)[start - 1 : len(ids) - 1].float().log_softmax(-1).cpu())
+                for ids, start in zip(sequences, starts)
+            ]
 
     def serve(self, stream: RequestStream, max_batch: int) -> None:
         if self.inflight:

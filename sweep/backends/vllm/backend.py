@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, Generation, TokenScores
 from sweep.backends.cache import final_dir
 from sweep.backends.vllm import options, runtime
 from sweep.config.errors import ConfigError
@@ -49,6 +49,8 @@ class VLLMBackend(Backend):
         "compile_mode",
         "cuda_graphs",
         "cuda_graph_batch_sizes",
+        "quantization",
+        "kv_cache_dtype",
     )
     # What vLLM's compile cache depends on (it hashes the same config into its own directory names).
     artifact_options = (
@@ -59,7 +61,10 @@ class VLLMBackend(Backend):
         "compile_mode",
         "cuda_graphs",
         "cuda_graph_batch_sizes",
+        "quantization",
+        "kv_cache_dtype",
     )
+    scores = f"top-{options.PROMPT_LOGPROBS} prompt logprobs"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -80,9 +85,14 @@ class VLLMBackend(Backend):
         return {"vllm": options.installed_version(), "torch": torch.__version__}
 
     def kv_bytes_per_token(self) -> int:
-        kv_dtype = self.cfg.backend.kv_cache_dtype
-        dtype_bytes = 1 if kv_dtype.startswith("fp8") else DTYPE_BYTES.get(kv_dtype, DTYPE_BYTES[self.dtype])
+        dtype_bytes = 1 if self.cfg.engine.kv_cache_dtype == "fp8" else DTYPE_BYTES[self.dtype]
         return options.kv_bytes_per_token(self.model.shape, dtype_bytes)
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        return options.quantization_refusals(self.device, self.dtype)
+
+    def kv_cache_dtype_refusals(self) -> dict[str, str | None]:
+        return options.kv_cache_dtype_refusals(self.device)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return options.engine_kwargs(self.cfg, str(self.model.path), self.device, self.dtype, self.kv_bytes_per_token())
@@ -258,6 +268,31 @@ class VLLMBackend(Backend):
             return list(await asyncio.gather(*(one(r) for r in requests)))
 
         return self.loop.run_until_complete(all_at_once())
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        """vLLM returns no logits: each sequence's prompt logprobs, its top PROMPT_LOGPROBS tokens per position."""
+        import torch
+        from vllm import SamplingParams
+        from vllm.inputs import tokens_input
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, prompt_logprobs=options.PROMPT_LOGPROBS, detokenize=False
+        )
+
+        async def one(ids: list[int]) -> Any:
+            request_id = f"score-{next(self.request_ids)}"
+            async for output in self.engine.generate(tokens_input(ids), params, request_id=request_id):
+                last = output
+            return last.prompt_logprobs
+
+        async def every() -> list[Any]:
+            return list(await asyncio.gather(*(one(ids) for ids in sequences)))
+
+        scores = []
+        for positions, ids, start in zip(self.loop.run_until_complete(every()), sequences, starts):
+            token_ids, logprobs = options.top_k_rows(positions[start : len(ids)], options.PROMPT_LOGPROBS)
+            scores.append(TokenScores(torch.tensor(logprobs), torch.tensor(token_ids)))
+        return scores
 
     def serve(self, stream: RequestStream, max_batch: int) -> None:
         """Requests go to vLLM as they arrive (up to `max_batch` in flight); its scheduler admits them between

@@ -7,9 +7,11 @@ seconds and changes the process (see runtime.py).
 from __future__ import annotations
 
 import importlib.util
+import json
 from importlib import metadata
 from typing import Any, Optional
 
+from sweep.backends.quantization import fp8_refusal, gpu_capability, torchao_config, torchao_refusals
 from sweep.config.errors import ConfigError
 
 # The API used here (AsyncLLM.from_vllm_config, tokens_input, RequestOutputKind.DELTA, EngineArgs'
@@ -29,6 +31,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # the CPU platform turns into DYNAMO_TRACE_ONCE with Inductor); CUDA graphs are engine.cuda_graphs, not a mode.
 COMPILATION_MODES = {"none": 0, "default": 3, "reduce-overhead": 3, "max-autotune": 3}
 GIB = 2**30
+PROMPT_LOGPROBS = 20  # the top-k prompt logprobs a quality check asks for: vLLM's default max_logprobs
 
 
 def installed_version() -> Optional[str]:
@@ -88,6 +91,50 @@ def kv_cache_kwargs(backend: Any, engine: Any, device: str, bytes_per_token: int
     return {}
 
 
+def quantization_refusals(device: str, dtype: str) -> dict[str, str | None]:
+    """engine.quantization values vLLM can run here: fp8 is vLLM's own online fp8 (Fp8Config: fp8 weights, dynamic
+    fp8 activations), which needs fp8 tensor cores; int8 and int4 go through vLLM's torchao integration
+    (TorchAOConfig, online), so torchao's own limits hold (sweep.backends.quantization)."""
+    return {**torchao_refusals(device, dtype), "fp8": fp8_refusal(device, gpu_capability(device))}
+
+
+def kv_cache_dtype_refusals(device: str) -> dict[str, str | None]:
+    """fp8 KV cache: vLLM's CUDA attention backends keep one; its CPU attention only on x86 with AVX-512 or AMX
+    (vllm/v1/attention/backends/cpu_attn.py, _get_attn_isa)."""
+    fp8 = None
+    if device == "cpu":
+        import torch
+
+        if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+            fp8 = "vLLM's CPU attention keeps an fp8 KV cache only on x86 with AVX-512 or AMX"
+    return {"auto": None, "fp8": fp8}
+
+
+def quantization_kwargs(quantization: str) -> dict[str, Any]:
+    """EngineArgs for engine.quantization: vLLM quantizes the checkpoint's weights as it loads them (online)."""
+    if quantization == "none":
+        return {}
+    if quantization == "fp8":
+        return {"quantization": "fp8"}
+    from torchao.core.config import config_to_dict
+
+    # vLLM's torchao path reads the config from hf_overrides (model_loader/weight_utils.py, get_quant_config).
+    config_json = json.dumps(config_to_dict(torchao_config(quantization)))
+    return {"quantization": "torchao", "hf_overrides": {"quantization_config_dict_json": config_json}}
+
+
+def top_k_rows(positions: Any, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """A request's prompt logprobs (one {token id: Logprob} per scored position) as [positions, k] token ids and
+    logprobs, most likely first; the prompt's own token, listed beside the top k when it is not among them, is left
+    out."""
+    ids, logprobs = [], []
+    for entries in positions:
+        best = sorted(entries.items(), key=lambda item: -item[1].logprob)[:k]
+        ids.append([token for token, _ in best])
+        logprobs.append([entry.logprob for _, entry in best])
+    return ids, logprobs
+
+
 def engine_kwargs(cfg: Any, model_path: str, device: str, dtype: str, bytes_per_token: int) -> dict[str, Any]:
     """AsyncEngineArgs keywords for this run's engine.* and backend.* settings."""
     e, b = cfg.engine, cfg.backend
@@ -109,12 +156,13 @@ def engine_kwargs(cfg: Any, model_path: str, device: str, dtype: str, bytes_per_
         "block_size": e.tokens_per_block,
         "enable_chunked_prefill": b.enable_chunked_prefill,
         "enable_prefix_caching": b.enable_prefix_caching,
-        "kv_cache_dtype": b.kv_cache_dtype,
+        "kv_cache_dtype": e.kv_cache_dtype,
         "enforce_eager": not compiles(e, device),
         "compilation_config": compilation,
         "attention_backend": b.attention_backend,
         "disable_log_stats": True,
         **kv_cache_kwargs(b, e, device, bytes_per_token),
+        **quantization_kwargs(e.quantization),
     }
 
 
