@@ -5,13 +5,19 @@ the MLflow database; later runs hit the engine cache), times each whole process,
 timings the run records in MLflow. Overhead = wall time - model load - generation (warm-up + measured
 iterations) - the one-off import of torch and transformers, which is measured separately in a bare process.
 
+With --console it times what answers at once instead: `--help`, a value out of range and a Hydra error (an
+unknown option), each the fastest of N processes, wall and CPU seconds; --repo times another checkout the same
+way (a before/after comparison).
+
     python benchmarks/cli_overhead.py [--runs 3]
+    python benchmarks/cli_overhead.py --console [--runs 5] [--repo /path/to/other/checkout]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,18 +27,58 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+# The console's answers that need no engine: each must come back in about a second.
+CONSOLE_COMMANDS = {
+    "--help": ["--help"],
+    "a bad value": ["engine.max_batch_size=0"],
+    "a Hydra error": ["backend=no_such_backend"],
+}
+
+
+def sweep_env(repo: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def timed(cmd: list[str], cwd: Path, repo: Path = REPO, check: bool = True) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=cwd, env=sweep_env(repo), check=check, capture_output=True)
     return time.perf_counter() - start
+
+
+def timed_with_cpu(cmd: list[str], cwd: Path, repo: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one process; CPU time hardly moves when the host is busy."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed(cmd, cwd, repo, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def console(runs: int, repos: list[Path]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="sweep-console-"))
+    header = f"{'command':<16}" + "".join(f"{'wall s':>10}{'cpu s':>8}     " for _ in repos)
+    print("\n".join(f"[{i}] {repo}" for i, repo in enumerate(repos)))
+    print(header + "\n" + "-" * len(header))
+    for label, args in CONSOLE_COMMANDS.items():
+        row = f"{label:<16}"
+        for i, repo in enumerate(repos):
+            samples = [timed_with_cpu([sys.executable, "-m", "sweep", *args], workdir, repo) for _ in range(runs)]
+            row += f"{min(w for w, _ in samples):>10.2f}{min(c for _, c in samples):>8.2f}  [{i}]"
+        print(row)
+    bare = timed([sys.executable, "-c", "pass"], workdir)
+    print(f"\nthe fastest of {runs} processes each; python start-up alone: {bare:.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--console", action="store_true", help="time --help and config errors instead of a run")
+    parser.add_argument("--repo", type=Path, action="append", default=[], help="another checkout to time too")
     args = parser.parse_args()
+    if args.console:
+        console(args.runs, [REPO, *args.repo])
+        return
     from mlflow.tracking import MlflowClient
 
     workdir = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweep.config import CONF_DIR
-from sweep.job.compose import register_configs, unknown_key
+from sweep.job.compose import register_configs, render_help, unknown_key
 from trackers.store import redact
 
 register_configs()
@@ -42,6 +42,21 @@ def redact_log_records() -> None:
     logging.setLogRecordFactory(redacted_record)
 
 
+def print_help(argv: list[str]) -> bool:
+    """`--help` (with any overrides): print it and say so; False for every other command line, Hydra's to run."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if not args.help or args.hydra_help or args.config_dir or args.config_path or args.config_name:
+        return False
+    try:
+        print(render_help(args.overrides, resolve=args.resolve))
+    except Exception as exc:  # an override that does not compose: Hydra's own message, on one line
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
+    return True
+
+
 def cli() -> None:
     """The console script `sweep`, the same as `python -m sweep`."""
     signal.signal(signal.SIGTERM, terminate)
@@ -49,6 +64,8 @@ def cli() -> None:
     if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if print_help(sys.argv[1:]):
+        return
     main()
 
 
