@@ -24,7 +24,20 @@ def main(cfg: DictConfig) -> float:
 def terminate(signum: int, frame: object) -> None:
     """SIGTERM (timeout, Docker, SLURM, Kubernetes) ends the process the way Ctrl-C does: the run KILLED with
     the reason, temporary build directories removed."""
-    raise KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+    interrupt = KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+    interrupt.signum = signum  # the exit status
+    raise interrupt
+
+
+def interruption_line(exc: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C or SIGTERM: what was recorded, what was kept, how to resume (instead of a traceback)."""
+    from sweep.multirun.callback import end_interrupted
+
+    reason = str(exc) or "interrupted (Ctrl-C)"
+    if line := end_interrupted(reason):
+        return line
+    kept = [*getattr(exc, "__notes__", []), "every engine built before it stays in the engine cache"]
+    return f"{reason}: {'; '.join(kept)}; resume: run the same command again"
 
 
 def redact_log_records() -> None:
@@ -66,7 +79,12 @@ def cli() -> None:
         sys.exit(2)
     if print_help(sys.argv[1:]):
         return
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the records short
+        print(interruption_line(exc), file=sys.stderr)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class Tracker(ABC):
                 log.error("run %s: its error could not be recorded: %s", run.run_id, tag_exc)
             try:
                 run.end(status)
+                if status == "KILLED" and run.run_id:  # the CLI's one line on an interruption names it
+                    exc.add_note(f"run {run.run_id} ended KILLED")
             except Exception as end_exc:
                 log.error("run %s could not be ended %s in the tracker: %s", run.run_id, status, end_exc)
             raise

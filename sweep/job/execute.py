@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweep.backends.cache import engine_key
 from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
-from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, write_job_error, write_result
+from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, shown, write_job_error, write_result
 from sweep.job.naming import run_name
 from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import run_benchmark
@@ -251,6 +251,10 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         record_failed_job(cfg, exc)
         return float("nan")
+    except KeyboardInterrupt as exc:  # the CLI prints one line for it, with what this job kept
+        if (out := job_output_dir()) is not None:
+            exc.add_note(f"its log and config are in {shown(out)}/")
+        raise
 
 
 def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:

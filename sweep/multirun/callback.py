@@ -24,7 +24,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.config.errors import ConfigError
-from sweep.job.artifacts import JOB_ERROR_FILE
+from sweep.job.artifacts import JOB_ERROR_FILE, RESULT_FILE, shown
 from sweep.multirun.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -42,12 +42,32 @@ def sweeps(config: DictConfig) -> dict[str, str]:
     return found | {k: f"{k}={v}" for k, v in preset.items() if k not in found}
 
 
+# What running the command again does after an interruption, by sweeper; any other sweeper starts over.
+RESUMES = {
+    "BasicSweeper": "every point runs again, reusing the engines built",
+    "OptunaSweeper": "the study goes on from its finished trials",
+    "MaxRateSweeper": "the probes start over, reusing the engines built",
+}
+# The multirun this process runs, for the CLI to end and describe when Ctrl-C or SIGTERM stops it: Hydra calls no
+# callback on an interruption.
+RUNNING: list[ParentRunCallback] = []
+
+
+def end_interrupted(reason: str) -> str | None:
+    """The multirun this process was running, ended KILLED: what it kept and how to resume, in one line (None when
+    no multirun runs)."""
+    return RUNNING.pop().interrupted(reason) if RUNNING else None
+
+
 class ParentRunCallback(Callback):
     def __init__(self) -> None:
         self.run: Any = None
         self.tracker: Any = None
+        self.config: DictConfig | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.config = config
+        RUNNING.append(self)
         sweeper_class = get_class(config.hydra.sweeper._target_)
         # A sweeper that can check its settings does so now, so that a set-up error records nothing.
         check = getattr(sweeper_class, "check_config", None)
@@ -95,7 +115,31 @@ class ParentRunCallback(Callback):
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         return self.run
 
+    def interrupted(self, reason: str) -> str:
+        """End the parent KILLED with the reason; say what the sweep kept and what running it again does."""
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        jobs = [d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+        finished = sum((d / RESULT_FILE).is_file() for d in jobs)
+        parent = ""
+        tracked = self.run is not None
+        if tracked:
+            parent = f"; sweep run {self.run.run_id} ended KILLED"
+            try:
+                self.run.set_tags({"error": f"KeyboardInterrupt: {reason}"})
+                self._end("KILLED")
+            except Exception as exc:  # the store is what failed: the exit handler tries FAILED once more
+                parent = f"; its sweep run {self.run.run_id} could not be ended ({type(exc).__name__}: {exc})"
+        sweeper = self.config.hydra.sweeper._target_.rsplit(".", 1)[-1]
+        resume = RESUMES.get(sweeper, "it starts over")
+        records = f"{shown(sweep_dir)}/" + (" and their MLflow runs" if tracked else "")
+        return (
+            f"{reason}: {finished} of {len(jobs)} started jobs finished{parent}; kept: {records}; "
+            f"resume: run the same command again ({resume})"
+        )
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         failed, jobs = failed_jobs(Path(config.hydra.sweep.dir))
         stays_open = bool(os.environ.get(PARENT_STAYS_OPEN_ENV))
