@@ -27,6 +27,7 @@ from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
 from sweep.measure.summary import summary_table, unsteady_figures
 from sweep.measure.telemetry import device_bandwidth
+from sweep.model.source import model_identity
 from sweep.workload.timing import RequestTiming
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -56,8 +57,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config as run params, with user info taken out of any URI."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    """The flattened config as run params, with user info taken out of any URI; model.name is the model that ran
+    (a local checkpoint's directory, not the name of the preset its model.path overrides)."""
+    params = flatten(OmegaConf.to_container(cfg, resolve=True)) | {"model.name": model_identity(cfg.model)[0]}
     return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}
 
 

@@ -89,7 +89,23 @@ class ModelSource:
     shape: ModelShape
 
 
+def model_identity(model_cfg: Any) -> tuple[str, str]:
+    """(name, full identity) of a model config, read from the config alone: nothing is fetched or hashed.
+
+    The name is what records call the model: a local checkpoint is named after its directory (not the preset whose
+    model.name it overrides), a hub model after its preset. The identity: a path, a hub id at its revision, or a
+    generated model's seed.
+    """
+    if model_cfg.path:
+        path = Path(model_cfg.path).expanduser().resolve()
+        return path.name, f"path:{path}"
+    if model_cfg.hub_id:
+        return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
+    return model_cfg.name, f"generated:{model_cfg.generate}:seed={model_cfg.seed}"
+
+
 def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
+    name = model_identity(model_cfg)[0]
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():
@@ -97,13 +113,13 @@ def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
                 "no config.json in it" if path.is_dir() else ("it is a file" if path.exists() else "it does not exist")
             )
             raise ConfigError(f"model.path={model_cfg.path!r} is not a Hugging Face checkpoint directory ({reason})")
-        name, identity = path.name, {"path": str(path), "weights_sha256": weights_digest(path)}
+        identity = {"path": str(path), "weights_sha256": weights_digest(path)}
     elif model_cfg.hub_id:
         path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
-        name, identity = model_cfg.name, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
+        identity = {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
     else:
         path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
-        name, identity = model_cfg.name, {"generated": "tiny", "weights_sha256": weights_digest(path)}
+        identity = {"generated": "tiny", "weights_sha256": weights_digest(path)}
     return ModelSource(name, path, identity, ModelShape.read(path))
 
 
