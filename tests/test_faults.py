@@ -368,22 +368,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert find_parent(tracker.client, [tracker.experiment_id], None) == finished.run_id
 
 
-# -- item 4: one bad point fails its job only --------------------------------------------------------------------
-def test_a_bad_point_fails_its_job_and_the_grid_goes_on(tmp_path):
-    result = run_sweep(tmp_path, "-m", "engine.max_input_len=16,1024", "workload.output_len=2", *SMALL)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output
-    assert "1 of 2 jobs failed: job 0: engine.max_input_len=16 cannot hold" in output
-    runs = mlflow_runs(tmp_path)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted((r.info.status, r.data.params["engine.max_input_len"]) for r in children) == [
-        ("FAILED", "16"),
-        ("FINISHED", "1024"),
-    ]
-    failed = next(r for r in children if r.info.status == "FAILED")
-    assert failed.data.tags["error"].startswith("ConfigError: engine.max_input_len=16 cannot hold")
-    assert parent.info.status == "FAILED" and "1 of 2 jobs failed" in parent.data.tags["error"]
+# -- item 4: a bad point refuses the whole grid before any point runs: tests/test_grid_check.py ---------------
 
 
 # -- item 6: no password from a URI is stored or printed ---------------------------------------------------------

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.config.errors import ConfigError
 from sweep.job.artifacts import JOB_ERROR_FILE, RESULT_FILE, shown
+from sweep.multirun.grid import check_grid, is_grid
 from sweep.multirun.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact, redact_file
@@ -69,8 +70,11 @@ class ParentRunCallback(Callback):
         self.config = config
         RUNNING.append(self)
         sweeper_class = get_class(config.hydra.sweeper._target_)
-        # A sweeper that can check its settings does so now, so that a set-up error records nothing.
+        # A sweeper that can check its settings does so now, so that a set-up error records nothing; a grid's
+        # points are checked here, every one before the first runs.
         check = getattr(sweeper_class, "check_config", None)
+        if is_grid(config):
+            check = lambda config: check_grid(config, set(sweeps(config)))
         if check is not None:
             try:
                 check(config)
@@ -107,7 +111,7 @@ class ParentRunCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         sweeper = config.hydra.sweeper._target_.rsplit(".", 1)[-1]
         tags = {"sweep.kind": "multirun", "sweep.sweeper": sweeper}
-        kind = "grid" if sweeper == "BasicSweeper" else "search"  # a search's sweeper renames it after its study
+        kind = "grid" if is_grid(config) else "search"  # a search's sweeper renames it after its study
         swept = sweeps(config)
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
         self.run = self.tracker.start_run(redact(name), tags, owned=owned)
@@ -145,7 +149,7 @@ class ParentRunCallback(Callback):
         stays_open = bool(os.environ.get(PARENT_STAYS_OPEN_ENV))
         if self.run is not None:
             report = None if stays_open else self._report(config)
-            if report is not None and config.hydra.sweeper._target_.endswith("BasicSweeper"):
+            if report is not None and is_grid(config):
                 self._summarise_grid(report)  # a search's sweeper logs its own study summary
             run_id = self.run.run_id
             command = self.tracker.ui_command()
