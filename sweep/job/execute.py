@@ -22,10 +22,10 @@ from sweep.config.schema import SLO_KEYS
 from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, shown, write_job_error, write_result
 from sweep.job.naming import run_name
 from sweep.job.plan import Plan, make_plan, start_engine
-from sweep.measure.benchmark import run_benchmark
+from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
-from sweep.measure.summary import summary_table, unsteady_figures
+from sweep.measure.summary import summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
 from sweep.model.source import model_identity
 from sweep.workload.timing import RequestTiming
@@ -111,6 +111,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         phases.update(phase_build_s=started.build_s, phase_load_s=started.load_s)
         rec.set_tags({"engine.cache_hit": entry.hit, "engine.key": engine_key(p.key_inputs)})
         engine_figures = p.backend.engine_figures()
+        limit_key = "workload.batch_size" if cfg.workload.batch_size else "engine.max_batch_size"
+        if changed := engine_changes_workload(cfg.workload, p.batch_size, limit_key):
+            log.warning("%s", changed)
+            rec.set_tags({"workload.changed": changed})
         try:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
@@ -164,8 +168,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         if out is not None:  # a sweeper reads every figure of a job from here, with its run's id
             write_result(out, figures, rec.run_id)
         title = (
-            f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
-            f"batch {p.batch_size}"
+            f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · batch {p.batch_size}\n"
+            + workload_header(cfg.workload, p.workload.measured, p.batch_size, figures)
         )
         if os.environ.get(SUMMARY_TO_LOG_ENV):  # in a search: the sweeper prints one line per trial instead
             log.info("%s", summary_table(title, figures))
@@ -173,8 +177,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
             print(summary_table(title, figures))
         if saturated:
             log.warning(
-                f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
-                f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
+                f"saturated: workload.request_rate={cfg.workload.request_rate:g} offered "
+                f"{figures['offered_rate_req_s']:.2f} req/s and the engine admitted "
+                f"{figures['achieved_rate_req_s']:.2f} (below {SATURATION:.0%}): its queue grew, so this measures "
+                "the rate the engine sustains, not the one asked for"
             )
     if rec.run_id:
         command = tracker.ui_command()
