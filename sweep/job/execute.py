@@ -25,7 +25,7 @@ from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
-from sweep.measure.summary import summary_table, unsteady_figures, workload_header
+from sweep.measure.summary import headline, summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
 from sweep.model.source import model_identity
 from sweep.workload.timing import RequestTiming
@@ -97,7 +97,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()},
     }
     tracker.set_view(UI_PARAMS, list(HEADLINE))
-    with tracker.run(run_name(cfg, p), tags, parent_run_id) as rec:
+    with tracker.run(run_name(cfg), tags, parent_run_id) as rec:
         rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
@@ -171,17 +171,25 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
             f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · batch {p.batch_size}\n"
             + workload_header(cfg.workload, p.workload.measured, p.batch_size, figures)
         )
+        table = summary_table(title, figures)
         if os.environ.get(SUMMARY_TO_LOG_ENV):  # in a search: the sweeper prints one line per trial instead
-            log.info("%s", summary_table(title, figures))
+            log.info("%s", table)
         else:
-            print(summary_table(title, figures))
+            print(table)
+        warnings = [changed] if changed else []
         if saturated:
-            log.warning(
+            warnings.append(
                 f"saturated: workload.request_rate={cfg.workload.request_rate:g} offered "
                 f"{figures['offered_rate_req_s']:.2f} req/s and the engine admitted "
                 f"{figures['achieved_rate_req_s']:.2f} (below {SATURATION:.0%}): its queue grew, so this measures "
                 "the rate the engine sustains, not the one asked for"
             )
+            log.warning("%s", warnings[-1])
+        # A run's page shows the first lines of its Description: what ran, its headline figures and what changed
+        # the workload come first, then the table printed above.
+        description = [title.replace("\n", "  \n"), "", headline(figures, cfg.objective.metric), ""]
+        description += [f"**warning**: {w}  " for w in warnings] + ["", "```", table, "```"]
+        rec.set_description("\n".join(description))
     if rec.run_id:
         command = tracker.ui_command()
         print(f"run {rec.run_id}: {tracker.run_url(rec.run_id)}" + (f"  (after: {command})" if command else ""))
@@ -271,7 +279,7 @@ def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     try:
         tracker = make_tracker(cfg.tracker)
         tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}
-        with tracker.run(cfg.tracker.run_name, tags, os.environ.get(PARENT_RUN_ENV)) as rec:
+        with tracker.run(run_name(cfg), tags, os.environ.get(PARENT_RUN_ENV)) as rec:
             rec.log_params(config_params(cfg))
             raise exc
     except ConfigError:

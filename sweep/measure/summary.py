@@ -7,7 +7,7 @@ import math
 import statistics
 from typing import Any
 
-from sweep.measure.figures import FIGURES
+from sweep.measure.figures import FIGURES, HEADLINE, label, metric_names
 from sweep.workload.requests import Request
 
 DISTRIBUTION_STATS = ("p50", "p90", "p95", "p99", "mean")
@@ -63,6 +63,19 @@ def workload_header(wcfg: Any, measured: list[Request], batch_size: int, figures
     lengths = f"ISL {tokens([r.input_len for r in measured])} / OSL {tokens([r.output_len for r in measured])} tokens"
     count = f"{len(measured)} requests x {wcfg.iterations} iterations"
     return " · ".join([arrivals(wcfg, batch_size, figures), lengths, count])
+
+
+def figure_text(metric: str, value: float) -> str:
+    """`TTFT P50 403 ms`: a figure's label, its value to 3 significant digits (integers whole) and its unit."""
+    unit = metric_names()[metric].unit if metric in metric_names() else ""
+    number = f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{label(metric, with_unit=False)} {number} {unit}".rstrip()
+
+
+def headline(figures: dict[str, float], first: str | None = None) -> str:
+    """The headline figures a run recorded on one line, `first` (the objective) leading in bold."""
+    names = [n for n in dict.fromkeys([first, *HEADLINE]) if n and n in figures]
+    return " · ".join(f"**{figure_text(n, figures[n])}**" if n == first else figure_text(n, figures[n]) for n in names)
 
 
 def summary_table(title: str, figures: dict[str, float]) -> str:

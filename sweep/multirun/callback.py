@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.config.errors import ConfigError
 from sweep.job.artifacts import JOB_ERROR_FILE, RESULT_FILE, shown
+from sweep.job.execute import UI_PARAMS
+from sweep.measure.figures import HEADLINE, lookup
+from sweep.measure.summary import headline
 from sweep.multirun.grid import check_grid, is_grid
 from sweep.multirun.sweeper_api import PARENT_STAYS_OPEN_ENV, SWEPT_KEYS_ENV
 from trackers import PARENT_RUN_ENV, make_tracker
@@ -147,8 +151,11 @@ class ParentRunCallback(Callback):
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         failed, jobs = failed_jobs(Path(config.hydra.sweep.dir))
         stays_open = bool(os.environ.get(PARENT_STAYS_OPEN_ENV))
+        message = f"{len(failed)} of {jobs} jobs failed: " + "; ".join(failed) if failed else None
         if self.run is not None:
             report = None if stays_open else self._report(config)
+            if not stays_open:
+                self._describe(report, message)
             if report is not None and is_grid(config):
                 self._summarise_grid(report)  # a search's sweeper logs its own study summary
             run_id = self.run.run_id
@@ -161,7 +168,6 @@ class ParentRunCallback(Callback):
         if not failed:
             self._end("FINISHED")
             return
-        message = f"{len(failed)} of {jobs} jobs failed: " + "; ".join(failed)
         log.error("%s", message)
         if self.run is not None and not stays_open:
             self.run.set_tags({"error": message[:5000]})
@@ -186,6 +192,28 @@ class ParentRunCallback(Callback):
             log.warning("no report for this sweep: %s", exc)
             return None
 
+    def _describe(self, report: Any, failures: str | None) -> None:
+        """The parent as the runs table and its page show it: the best run's headline figures under the columns'
+        names, the values each default column took across the runs, and the comparison table as its Description."""
+        lines = [f"**{failures}**", ""] if failures else []
+        if report is None:
+            self.run.set_description("\n".join(lines + ["no run finished with figures"]))
+            return
+        best = report.best
+        lines += [f"best: **{best['tags.mlflow.runName']}**  ", best_line(report), ""]
+        self.run.set_description("\n".join(lines) + "\n" + table_first(report.files["comparison.md"].read_text()))
+        names = dict.fromkeys([*HEADLINE, report.objective])
+        self.run.log_metrics({m: best[f"metrics.{m}"] for m in names if is_figure(best.get(f"metrics.{m}"))})
+        covered = {}
+        for param in UI_PARAMS:
+            values = report.runs.get(f"params.{param}")
+            if values is not None and values.notna().any():
+                covered[param] = ", ".join(sorted({str(v) for v in values.dropna()}, key=natural))
+        try:
+            self.run.log_params(covered)
+        except Exception as exc:  # a parent another session already filled in (params never change in MLflow)
+            log.warning("the sweep's parent run keeps its earlier settings columns: %s", exc)
+
     def _summarise_grid(self, report: Any) -> None:
         """What a search's parent holds, for a grid: the best run's value and settings, and the run counts."""
         best = report.best
@@ -204,6 +232,44 @@ class ParentRunCallback(Callback):
             os.environ.pop(PARENT_RUN_ENV, None)
             os.environ.pop(SWEPT_KEYS_ENV, None)
             self.run = None
+
+
+def best_line(report: Any) -> str:
+    """The best run's headline figures, the objective first, and how it compares with the baseline."""
+    figures = {k.removeprefix("metrics."): v for k, v in report.best.items() if k.startswith("metrics.")}
+    line = headline({k: v for k, v in figures.items() if is_figure(v)}, report.objective)
+    base, value = report.baseline[f"metrics.{report.objective}"], report.best[f"metrics.{report.objective}"]
+    if report.baseline["run_id"] != report.best["run_id"] and base and value:
+        better = lookup(report.objective).better == "higher"
+        line += (
+            f" ({value / base if better else base / value:.2f}x the baseline, {report.baseline['tags.mlflow.runName']})"
+        )
+    return line
+
+
+def table_first(comparison: str) -> str:
+    """The comparison report's Markdown with its table first: a run page shows the first lines of a Description and
+    folds the rest. Its title goes (the run's own name says what it is); any other layout is kept as it is."""
+    sections = comparison.strip().split("\n\n")
+    sections = [s for s in sections if not s.startswith("# ")]
+    table = next((i for i, s in enumerate(sections) if s.startswith("| ")), None)
+    if table is None:
+        return "\n\n".join(sections)
+    first = sections[max(table - 1, 0) : table + 1]  # the line saying how the table is ordered, and the table
+    return "\n\n".join(first + [s for s in sections if s not in first]) + "\n"
+
+
+def is_figure(value: Any) -> bool:
+    """A figure worth logging: a number, not a missing cell (NaN or None)."""
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def natural(text: str) -> tuple:
+    """Numbers in their order (2 before 16), then text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def failed_jobs(sweep_dir: Path) -> tuple[list[str], int]:

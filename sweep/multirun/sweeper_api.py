@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from sweep.config.errors import ConfigError
 from sweep.job.artifacts import RESULT_FILE, JobResult, read_result, write_result
 from sweep.job.execute import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun
-from sweep.job.naming import SWEPT_KEYS_ENV, TRIAL_TAG
+from sweep.job.naming import PROBE_TAG, SWEPT_KEYS_ENV, TRIAL_TAG
 from sweep.job.plan import make_plan, resolve_device
 from sweep.job.validate import check_figure, check_sweep
 from sweep.measure.figures import metric_names
@@ -55,6 +55,7 @@ __all__ = [
     "STUDY_TAG",
     "SWEPT_KEYS_ENV",
     "TRIAL_TAG",
+    "PROBE_TAG",
     "SUMMARY_TO_LOG_ENV",
     "PARENT_STAYS_OPEN_ENV",
     "WORKER_ENV",
