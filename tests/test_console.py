@@ -1,6 +1,8 @@
 """What the console answers without an engine: --help and config errors load no torch or transformers, and
 --help renders the composed config like Hydra's own help."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
@@ -46,3 +48,53 @@ def test_help_with_an_override_that_does_not_compose_says_so_in_one_line(tmp_pat
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Could not find 'backend/no_such_backend'" in result.stderr
+
+
+def readme_command_keys() -> set[str]:
+    """Every `key=value` key the README's `python -m sweep` command lines set (continued lines included)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    keys: set[str] = set()
+    for i, line in enumerate(lines):
+        if "python -m sweep " not in line:
+            continue
+        command = line
+        while command.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            command = command.rstrip()[:-1] + " " + lines[i]
+        keys |= set(re.findall(r"(?:^|[\s'\"])\+{0,2}([a-z_]+(?:\.[a-z_0-9]+)+)=", command))
+    return keys
+
+
+def test_help_names_every_key_the_readme_sets_and_every_sweeper_setting(tmp_path):
+    from hydra_plugins.sweep_max_rate_sweeper.max_rate_sweeper import MaxRateSweeperConf
+    from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
+    from sweep.job.compose import help_text, known_keys
+
+    text = help_text()
+    words = set(re.findall(r"[\w.]+", text))
+    keys = {k for k in readme_command_keys() if k.startswith("hydra.") or k in known_keys()}
+    assert {"workload.concurrency", "workload.request_rate", "backend.scheduler"} <= keys  # the probe reads them
+    for key in keys:  # by its whole name, or by its last parts under a `section.*` line
+        if re.search(r"\.(objectives|constraints)\.\w+$", key):  # a figure's name under a dict of figures
+            assert key.rsplit(".", 2)[-2] + ".<figure>" in text, key
+            continue
+        parts = key.split(".")
+        tail = any(".".join(parts[i:]) in words for i in range(1, len(parts)))
+        section = any(".".join(parts[:i]) + ".*" in text for i in range(1, len(parts)))
+        assert key in words or (tail and section), key
+    settings = [f.name for conf in (OptunaSweeperConf, MaxRateSweeperConf) for f in dataclasses.fields(conf)]
+    settings += ["kv_blocks", "kv_memory_fraction", "memory_fraction", "single_process_worker", "burstiness"]
+    unnamed = [name for name in settings if name != "_target_" and not re.search(rf"\b{name}\b", text)]
+    assert unnamed == []
+
+
+def test_every_worked_example_in_help_composes(tmp_path):
+    from sweep.job.compose import EXAMPLES, compose
+
+    commands = [line.split("python -m sweep ", 1)[1].split() for line in EXAMPLES.splitlines() if "python -m" in line]
+    assert len(commands) == 3
+    for args in commands:
+        overrides = [a for a in args if a != "-m" and not a.startswith("hydra.")]
+        first_points = [o.split(",")[0] for o in overrides]  # a grid's first point
+        cfg = compose(first_points)
+        assert cfg.backend.name and cfg.workload.scenario
