@@ -6,12 +6,19 @@ the run leaves in its output directory (the figures a sweeper reads, sweep.multi
 Overhead = wall time - model load - generation (warm-up + measured iterations) - the one-off import of torch and
 transformers, which is measured separately in a bare process.
 
+With --console it times what answers at once instead: `--help`, a value out of range and a Hydra error (an
+unknown option), each the fastest of N processes, wall and CPU seconds; --repo times another checkout the same
+way (a before/after comparison).
+
     python benchmarks/cli_overhead.py [--runs 3] [--work DIR]
+    python benchmarks/cli_overhead.py --console [--runs 5] [--repo /path/to/other/checkout]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -19,6 +26,14 @@ import time
 from pathlib import Path
 
 from sweep.multirun.sweeper_api import read_result
+
+REPO = Path(__file__).resolve().parent.parent
+# The console's answers that need no engine: each must come back in about a second.
+CONSOLE_COMMANDS = {
+    "--help": ["--help"],
+    "a bad value": ["engine.max_batch_size=0"],
+    "a Hydra error": ["backend=no_such_backend"],
+}
 
 
 def timed(command: list[str]) -> float:
@@ -29,12 +44,44 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def timed_with_cpu(command: list[str], cwd: Path, repo: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one process of `repo`'s code; CPU time hardly moves when the host is
+    busy. Its exit status is not checked: the console's answers to bad input exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, capture_output=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def console(runs: int, repos: list[Path]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="sweep-console-"))
+    header = f"{'command':<16}" + "".join(f"{'wall s':>10}{'cpu s':>8}     " for _ in repos)
+    print("\n".join(f"[{i}] {repo}" for i, repo in enumerate(repos)))
+    print(header + "\n" + "-" * len(header))
+    for label, args in CONSOLE_COMMANDS.items():
+        row = f"{label:<16}"
+        for i, repo in enumerate(repos):
+            samples = [timed_with_cpu([sys.executable, "-m", "sweep", *args], workdir, repo) for _ in range(runs)]
+            row += f"{min(w for w, _ in samples):>10.2f}{min(c for _, c in samples):>8.2f}  [{i}]"
+        print(row)
+    bare = timed([sys.executable, "-c", "pass"])
+    print(f"\nthe fastest of {runs} processes each; python start-up alone: {bare:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="a new directory (default: a fresh temporary one)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    parser.add_argument("--console", action="store_true", help="time --help and config errors instead of a run")
+    parser.add_argument("--repo", type=Path, action="append", default=[], help="another checkout to time too")
     args = parser.parse_args()
+    if args.console:
+        console(args.runs, [REPO, *args.repo])
+        return
     work = (args.work or Path(tempfile.mkdtemp(prefix="sweep-overhead-"))).resolve()
     bare = timed([sys.executable, "-c", "pass"])
     imports = timed([sys.executable, "-c", "import torch, transformers; from transformers import AutoModelForCausalLM"])

@@ -1,4 +1,5 @@
-"""Screenshots of the MLflow UI as a new user sees it: the experiment's runs table and a sweep's parent run.
+"""Screenshots of the MLflow UI as a new user sees it: the experiment's runs table, a sweep's parent run and its
+best child run, in a 1920x1080 window (what shows without scrolling on a common screen).
 
 Starts `mlflow ui` on the store (default: ./mlruns/mlflow.db, what `python -m sweep` records into), opens the
 URLs sweep prints in headless Chromium (the Debian package `chromium`: `apt-get install -y chromium`) and saves
@@ -82,7 +83,13 @@ def pages(client: MlflowClient, base: str, experiment: str) -> dict[str, str]:
     found = {"mlflow_runs_table": f"{base}/#/experiments/{eid}/runs?{UI_QUERY}"}
     parents = client.search_runs([eid], "tags.`sweep.kind` != ''", order_by=["attributes.start_time DESC"])
     if parents:
-        found["mlflow_sweep_run"] = f"{base}/#/experiments/{eid}/runs/{parents[0].info.run_id}?{UI_QUERY}"
+        parent = parents[0].info.run_id
+        found["mlflow_sweep_run"] = f"{base}/#/experiments/{eid}/runs/{parent}?{UI_QUERY}"
+        children = client.search_runs(
+            [eid], f"tags.`mlflow.parentRunId` = '{parent}'", order_by=["metrics.output_throughput_tok_s DESC"]
+        )
+        if children:
+            found["mlflow_child_run"] = f"{base}/#/experiments/{eid}/runs/{children[0].info.run_id}?{UI_QUERY}"
     return found
 
 
@@ -91,7 +98,7 @@ def main() -> int:
     parser.add_argument("--store", default="mlruns/mlflow.db", help="the SQLite store sweep recorded into")
     parser.add_argument("--experiment", default="sweep")
     parser.add_argument("--out", default="docs", help="directory for the PNG files")
-    parser.add_argument("--size", default="1600,600", help="browser window, width,height")
+    parser.add_argument("--size", default="1920,1080", help="browser window, width,height")
     args = parser.parse_args()
 
     browser = next((b for b in BROWSERS if shutil.which(b)), None)

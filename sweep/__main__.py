@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 
 from sweep.config import CONF_DIR
 from sweep.job.command_line import hydra_error_message, sweep_value_refusal, unknown_key
-from sweep.job.compose import register_configs
-from sweep.multirun.callback import end_stopped_sweeps
+from sweep.job.compose import register_configs, render_help
 from trackers.store import redact
 
 register_configs()
@@ -29,7 +28,20 @@ def main(cfg: DictConfig) -> float:
 def terminate(signum: int, frame: object) -> None:
     """SIGTERM (timeout, Docker, SLURM, Kubernetes) ends the process the way Ctrl-C does: the run KILLED with
     the reason, temporary build directories removed."""
-    raise KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+    interrupt = KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+    interrupt.signum = signum  # the exit status
+    raise interrupt
+
+
+def interruption_line(exc: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C or SIGTERM: what was recorded, what was kept, how to resume (instead of a traceback)."""
+    from sweep.multirun.callback import end_interrupted
+
+    reason = str(exc) or "interrupted (Ctrl-C)"
+    if line := end_interrupted(reason):
+        return line
+    kept = [*getattr(exc, "__notes__", []), "every engine built before it stays in the engine cache"]
+    return f"{reason}: {'; '.join(kept)}; resume: run the same command again"
 
 
 def redact_log_records() -> None:
@@ -70,6 +82,21 @@ def refuse(message: str) -> None:
     sys.exit(2)
 
 
+def print_help(argv: list[str]) -> bool:
+    """`--help` (with any overrides): print it and say so; False for every other command line, Hydra's to run."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if not args.help or args.hydra_help or args.config_dir or args.config_path or args.config_name:
+        return False
+    try:
+        print(render_help(args.overrides, resolve=args.resolve))
+    except Exception as exc:  # an override that does not compose: Hydra's own message, on one line
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
+    return True
+
+
 def cli() -> None:
     """The console script `sweep`, the same as `python -m sweep`. A setting Hydra cannot compose is one line and
     exit 2, before anything runs; any other error shows as Hydra shows it."""
@@ -78,12 +105,15 @@ def cli() -> None:
     # before Hydra, whose advice for a typo is to add it with `+`, and which composes a sweep's jobs one by one
     if message := unknown_key(sys.argv[1:]) or sweep_value_refusal(sys.argv[1:]):
         refuse(message)
+    if print_help(sys.argv[1:]):
+        return
     try:
         with hydra_errors_raised():
             main()
     except KeyboardInterrupt as exc:
-        end_stopped_sweeps(exc)
-        raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the records short
+        print(redact(interruption_line(exc)), file=sys.stderr)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     except Exception as exc:
         if message := hydra_error_message(exc):
             refuse(message)

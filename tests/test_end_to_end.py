@@ -21,7 +21,7 @@ def artifact_paths(client, run_id, path=None):
 def test_main_job_records_a_complete_run_then_reuses_the_engine(tmp_path):
     first = run_sweep(tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "tiny · hf · cpu (float32) · latency · batch 1" in first.stdout
+    assert "tiny · hf · cpu (float32) · batch 1\nlatency: one client, one request at a time" in first.stdout
     assert "output throughput" in first.stdout
     run_line = next(line for line in first.stdout.splitlines() if line.startswith("run "))
     assert "/#/experiments/1/runs/" in run_line and "workflowType=machine_learning" in run_line

@@ -242,6 +242,8 @@ def test_max_rate_search_end_to_end_logs_the_answer_on_the_parent(tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "max_rate"]
     probes = sorted(float(r.data.params["workload.request_rate"]) for r in runs if r is not parent)
     assert probes == [50.0, 100.0, 200.0]  # every rate held under a 60 s SLO: doubling up to max_rate
+    names = sorted(r.info.run_name for r in runs if r is not parent)
+    assert names == ["probe 1: rate=50", "probe 2: rate=100", "probe 3: rate=200"]
     assert parent.data.metrics["max_sustainable_rate_req_s"] == 200.0
 
 

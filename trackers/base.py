@@ -32,6 +32,9 @@ class TrackedRun(ABC):
     @abstractmethod
     def end(self, status: str) -> None: ...
 
+    def set_description(self, markdown: str) -> None:
+        """What a UI shows at the top of the run's page (a tracker without a UI ignores it)."""
+
 
 class Tracker(ABC):
     @abstractmethod
@@ -71,10 +74,14 @@ class Tracker(ABC):
             # When the store itself is what failed, these may fail too: say so, and keep the run's own error.
             try:
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                if status == "FAILED":  # the page of a failed run opens on why
+                    run.set_description(f"**{status}**: {type(exc).__name__}: {exc}")
             except Exception as tag_exc:
                 log.error("run %s: its error could not be recorded: %s", run.run_id, tag_exc)
             try:
                 run.end(status)
+                if status == "KILLED" and run.run_id:  # the CLI's one line on an interruption names it
+                    exc.add_note(f"run {run.run_id} ended KILLED")
             except Exception as end_exc:
                 log.error("run %s could not be ended %s in the tracker: %s", run.run_id, status, end_exc)
             raise

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
 
+MAX_TAG_LENGTH = 8000  # MLflow's limit on a tag value
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description, which the UI renders as Markdown
 METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows all 17, timings carry fewer
 
 # The MLflow 3.x UI opens an experiment in its GenAI view (traces) unless the URL asks for the model-training
@@ -64,6 +66,23 @@ def check_reachable(uri: str) -> None:
         "start the tracking server or database, point tracker.uri (or $MLFLOW_TRACKING_URI) at one that runs, "
         "or use tracker=none",
     )
+
+
+def fit_lines(text: str, limit: int) -> str:
+    """`text` whole if it fits in `limit` characters, else its first lines and a last line saying how many are left
+    out (a fenced code block left open is closed)."""
+    if len(text) <= limit:
+        return text
+    lines = text.splitlines()
+    kept: list[str] = []
+    size = 0
+    for line in lines:
+        if size + len(line) + 1 > limit - 120:  # room for the closing lines
+            break
+        kept.append(line)
+        size += len(line) + 1
+    fence = ["```"] if sum(line.startswith("```") for line in kept) % 2 else []
+    return "\n".join([*kept, *fence, f"... {len(lines) - len(kept)} more lines in the run's artifacts"])
 
 
 def rounded(value: float) -> float:
@@ -107,6 +126,10 @@ class MLflowRun(TrackedRun):
     def end(self, status: str) -> None:
         HEARTBEAT_KEEPER.drop(self.run_id)
         retry_when_locked(self.client.set_terminated, self.run_id, status)
+
+    def set_description(self, markdown: str) -> None:
+        """The run page's Description (the `mlflow.note.content` tag), cut at whole lines to the tag's limit."""
+        self.set_tags({DESCRIPTION_TAG: fit_lines(markdown, MAX_TAG_LENGTH)})
 
 
 class HeartbeatKeeper:

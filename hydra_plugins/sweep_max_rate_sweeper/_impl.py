@@ -122,7 +122,8 @@ class MaxRateSearch:
                 rate = next_rate(probes, self.start_rate, self.tolerance, self.max_rate)
                 if rate is None:
                     break
-                overrides = [*arguments, "workload.scenario=rate", f"workload.request_rate={rate:.6g}"]
+                probe_tag = f"+tracker.tags.{sweeper_api.PROBE_TAG}={len(probes) + 1}"  # its run: `probe N: rate=`
+                overrides = [*arguments, "workload.scenario=rate", f"workload.request_rate={rate:.6g}", probe_tag]
                 (ret,) = self.launcher.launch([overrides], initial_job_idx=len(probes))
                 returns.append(ret)
                 if ret.status != JobStatus.COMPLETED:

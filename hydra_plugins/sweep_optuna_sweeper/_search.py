@@ -204,7 +204,7 @@ class OptunaSearch:
 
     def what(self) -> str:
         """`tiny/hf`: the model and backend every trial's run name starts with, as a single run's does."""
-        return f"{self.config.model.name}/{self.config.backend.name}"
+        return f"{sweeper_api.model_identity(self.config.model)[0]}/{self.config.backend.name}"
 
     def compose(self, overrides: list[str]) -> DictConfig:
         return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)

@@ -33,6 +33,12 @@ class JobResult:
     run_id: str | None  # the job's tracker run; None when tracking is off
 
 
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when under it."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def write_result(output_dir: Path, figures: dict[str, float], run_id: str | None = None) -> None:
     (output_dir / RESULT_FILE).write_text(json.dumps({"run_id": run_id, "figures": figures}, indent=2))
 

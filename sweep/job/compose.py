@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import string
+import textwrap
 from typing import Iterable
 
 from hydra.core.config_store import ConfigStore
@@ -46,10 +49,26 @@ GROUPS = {
     "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput, quality: quantization "
     "held to a quality bound) or max_rate, the highest request rate held under the SLO",
 }
+
+
+def backend_keys() -> str:
+    """`compiled: scheduler (inflight)` for each backend with runtime settings: their names and defaults (as YAML
+    writes them: null, true)."""
+    lines = []
+    for name, spec in BACKENDS.items():
+        fields = [f for f in dataclasses.fields(spec.config_class) if f.name != "name"]
+        if fields:
+            settings = ", ".join(f"{f.name} ({OmegaConf.to_yaml({'v': f.default})[3:].strip()})" for f in fields)
+            lines.append(textwrap.fill(f"{name}: {settings}", 120, initial_indent=" " * 25, subsequent_indent=" " * 27))
+    return "\n".join(lines)
+
+
 # What the main keys mean; `== The composed config ==` below shows their defaults. Hydra fills the help in as a
 # string.Template: a literal dollar sign is written $$.
 KEYS = f"""\
   device                 {", ".join(DEVICES)} (auto: CUDA when present, else the CPU)
+  model.path             a local Hugging Face checkpoint directory, instead of the preset's source (records name the
+                         model after the directory); model.hub_id at model.revision: a hub model
   model.dtype            the checkpoint's native dtype, a fact about the model (used when engine.dtype=auto)
   model.shape            with model.generate=random: random weights of {", ".join(SHAPES)},
                          written once under cache_dir in the run's dtype, recorded as random-<shape> (no download)
@@ -66,10 +85,18 @@ KEYS = f"""\
   workload.*             num_requests, warmup_requests, iterations, input_len, output_len,
                          length_distribution (fixed, normal with input_len_std, output_len_std), batch_size,
                          dataset (JSONL in trtllm-bench's format), seed
+  workload.concurrency   workload=concurrency: clients in a closed loop, each sending its next request when its
+                         last one is done (more than the engine serves at once wait in its queue: a warning says so)
+  workload.request_rate  workload=rate: requests offered per second, open loop (inf: every request at t0)
+  workload.burstiness    workload=rate: shape of the gamma-distributed gaps between arrivals (1 = Poisson, < 1
+                         burstier, > 1 steadier), seeded per iteration
+  slo.*                  ttft_ms, tpot_ms, e2e_ms: a request is good when it meets every one that is set (goodput)
   objective.metric       the figure a sweep optimises (a name from the list below); objective.direction
   tracker.uri            an MLflow tracking URI (default $$MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db);
                          tracker.experiment, tracker.run_name (default: model, backend and what the sweep varies)
-  cache_dir              where built engines are kept (engines_cache)"""
+  cache_dir              where built engines are kept (engines_cache)
+  backend.*              the chosen backend's runtime settings (not part of the engine it builds):
+{backend_keys()}"""
 SAMPLER_GROUP = "hydra/sweeper/sampler"
 
 
@@ -94,7 +121,28 @@ def sweeps_help() -> str:
                                 its settings as hydra.sweeper.sampler.<setting>=...
   hydra.sweeper.*               seed, n_trials, n_jobs, study_name, storage,
                                 objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
-                                max_failure_rate, best_config_dir"""
+                                max_failure_rate, best_config_dir
+                                params.<key>='choice(...)' (the space, as a preset writes it), workers,
+                                gpus_per_trial (parallel trials, each on its own GPUs), allow_repeats, confirm_top_k,
+                                warm_start, budget_minutes, resume_mismatched, heartbeat_interval, grace_period
+  -m search=max_rate slo=...    the highest request rate held under the SLO (hydra/sweeper=max_rate): probes
+                                workload.request_rate doubling from hydra.sweeper.start_rate up to max_rate, then
+                                bisects until the bracket is within tolerance; attainment (the % of requests that
+                                must meet the SLO), max_probes
+  hydra.launcher.*              where jobs run (hydra/launcher=slurm, ray_gpus, submitit_local): e.g. partition,
+                                account, timeout_min (slurm), ray.init.address (ray_gpus)
+  hydra.sweep.dir               where a multirun keeps its jobs' directories and its report"""
+
+
+EXAMPLES = """\
+  python -m sweep backend=compiled engine.max_batch_size=8 workload=concurrency workload.concurrency=8
+      one run: 8 clients in a closed loop against the compiled engine built for batches of 8
+  python -m sweep -m workload=rate workload.request_rate=1,2,4,8 workload.burstiness=0.5 slo=interactive
+      a load sweep, one MLflow child run per rate: bursty arrivals, goodput and SLO attainment (TTFT <= 500 ms,
+      TPOT <= 50 ms) at each offered rate, and the rate each one achieved
+  python -m sweep -m search=max_rate slo=interactive backend=hf_paged hydra.sweeper.start_rate=2
+      the highest rate hf_paged sustains with 99% of requests within the SLO (max_sustainable_rate_req_s on the
+      sweep's parent run; each probe is a child run named `probe N: rate=R`)"""
 
 
 def config_groups() -> str:
@@ -133,6 +181,9 @@ def help_text() -> str:
 == Sweeps (-m) ==
 {sweeps_help()}
 
+== Examples ==
+{EXAMPLES}
+
 == Figures: objective.metric, hydra.sweeper.objectives and .constraints take these names ==
 Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 mean stdev min max.
   {"name":<36} {"unit":<6} {"better":<7} meaning
@@ -141,6 +192,23 @@ Per-request figures are recorded as <name>_<stat>, stat one of p50 p90 p95 p99 m
 == The composed config ==
 $CONFIG
 $FLAGS_HELP"""
+
+
+def render_help(overrides: Iterable[str] = (), resolve: bool = False) -> str:
+    """`--help` with the config these overrides compose, rendered from the same template Hydra's help uses.
+
+    Hydra's own help lists every config group first, composing the config anew for each group (about 80 times),
+    and our template shows none of that list: rendering it here keeps --help as quick as one composition."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the sweeper plugins register their config groups (the samplers the help lists) as they load
+    cfg = compose(overrides)
+    template = help_text().replace("${sweep_samplers:}", sampler_names())
+    return string.Template(template).substitute(
+        FLAGS_HELP=Hydra.format_args_help(get_args_parser()), CONFIG=OmegaConf.to_yaml(cfg, resolve=resolve)
+    )
 
 
 def compose(overrides: Iterable[str] = ()) -> DictConfig:

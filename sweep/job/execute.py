@@ -19,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from sweep.backends.cache import engine_key
 from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
-from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, write_job_error, write_result
+from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, shown, write_job_error, write_result
 from sweep.job.naming import run_name
 from sweep.job.plan import Plan, make_plan, start_engine
-from sweep.measure.benchmark import run_benchmark
+from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
 from sweep.measure.quality import SCORES_FILE, prepare, save_scores
-from sweep.measure.summary import summary_table, unsteady_figures
+from sweep.measure.summary import headline, summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
+from sweep.model.source import model_identity
 from sweep.workload.timing import RequestTiming
 from trackers import PARENT_RUN_ENV, make_tracker
 from trackers.store import redact_file
@@ -57,8 +58,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config as run params (the tracker takes user info out of any URI)."""
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    """The flattened config as run params (the tracker takes user info out of any URI); model.name is the model that
+    ran (a local checkpoint's directory, a generated model's random-<shape>), not the name of a preset it overrides."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"model.name": model_identity(cfg.model)[0]}
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         **cfg.tracker.tags,
     }
     tracker.set_view(UI_PARAMS, list(HEADLINE))
-    with tracker.run(run_name(cfg, p), tags, parent_run_id) as rec:
-        # model.name as the run resolved it: a local checkpoint's directory, a generated model's random-<shape>
-        resolved = {"model.name": p.model.name, "engine.ignored_options": ",".join(p.backend.ignored_options())}
-        rec.log_params(config_params(cfg) | resolved)
+    with tracker.run(run_name(cfg), tags, parent_run_id) as rec:
+        rec.log_params(config_params(cfg) | {"engine.ignored_options": ",".join(p.backend.ignored_options())})
         rec.set_tags({f"env.{k}": v for k, v in p.env.items()})
 
         # Measured (once per board) before any engine is loaded: one resident skews it (sweep/measure/telemetry.py).
@@ -116,6 +116,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         phases.update(phase_build_s=started.build_s, phase_load_s=started.load_s)
         rec.set_tags({"engine.cache_hit": entry.hit, "engine.key": engine_key(p.key_inputs)})
         engine_figures = p.backend.engine_figures()
+        limit_key = "workload.batch_size" if cfg.workload.batch_size else "engine.max_batch_size"
+        if changed := engine_changes_workload(cfg.workload, p.batch_size, limit_key):
+            log.warning("%s", changed)
+            rec.set_tags({"workload.changed": changed})
         try:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
@@ -177,18 +181,28 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         if out is not None:  # a sweeper reads every figure of a job from here, with its run's id
             write_result(out, figures, rec.run_id)
         title = (
-            f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · {cfg.workload.scenario} · "
-            f"batch {p.batch_size}"
+            f"{p.model.name} · {p.backend.name} · {p.device} ({p.dtype}) · batch {p.batch_size}\n"
+            + workload_header(cfg.workload, p.workload.measured, p.batch_size, figures)
         )
+        table = summary_table(title, figures)
         if os.environ.get(SUMMARY_TO_LOG_ENV):  # in a search: the sweeper prints one line per trial instead
-            log.info("%s", summary_table(title, figures))
+            log.info("%s", table)
         else:
-            print(summary_table(title, figures))
+            print(table)
+        warnings = [changed] if changed else []
         if saturated:
-            log.warning(
-                f"saturated: the engine admitted {figures['achieved_rate_req_s']:.2f} req/s of the "
-                f"{figures['offered_rate_req_s']:.2f} req/s offered (below {SATURATION:.0%}); its queue grew"
+            warnings.append(
+                f"saturated: workload.request_rate={cfg.workload.request_rate:g} offered "
+                f"{figures['offered_rate_req_s']:.2f} req/s and the engine admitted "
+                f"{figures['achieved_rate_req_s']:.2f} (below {SATURATION:.0%}): its queue grew, so this measures "
+                "the rate the engine sustains, not the one asked for"
             )
+            log.warning("%s", warnings[-1])
+        # A run's page shows the first lines of its Description: what ran, its headline figures and what changed
+        # the workload come first, then the table printed above.
+        description = [title.replace("\n", "  \n"), "", headline(figures, cfg.objective.metric), ""]
+        description += [f"**warning**: {w}  " for w in warnings] + ["", "```", table, "```"]
+        rec.set_description("\n".join(description))
     if rec.run_id:
         command = tracker.ui_command()
         print(f"run {rec.run_id}: {tracker.run_url(rec.run_id)}" + (f"  (after: {command})" if command else ""))
@@ -266,6 +280,10 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         record_failed_job(cfg, exc)
         return float("nan")
+    except KeyboardInterrupt as exc:  # the CLI prints one line for it, with what this job kept
+        if (out := job_output_dir()) is not None:
+            exc.add_note(f"its log and config are in {shown(out)}/")
+        raise
 
 
 def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
@@ -274,7 +292,7 @@ def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     try:
         tracker = make_tracker(cfg.tracker)
         tags = {"config_error": "true", **cfg.tracker.tags}
-        with tracker.run(cfg.tracker.run_name, tags, os.environ.get(PARENT_RUN_ENV)) as rec:
+        with tracker.run(run_name(cfg), tags, os.environ.get(PARENT_RUN_ENV)) as rec:
             rec.log_params(config_params(cfg))
             raise exc
     except ConfigError:

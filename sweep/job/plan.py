@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer
 
 from sweep.backends.base import QUANTIZATION_DEFAULTS, Backend
 from sweep.backends.cache import CacheEntry, EngineCache, progress
@@ -56,6 +54,8 @@ class StartedEngine:
 
 
 def resolve_device(device: str) -> str:
+    import torch  # here, not at the top: the CLI's --help and config errors load no torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but no CUDA device is visible; use device=auto or device=cpu")
     if device == "auto":
@@ -111,6 +111,8 @@ def make_plan(cfg: DictConfig) -> Plan:
     dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
     cache = EngineCache(Path(cfg.cache_dir).resolve())
     model = resolve_model(cfg.model, cache.root, dtype, device)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
     check_objective_recordable(cfg.objective.metric, workload, device)

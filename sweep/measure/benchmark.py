@@ -40,6 +40,22 @@ def request_stream(requests: list[Request], wcfg: Any, iteration: int) -> Reques
     return RequestStream(requests, offsets=offsets, iteration=iteration)
 
 
+def engine_changes_workload(wcfg: Any, batch_size: int, limit_key: str) -> str | None:
+    """One line when the engine cannot take the workload as asked, before anything is measured (None when it can).
+
+    Closed loop: more clients than the engine serves at once queue behind it, so the run measures the engine's
+    concurrency, not the one asked for. (An open loop that the engine does not keep up with shows after the run:
+    the achieved rate falls below the offered one, and the run is tagged saturated.)
+    """
+    if wcfg.scenario == "concurrency" and wcfg.concurrency > batch_size:
+        return (
+            f"workload.concurrency={wcfg.concurrency} but the engine serves at most {batch_size} request(s) at once "
+            f"({limit_key}={batch_size}): {wcfg.concurrency - batch_size} client(s) wait in its queue, so this "
+            f"measures concurrency {batch_size}; raise {limit_key} to serve them all"
+        )
+    return None
+
+
 def run_once(backend: Backend, requests: list[Request], wcfg: Any, batch_size: int, iteration: int):
     stream = request_stream(requests, wcfg, iteration)
     stream.start()

@@ -1,8 +1,14 @@
-"""The readable table printed at the end of a run: labels and units from the figure registry."""
+"""The readable table printed at the end of a run: labels and units from the figure registry, under a header that
+says what was measured (the engine, and the workload as it reached it)."""
 
 from __future__ import annotations
 
-from sweep.measure.figures import FIGURES
+import math
+import statistics
+from typing import Any
+
+from sweep.measure.figures import FIGURES, HEADLINE, label, metric_names
+from sweep.workload.requests import Request
 
 DISTRIBUTION_STATS = ("p50", "p90", "p95", "p99", "mean")
 # Iterations of one run whose throughput differs by more than this share of the median were measured on a busy
@@ -39,10 +45,53 @@ def number(value: float) -> str:
     return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
 
 
+def tokens(lengths: list[int]) -> str:
+    """`32` when every request has that length, else the mean and range: `31.5 (8-64)`."""
+    low, high = min(lengths), max(lengths)
+    return f"{low}" if low == high else f"{statistics.mean(lengths):.1f} ({low}-{high})"
+
+
+def arrivals(wcfg: Any, batch_size: int, figures: dict[str, float]) -> str:
+    """How requests were offered, and what the engine made of it: the rate asked, offered and achieved."""
+    if wcfg.scenario == "latency":
+        return "latency: one client, one request at a time"
+    if wcfg.scenario == "concurrency":
+        served = f", {batch_size} served at once" if wcfg.concurrency > batch_size else ""
+        return f"concurrency: {wcfg.concurrency} clients{served}"
+    if wcfg.scenario == "throughput" or math.isinf(wcfg.request_rate):
+        return f"{wcfg.scenario}: every request at t0, up to {batch_size} at once"
+    line = f"rate: {wcfg.request_rate:g} req/s asked (burstiness {wcfg.burstiness:g})"
+    if "offered_rate_req_s" in figures:
+        line += f", {figures['offered_rate_req_s']:.2f} offered, {figures['achieved_rate_req_s']:.2f} achieved"
+    return line
+
+
+def workload_header(wcfg: Any, measured: list[Request], batch_size: int, figures: dict[str, float]) -> str:
+    """`rate: 8 req/s asked, 9.21 offered, 7.90 achieved · ISL 32 / OSL 32 tokens · 16 requests x 3 iterations`."""
+    lengths = f"ISL {tokens([r.input_len for r in measured])} / OSL {tokens([r.output_len for r in measured])} tokens"
+    count = f"{len(measured)} requests x {wcfg.iterations} iterations"
+    return " · ".join([arrivals(wcfg, batch_size, figures), lengths, count])
+
+
+def figure_text(metric: str, value: float) -> str:
+    """`TTFT P50 403 ms`: a figure's label, its value to 3 significant digits (integers whole) and its unit."""
+    unit = metric_names()[metric].unit if metric in metric_names() else ""
+    number = f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{label(metric, with_unit=False)} {number} {unit}".rstrip()
+
+
+def headline(figures: dict[str, float], first: str | None = None) -> str:
+    """The headline figures a run recorded on one line, `first` (the objective) leading in bold."""
+    names = [n for n in dict.fromkeys([first, *HEADLINE]) if n and n in figures]
+    return " · ".join(f"**{figure_text(n, figures[n])}**" if n == first else figure_text(n, figures[n]) for n in names)
+
+
 def summary_table(title: str, figures: dict[str, float]) -> str:
+    """The figures under `title` (one line or several)."""
     by_name = {f.name: f for f in FIGURES}
     header = f"{'latency':<16}{'unit':<6}" + "".join(f"{s:>10}" for s in DISTRIBUTION_STATS) + f"{'n':>6}"
-    lines = [title, header]
+    titles = title.splitlines()
+    lines = [*titles, header]
     for f in FIGURES:
         if f.distribution and figures.get(f"{f.name}_n"):
             stats = "".join(f"{figures[f'{f.name}_{s}']:>10.2f}" for s in DISTRIBUTION_STATS)
@@ -62,7 +111,7 @@ def summary_table(title: str, figures: dict[str, float]) -> str:
             f"  {spread:.0%} of the median (limit {UNSTEADY_SPREAD:.0%}): a busy machine? rerun before trusting it"
         )
     rule = "-" * max(len(line) for line in lines)
-    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+    return "\n".join([rule, *titles, rule, *lines[len(titles) :], rule])
 
 
 def iteration_spread(figures: dict[str, float], name: str) -> float | None:

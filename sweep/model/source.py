@@ -71,9 +71,26 @@ class ModelSource:
     shape: ModelShape
 
 
+def model_identity(model_cfg: Any) -> tuple[str, str]:
+    """(name, full identity) of a model config, read from the config alone: nothing is fetched or hashed.
+
+    The name is what records call the model: a local checkpoint is named after its directory (not the preset whose
+    model.name it overrides), a hub model after its preset. The identity: a path, a hub id at its revision, or a
+    generated model's shape and seed.
+    """
+    if model_cfg.path:
+        path = Path(model_cfg.path).expanduser().resolve()
+        return path.name, f"path:{path}"
+    if model_cfg.hub_id:
+        return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
+    shape = model_cfg.shape
+    return random_model_name(shape), f"generated:{model_cfg.generate}:{shape}:seed={model_cfg.seed}"
+
+
 def resolve_model(model_cfg: Any, cache_dir: Path, dtype: str, device: str) -> ModelSource:
     """The checkpoint the config names; the first source set wins: path, hub_id, generate. `dtype` and `device`
     (the run's, resolved) are what a generated checkpoint is written in and built on."""
+    name = model_identity(model_cfg)[0]
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():
@@ -81,14 +98,13 @@ def resolve_model(model_cfg: Any, cache_dir: Path, dtype: str, device: str) -> M
                 "no config.json in it" if path.is_dir() else ("it is a file" if path.exists() else "it does not exist")
             )
             raise ConfigError(f"model.path={model_cfg.path!r} is not a Hugging Face checkpoint directory ({reason})")
-        name, identity = path.name, {"path": str(path), "weights_sha256": weights_digest(path)}
+        identity = {"path": str(path), "weights_sha256": weights_digest(path)}
     elif model_cfg.hub_id:
         path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
-        name, identity = model_cfg.name, {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
+        identity = {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
     else:
         shape, seed = model_cfg.shape, model_cfg.seed
         path = write_random_checkpoint(cache_dir / "checkpoints", shape, dtype, seed, device)
-        name = random_model_name(shape)
         identity = {"generated": "random", "shape": shape, "seed": seed, "weights_sha256": weights_digest(path)}
     return ModelSource(name, path, identity, ModelShape.read(path))
 

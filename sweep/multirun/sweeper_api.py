@@ -9,7 +9,8 @@
   a SQLite file's directory); `sqlite_path(url)`: a SQLite storage's file, None for a server;
   `advisory_lock(engine, name)`: a named PostgreSQL lock (one study's workers, one at a time);
 - `check_storage_reachable(url)`: a study's database server that does not answer is a ConfigError, in seconds;
-- `model_identity`: what identifies a model config's weights, without fetching them (for a study's name);
+- `model_identity`: a model config's name in records and what identifies its weights, without fetching them (for
+  a study's name and its trials' run names);
 - `memory_for_warm_start`: the free memory and model sizes a warm-start heuristic needs;
 - where best configs are written: under the user's working directory, never outside it;
 - `gpu_groups`: the GPUs each of several parallel trials or workers is pinned to;
@@ -30,12 +31,12 @@ from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
 from sweep.job.artifacts import RESULT_FILE, JobResult, read_result, write_result
 from sweep.job.execute import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun
-from sweep.job.naming import SWEPT_KEYS_ENV, TRIAL_TAG
+from sweep.job.naming import PROBE_TAG, SWEPT_KEYS_ENV, TRIAL_TAG
 from sweep.job.plan import make_plan, resolve_device
 from sweep.job.validate import check_figure
 from sweep.measure.figures import metric_names
 from sweep.measure.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
-from sweep.model.shapes import random_model_name
+from sweep.model.source import model_identity
 from trackers import PARENT_RUN_ENV, TrackedRun, Tracker, make_tracker
 from trackers.mlflow_tracker import default_uri
 from trackers.store import StoreUnreachable, advisory_lock, check_store_reachable, redact, sqlite_path, store_lock
@@ -55,6 +56,7 @@ __all__ = [
     "STUDY_TAG",
     "SWEPT_KEYS_ENV",
     "TRIAL_TAG",
+    "PROBE_TAG",
     "SUMMARY_TO_LOG_ENV",
     "PARENT_STAYS_OPEN_ENV",
     "WORKER_ENV",
@@ -109,21 +111,6 @@ def infeasible(cfg: DictConfig) -> str | None:
 def figure_unit(metric: str) -> str:
     figure = metric_names().get(metric)
     return figure.unit if figure else ""
-
-
-def model_identity(model_cfg: Any) -> tuple[str, str]:
-    """(short name, full identity) of a model config, read from the config alone: nothing is fetched or hashed.
-
-    A local checkpoint is named after its directory (not the preset it overrides), a hub model after its id at its
-    revision, a generated one after its shape and seed.
-    """
-    if model_cfg.path:
-        path = Path(model_cfg.path).expanduser().resolve()
-        return path.name, f"path:{path}"
-    if model_cfg.hub_id:
-        return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
-    shape = model_cfg.shape
-    return random_model_name(shape), f"generated:{model_cfg.generate}:{shape}:seed={model_cfg.seed}"
 
 
 @dataclass
