@@ -180,15 +180,14 @@ def reference_for(
 # -- the figures ----------------------------------------------------------------------------------------------------
 def position_figures(reference: torch.Tensor, scores: TokenScores) -> tuple[torch.Tensor, torch.Tensor]:
     """Per scored position: whether the engine's top token is the reference's, and the KL divergence (over the
-    vocabulary, or over the engine's top k tokens)."""
+    vocabulary, or over the engine's top k tokens), summed in float64 so that a divergence near 0 keeps its sign."""
+    reference, logprobs = reference.double(), scores.logprobs.double()
     if scores.token_ids is None:
-        agree = scores.logprobs.argmax(-1) == reference.argmax(-1)
-        kl = (reference.exp() * (reference - scores.logprobs)).sum(-1)
-        return agree, kl
-    engine_top = scores.token_ids[:, 0]
-    agree = engine_top == reference.argmax(-1)
+        agree = logprobs.argmax(-1) == reference.argmax(-1)
+        return agree, (reference.exp() * (reference - logprobs)).sum(-1)
+    agree = scores.token_ids[:, 0] == reference.argmax(-1)
     p = reference.gather(-1, scores.token_ids).log_softmax(-1)
-    q = scores.logprobs.log_softmax(-1)
+    q = logprobs.log_softmax(-1)
     return agree, (p.exp() * (p - q)).sum(-1)
 
 

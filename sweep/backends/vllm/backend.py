@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -73,6 +74,7 @@ class VLLMBackend(Backend):
         self.environ = ExitStack()  # os.environ as vLLM wants it, for the engine's lifetime
         self.request_ids = itertools.count()
         self.deltas = self.multi_token_deltas = 0
+        self.build_dir: Path | None = None  # the engine cache's temporary directory, when this process built
 
     # -- before anything is built ---------------------------------------------------------------------------
     @classmethod
@@ -191,6 +193,7 @@ class VLLMBackend(Backend):
             return extra
         cache_root = engine_dir / VLLM_CACHE
         start = time.perf_counter()
+        self.build_dir = engine_dir
         self.start(cache_root)  # compiles into cache_root; this engine then serves the run (load keeps it)
         relocate_compile_index(cache_root, engine_dir, final_dir(engine_dir))
         files = sorted(str(p.relative_to(cache_root)) for p in cache_root.rglob("*") if p.is_file())
@@ -330,6 +333,11 @@ class VLLMBackend(Backend):
             self.loop.close()
             self.loop = None
         self.environ.close()
+        if self.build_dir is not None and final_dir(self.build_dir).is_dir():
+            # The engine cache renamed the build directory; what vLLM compiled afterwards (the sampler's logprob-rank
+            # helper, on the quality check's prompt logprobs) went to the old path, which only this process knows.
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+            self.build_dir = None
 
 
 def relocate_compile_index(cache_root: Path, built_in: Path, served_from: Path) -> None:
