@@ -587,6 +587,18 @@ def test_a_samplers_settings_on_the_command_line_reach_it(tmp_path, overrides, s
         assert sampler._n_startup_trials == n_startup_trials
 
 
+OPTUNA_PRESETS = sorted(
+    p.stem for p in (CONF_DIR / "search").glob("*.yaml") if "override /hydra/sweeper: optuna" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("preset", OPTUNA_PRESETS)
+def test_every_optuna_preset_picks_its_sampler_from_the_group(preset):
+    # a preset naming its sampler (`sampler: tpe`) would leave no settings to set on the command line
+    config = sweeper_config(f"search={preset}", "hydra.sweeper.sampler.n_startup_trials=4")
+    assert config.hydra.sweeper.sampler.n_startup_trials == 4
+
+
 def test_a_sampler_named_in_a_config_replaces_the_default_and_a_clash_is_refused(tmp_path):
     storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}"
     config = sweeper_config("+experiment=scale_out", storage)  # its YAML names the sampler: `sampler: grid`
