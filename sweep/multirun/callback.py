@@ -241,6 +241,8 @@ def best_line(report: Any) -> str:
     """The best run's headline figures, the objective first, and how it compares with the baseline."""
     figures = {k.removeprefix("metrics."): v for k, v in report.best.items() if k.startswith("metrics.")}
     line = headline({k: v for k, v in figures.items() if is_figure(v)}, report.objective)
+    if report.baseline is None:  # a load sweep: its rates are loads on one engine, not rivals
+        return line
     base, value = report.baseline[f"metrics.{report.objective}"], report.best[f"metrics.{report.objective}"]
     if report.baseline["run_id"] != report.best["run_id"] and base and value:
         better = lookup(report.objective).better == "higher"
