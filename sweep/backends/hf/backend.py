@@ -1,4 +1,4 @@
-"""hf: eager transformers `generate`, the seed's PyTorch baseline. It builds nothing: the engine is the checkpoint."""
+"""hf: eager transformers `generate`, the original scripts' PyTorch baseline. It builds nothing: the engine is the checkpoint."""
 
 from __future__ import annotations
 
