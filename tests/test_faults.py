@@ -1,5 +1,5 @@
 """Fault injection: bad inputs, faults (signals, kill -9, a locked store, corrupt cache entries, secrets in URIs)
-and concurrency. Each test reproduces one item of issue 12 with the real components (Hydra, MLflow on SQLite,
+and concurrency. Each test reproduces one fault with the real components (Hydra, MLflow on SQLite,
 Optuna, transformers on the tiny model); what is faked is said in the test.
 
 Most probes run in-process; a real process is used only where the behaviour needs one: signals, kill -9, two

@@ -97,7 +97,7 @@ def test_decode_floor_of_qwen2_5_7b_leaves_out_the_input_embedding_table():
         "kv_bytes_per_token": 2 * 28 * 4 * 128 * 2,
         "input_embedding_bytes": table,
     }
-    assert table == 1_089_994_752  # the 1.09 GB of issue 16
+    assert table == 1_089_994_752  # 1.09 GB: the embedding table alone
     read, all_weights = decode_step_bytes(sizes, vocab_size=152064, batch_size=8, mean_context=1088)
     kv = 8 * 1088 * 57_344
     assert read == pytest.approx(15_231_233_024 - table + 8 * 3584 * 2 + kv)

@@ -139,7 +139,7 @@ def test_tpe_sweep_with_parallel_batches_records_children_under_one_parent(tmp_p
 
 
 def test_interrupted_sweep_resumes_and_two_sweeps_on_one_study_cooperate(tmp_path):
-    """Defect 8: only a trial whose sweep died (its heartbeat stopped) is failed, and retried; a live one is left,
+    """Only a trial whose sweep died (its heartbeat stopped) is failed, and retried; a live one is left,
     and counts towards n_trials: the sweep waits for it instead of running one trial too many."""
     common = [
         "-m",
@@ -279,7 +279,7 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     assert {"best.output_throughput_tok_s", "best.e2e_latency_ms_p99"} <= set(parent.data.metrics)
 
 
-# -- defects found trying the sweeper as a new user (issue 11) -------------------------------------------------
+# -- what a new user trying the sweeper runs into ------------------------------------------------------------
 def test_a_value_fixed_on_the_command_line_wins_over_the_presets_sweep():
     preset = ["engine.max_batch_size=choice(1,2,4,8,16)", "engine.attn_implementation=choice(eager,sdpa)"]
     space, fixed = parse(*preset, "engine.max_batch_size=4")
@@ -407,7 +407,7 @@ def test_a_point_already_measured_is_reused_not_run_again():
 
 
 def test_a_failure_while_preparing_one_trial_fails_that_trial_only(tmp_path):
-    """Defect 7, through the real CLI: one choice's dataset is not UTF-8, so reading it raises while checking."""
+    """Through the real CLI: one choice's dataset is not UTF-8, so reading it raises while checking."""
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text(json.dumps({"task_id": 0, "input_ids": [1, 2, 3], "output_tokens": 2}) + "\n")
     bad.write_bytes(b"\xff\xfe not utf-8\n")

@@ -70,7 +70,7 @@ def test_report_of_hand_picked_runs_of_two_backends(store, tmp_path, capsys):
     assert len(rows) == 3 and sum("(**best**" in row for row in rows) == 1
     assert sum("baseline" in row for row in rows) == 1
     (baseline_row,) = [row for row in rows if "baseline" in row]
-    assert baseline_row.startswith("| hf, max_batch_size=")  # the seed's baseline: an hf run
+    assert baseline_row.startswith("| hf, max_batch_size=")  # the reference: an hf run
     assert "TTFT P50 (ms)" in text and "output throughput (tok/s)" in text and "1.00×" in baseline_row
     # best first
     table = pd.read_csv(out / "comparison.csv")

@@ -109,7 +109,7 @@ class OptunaSweeperConf:
     _recursive_: bool = False
     _convert_: str = "all"
     defaults: List[Any] = field(default_factory=lambda: [{"sampler": DEFAULT_SAMPLER}])
-    # hydra/sweeper/sampler=<name> (SAMPLERS; README: which fits what), its settings as
+    # hydra/sweeper/sampler=<name> (SAMPLERS; docs/search.md: which fits what), its settings as
     # hydra.sweeper.sampler.<setting>=...; hydra.sweeper.sampler=<name> picks one with its default settings
     sampler: Any = MISSING
     seed: Optional[int] = 0  # the sampler's seed is this plus the trials the study already holds
@@ -119,7 +119,7 @@ class OptunaSweeperConf:
     workers: int = 1
     # GPUs each trial (and each worker) gets: the sweeper pins them (CUDA_VISIBLE_DEVICES) with
     # hydra/launcher=submitit_local and hydra.sweeper.workers, the slurm and ray_gpus launcher presets ask their
-    # scheduler for them (README: Scaling out)
+    # scheduler for them (docs/scaling-out.md)
     gpus_per_trial: int = 1
     # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
     study_name: Optional[str] = None

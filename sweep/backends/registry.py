@@ -43,7 +43,7 @@ BACKENDS: dict[str, BackendSpec] = {
             "hf",
             HFBackendConfig,
             "sweep.backends.hf.backend:HFBackend",
-            "eager transformers generate, the seed's PyTorch baseline; builds nothing",
+            "eager transformers generate, the original scripts' PyTorch baseline; builds nothing",
         ),
         BackendSpec(
             "compiled",

@@ -1,7 +1,7 @@
 """The one registry of figures: name, label, unit, which way is better, and what it means.
 
 The run summary, the report, `objective.metric` validation, the sweeper's objectives and constraints, and
-`--help` all read it. Definitions follow ../shared/metrics.md (repeated in the README).
+`--help` all read it. docs/figures.md is generated from it.
 A distribution figure (per request) is recorded as `<name>_<stat>` for every stat in STATS, plus `<name>_n`.
 """
 

@@ -1,4 +1,4 @@
-"""Figure arithmetic, exactly as ../shared/metrics.md defines it (names, units and meanings: sweep/measure/figures.py).
+"""Figure arithmetic, as docs/figures.md defines it (names, units and meanings: sweep/measure/figures.py).
 
 Pure functions over timestamps (seconds, one clock), so they are tested on synthetic timings.
 """

@@ -114,7 +114,7 @@ def pick_baseline(runs: pd.DataFrame, baseline_id: str | None) -> pd.Series:
             raise ReportError(f"--baseline {baseline_id} is not among the selected finished runs")
         return match.iloc[0]
     if "tags.backend" in runs and (runs["tags.backend"] == "hf").any() and (runs["tags.backend"] != "hf").any():
-        return runs[runs["tags.backend"] == "hf"].sort_values("start_time").iloc[0]  # eager transformers: the seed's
+        return runs[runs["tags.backend"] == "hf"].sort_values("start_time").iloc[0]  # eager transformers: the reference
     return runs.sort_values("start_time").iloc[0]
 
 

@@ -9,7 +9,7 @@ Every scenario is one of two arrival processes:
 A backend serves a `RequestStream`: it takes requests that have arrived (`take`), says when it starts each one's
 prefill (`admitted`), hands back tokens as they reach the host (`tokens`) and says when one is done (`finished`).
 The stream stamps every event with one clock (time.perf_counter), so every figure can be recomputed from the
-per-request records it returns (sweep.measure.metrics.RequestTiming).
+per-request records it returns (sweep.workload.timing.RequestTiming).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""hf: eager transformers `generate`, the seed's PyTorch baseline (config.py: settings; backend.py: the Backend)."""
+"""hf: eager transformers `generate`, the original scripts' baseline (config.py: settings; backend.py: the Backend)."""

@@ -1,4 +1,4 @@
-"""hf: eager transformers `generate`, the seed's PyTorch baseline. It builds nothing: the engine is the checkpoint."""
+"""hf: eager `generate`, the original scripts' baseline. It builds nothing: the checkpoint is the engine."""
 
 from __future__ import annotations
 

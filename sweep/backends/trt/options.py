@@ -13,8 +13,8 @@ from typing import Any, Mapping, Optional
 from sweep.config.errors import ConfigError
 
 # Releases that still ship tensorrt_llm._tensorrt_engine, the TensorRT-engine path this backend drives: 1.2.x, and
-# the 1.3 release candidates published before the path was deleted on main (PR #15918, July 2026). The newest
-# release known to have it is LAST_WITH_ENGINE_PATH; how this was determined is in the README's trt section.
+# the 1.3 release candidates published before the path was deleted on main (July 2026). The newest
+# release known to have it is LAST_WITH_ENGINE_PATH; how this was determined is in docs/backends.md (trt).
 SUPPORTED_SERIES = "1.2"
 LAST_WITH_ENGINE_PATH = "1.3.0rc15"
 INSTALL_HINT = (
