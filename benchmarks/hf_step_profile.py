@@ -2,17 +2,20 @@
 
 On an H200 (Llama-3.1-8B shape, ISL 1024) hf took 23 ms per step at batch 1 and 81 ms at batch 8 with the GPU
 13% busy: host-bound. Host work per step depends on the number of layers and on the Python around them, not on the
-width, so a Llama-3.1-shaped model with all 32 layers but a narrow width (and the real vocabulary) reproduces the
-8B's per-step host work on a CPU with little arithmetic. For each batch size this times a decode step in three
-variants, after a first pass over the same lengths (reported apart: the first time a key length is seen costs more
-on a GPU): as `hf` serves (TokenClock streamer, attention mask), with a streamer that only takes timestamps (what
-TokenClock's .tolist() costs), and without the attention mask (the prompts have one length, so nothing is padded);
-then it profiles the served variant: torch ops per step, the top entries by self CPU time (torch.profiler) and the
-top Python functions (cProfile); on a GPU also the kernels' time per step (how busy the GPU was) and the top entries
-by device time.
+width, so the shape llama-3.1-8b-narrow (all 32 layers and the real vocabulary at a narrow width, random weights;
+conf/experiment/hf_step_profile.yaml) reproduces the 8B's per-step host work on a CPU with little arithmetic. For each
+batch size this times a decode step three ways, after a first pass over the same lengths (reported apart: the first
+time a key length is seen costs more on a GPU):
+- as served: the hf engine's own generate (sweep.open_engine), its streamer reading every token back to the host;
+- the same transformers generate call on the same checkpoint, with a streamer that only takes timestamps (the
+  difference is what reading the tokens back costs, and any other work of the engine's around the call);
+- as that, without the attention mask (the prompts have one length, so nothing is padded).
+Then it profiles the served generate: torch ops per step, the top entries by self CPU time (torch.profiler) and the
+top Python functions (cProfile); on a GPU also the kernels' time per step (how busy the GPU was) and the top
+entries by device time.
 
-    python benchmarks/hf_step_profile.py [--model llama32|tiny] [--isl 1024] [--osl 24] [--threads 1]
-    python benchmarks/hf_step_profile.py --device cuda --dtype bfloat16 --model <checkpoint>
+    python benchmarks/hf_step_profile.py [--shape llama-3.1-8b-narrow|tiny] [--isl 1024] [--osl 24] [--threads 1]
+    python benchmarks/hf_step_profile.py --device cuda --dtype bfloat16 --shape llama-3.1-8b
 
 A step's time is the median gap between the streamer's timestamps (prefill excluded), the fastest of --reps runs;
 torch runs on --threads threads so that other processes on a shared host disturb it less.
@@ -22,57 +25,22 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import pstats
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from sweep.backends.hf.backend import TokenClock, load_hf_model
-from sweep.model.source import build_byte_tokenizer, generate_tiny_checkpoint
-
-# Llama-3.1-8B's architecture (vocab, layers, GQA ratio, rope) at a width a CPU runs quickly.
-LLAMA32 = dict(
-    vocab_size=128256,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=32,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    bos_token_id=128000,
-    eos_token_id=[128001, 128008, 128009],
-    tie_word_embeddings=False,
-)
-
-
-def checkpoint(name: str, root: Path) -> Path:
-    if name == "tiny":
-        return generate_tiny_checkpoint(root, seed=0)
-    if name != "llama32":  # any checkpoint directory, e.g. the full-width Llama-3.1-8B shape on a GPU
-        return Path(name)
-    path = root / "llama32"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LLAMA32)).save_pretrained(path)
-    build_byte_tokenizer().save_pretrained(path)  # load_hf_model loads one; the prompts are random ids
-    return path
+from sweep import compose, open_engine
+from sweep.model import SHAPES
 
 
 class StepClock:
-    """A streamer that only timestamps each step: beside TokenClock, it shows what TokenClock's .tolist() costs."""
+    """A streamer that only timestamps each step: no token is read back to the host."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -84,66 +52,94 @@ class StepClock:
         pass
 
 
-def generate(model, ids, new_tokens: int, clock, mask: bool) -> list[float]:
-    """The call HFBackend.generate makes (left padding is a no-op for equal lengths), with parts switchable; returns
-    each decode step's host time (the streamer's first put() is the prompt, its second the prefill's token)."""
-    model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids) if mask else None,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        streamer=clock,
-    )
-    times = [t for t, _ in clock.steps] if isinstance(clock, TokenClock) else clock.times[1:]
-    return [b - a for a, b in zip(times, times[1:])]
+def median_step_ms(times: list[float]) -> float:
+    return statistics.median(b - a for a, b in zip(times, times[1:])) * 1e3
 
 
-def step_ms(model, ids, osl: int, reps: int, clock: type, mask: bool) -> float:
-    """Median decode step of the fastest of `reps` runs."""
-    return min(statistics.median(generate(model, ids, osl, clock(), mask)) for _ in range(reps)) * 1e3
+def served_step_ms(engine, requests, reps: int) -> float:
+    """Median decode step of the engine's own generate, the fastest of `reps` runs (token times after the first)."""
+    return min(median_step_ms(engine.generate(requests)[0].token_times) for _ in range(reps))
+
+
+def bare_step_ms(model, ids, new_tokens: int, reps: int, mask: bool) -> float:
+    """The same transformers call with a timestamps-only streamer (its first put() is the prompt, its second the
+    prefill's token)."""
+    steps = []
+    for _ in range(reps):
+        clock = StepClock()
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids) if mask else None,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=clock,
+        )
+        steps.append(median_step_ms(clock.times[1:]))
+    return min(steps)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="llama32", help="llama32, tiny, or a checkpoint directory")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--shape",
+        default="llama-3.1-8b-narrow",
+        choices=list(SHAPES),
+        help="the model architecture: tiny for a rehearsal",
+    )
     parser.add_argument("--isl", type=int, default=1024)
     parser.add_argument("--osl", type=int, default=24)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cache-dir", default="build/hf_step_profile", help="where the random checkpoint is kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as root:
-        model, _ = load_hf_model(checkpoint(args.model, Path(root)), args.dtype, "sdpa", args.device)
     batches = [int(b) for b in args.batches.split(",")]
-    variants = {
-        "as served": dict(clock=TokenClock, mask=True),
-        "timestamps only": dict(clock=StepClock, mask=True),
-        "no attention mask": dict(clock=TokenClock, mask=False),
-    }
-    gen = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randint(3, 250, (b, args.isl), generator=gen).to(args.device) for b in batches}
+    cfg = compose(
+        [
+            "+experiment=hf_step_profile",
+            f"model.shape={args.shape}",
+            f"device={args.device}",
+            f"engine.dtype={args.dtype}",
+            f"engine.max_batch_size={max(batches)}",
+            f"engine.max_input_len={args.isl}",
+            f"engine.max_seq_len={args.isl + args.osl}",
+            f"workload.num_requests={max(batches)}",
+            f"workload.input_len={args.isl}",
+            f"workload.output_len={args.osl}",
+            f"cache_dir={args.cache_dir}",
+        ]
+    )
+    variants = ("as served", "timestamps only", "timestamps only, no attention mask")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     rows, profiles = [], {}
-    with torch.inference_mode():
+    with open_engine(cfg) as engine, torch.inference_mode():
+        bare = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=getattr(torch, args.dtype))
+        bare = bare.to(args.device).eval()
         for b in batches:
-            generate(model, inputs[b], 2, TokenClock(), mask=True)  # warm-up: the prompt's shapes
+            requests = engine.requests[:b]
+            ids = torch.tensor([r.input_ids for r in requests], device=args.device)
+            engine.generate([dataclasses.replace(r, output_len=2) for r in requests])  # warm-up: the prompt's shapes
             # The first pass over key lengths not seen before, as served: on an H200 its steps cost ~35 ms more
             # than the same steps again, at batch 1 and 8 alike (a per-shape cost in the attention call).
-            first_pass = step_ms(model, inputs[b], args.osl, 1, TokenClock, mask=True)
-            warm = [step_ms(model, inputs[b], args.osl, args.reps, **v) for v in variants.values()]
+            first_pass = served_step_ms(engine, requests, 1)
+            warm = [
+                served_step_ms(engine, requests, args.reps),
+                bare_step_ms(bare, ids, args.osl, args.reps, mask=True),
+                bare_step_ms(bare, ids, args.osl, args.reps, mask=False),
+            ]
             rows.append([b, first_pass, *warm])
             with profile(activities=activities) as prof:
-                generate(model, inputs[b], args.osl, TokenClock(), mask=True)
+                engine.generate(requests)
             python = cProfile.Profile()
-            python.runcall(generate, model, inputs[b], args.osl, TokenClock(), mask=True)
+            python.runcall(engine.generate, requests)
             profiles[b] = (prof, python)
 
-    setup = f"{args.model}, ISL {args.isl}, OSL {args.osl}, {args.dtype}, sdpa, {args.device}, {args.threads} thread(s)"
+    setup = f"{args.shape}, ISL {args.isl}, OSL {args.osl}, {args.dtype}, sdpa, {args.device}, {args.threads} thread(s)"
     print(f"\n{setup}\n")
     print("| batch | first pass, new key lengths (ms/step) | " + " | ".join(f"{v} (ms/step)" for v in variants) + " |")
     print("| --- | --- |" + " --- |" * len(variants))

@@ -1,17 +1,17 @@
 """Latency-throughput curves and the highest sustainable rate under one SLO, every engine in one call.
 
     python benchmarks/load_curve.py --work build/load_curve --out benchmarks/results \
-        --variant hf=backend=hf --variant compiled=backend=compiled --rates 1 2 4 8 16
+        --variant hf=backend=hf --variant compiled=backend=compiled --start-rate 1 --max-rate 16
 
-Steps (each run goes through sweep.run, the function `python -m sweep` runs, into an MLflow store under
---work):
-1. write a Llama-3.1-8B-shaped checkpoint with random bf16 weights once (--small: a tiny one of the same
-   structure, to rehearse on a CPU); speed does not depend on weight values when EOS is ignored;
-2. for each variant (a name and its overrides), one run per offered rate: workload=rate, seeded normal lengths
-   (mean 512 in / 128 out), the SLO given;
-3. per variant, bisect between the highest rate that met the SLO and the lowest that did not
-   (hydra_plugins/sweep_max_rate_sweeper's next_rate) for --refine more runs;
-4. print the table, and write it with the raw results under --out.
+For each variant (a name and its overrides), one max-rate search through the CLI, as a user runs it:
+
+    python -m sweep -m search=max_rate +experiment=load_curve <variant's overrides> hydra.sweeper.start_rate=...
+
+conf/experiment/load_curve.yaml holds what the variants share: Llama-3.1-8B's architecture with random bf16 weights
+(written once under --work), seeded normal lengths (mean 512 in / 128 out), the SLO. The search (hydra/sweeper=max_rate)
+offers doubling rates from --start-rate until the SLO breaks, then bisects the bracket: its probes are the curve, and
+the highest rate that met the SLO is the answer. Each probe is a job of the sweep; its figures are read from the job's
+result file (sweep.multirun.sweeper_api.read_result). Prints the tables and writes them with the raw results to --out.
 """
 
 from __future__ import annotations
@@ -19,145 +19,117 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from omegaconf import OmegaConf
 
-from gpu_compare import make_checkpoint  # noqa: E402
-
-from hydra_plugins.sweep_max_rate_sweeper._impl import Probe, max_sustainable, next_rate  # noqa: E402
-from sweep import run  # noqa: E402
-from sweep.job.compose import compose  # noqa: E402
+from sweep.model import SHAPES
+from sweep.multirun.sweeper_api import RESULT_FILE, read_result
 
 log = logging.getLogger("load_curve")
-
-# Llama-3.1-8B's architecture (../shared/gpu.md): 8.03e9 parameters, 16.06 GB in bf16.
-LLAMA_31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False,
-)  # fmt: skip
-SMALL = dict(
-    LLAMA_31_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-    num_key_value_heads=1, max_position_embeddings=4096,
-)  # fmt: skip
-ATTAINMENT = 99.0
+COLUMNS = ("achieved_rate_req_s", "output_throughput_tok_s", "ttft_ms_p99", "tpot_ms_p99", "queue_ms_p99")
 
 
-def run_point(args, checkpoint: Path, name: str, overrides: list[str], rate: float) -> dict[str, Any]:
-    """One offered rate on one variant; its figures read back from MLflow."""
-    from mlflow.tracking import MlflowClient
-
-    db = args.work / "mlruns" / "mlflow.db"
-    run_name = f"{name}-rate{rate:g}"
-    cfg = compose([
-        f"model.path={checkpoint}", "model.dtype=bfloat16", f"device={args.device}",
-        f"engine.dtype={'bfloat16' if args.device == 'cuda' else 'float32'}",
-        f"engine.max_batch_size={args.max_batch_size}", "engine.max_input_len=1024", "engine.max_seq_len=1536",
-        "workload=rate", f"workload.request_rate={rate}", f"workload.num_requests={args.requests}",
-        f"workload.warmup_requests={args.warmup}", "workload.iterations=1", "workload.length_distribution=normal",
-        f"workload.input_len={args.isl}", f"workload.input_len_std={args.isl / 4}", f"workload.output_len={args.osl}",
-        f"workload.output_len_std={args.osl / 4}", f"slo.ttft_ms={args.slo_ttft_ms}", f"slo.tpot_ms={args.slo_tpot_ms}",
-        f"cache_dir={args.work / 'engines_cache'}", f"tracker.uri=sqlite:///{db}", "tracker.experiment=load_curve",
-        f"tracker.run_name={run_name}", *overrides,
-    ])  # fmt: skip
-    start, error = time.perf_counter(), None
-    try:
-        run(cfg)
-    except Exception as exc:  # one failed point must not cost the others; the error goes into the results
-        log.exception("%s failed", run_name)
-        error = f"{type(exc).__name__}: {exc}"
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("load_curve")
-    runs = client.search_runs(
-        [experiment.experiment_id], f"attributes.run_name = '{run_name}'", order_by=["start_time DESC"], max_results=1
-    )
-    figures = dict(runs[0].data.metrics) if runs else {}
-    return {"variant": name, "rate": rate, "error": error, "wall_s": time.perf_counter() - start,
-            "saturated": runs[0].data.tags.get("saturated") if runs else None, "figures": figures}  # fmt: skip
-
-
-def attainment(point: dict[str, Any]) -> float:
-    return point["figures"].get("slo_attainment_pct", 0.0) if not point["error"] else 0.0
+def search(args, name: str, overrides: list[str]) -> dict[str, Any]:
+    """One variant's max-rate search; its probes, in the order they ran."""
+    sweep_dir = args.work / name
+    command = [
+        *(sys.executable, "-m", "sweep", "-m", "search=max_rate", "+experiment=load_curve"),
+        f"model.shape={args.shape}",
+        f"device={args.device}",
+        *([] if args.device == "cuda" else ["engine.dtype=float32"]),
+        f"slo.ttft_ms={args.slo_ttft_ms}",
+        f"slo.tpot_ms={args.slo_tpot_ms}",
+        f"cache_dir={args.work / 'engines_cache'}",
+        f"tracker.uri=sqlite:///{args.work / 'mlruns' / 'mlflow.db'}",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweeper.start_rate={args.start_rate}",
+        f"hydra.sweeper.max_rate={args.max_rate}",
+        f"hydra.sweeper.max_probes={args.max_probes}",
+        f"hydra.sweeper.attainment={args.attainment}",
+        *overrides,
+        *args.extra,
+    ]
+    log.info("%s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    error = None
+    if done.returncode != 0:  # a failed variant must not cost the others: the probes it finished still count
+        error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        log.error("%s failed: %s", name, error)
+    probes = []
+    jobs = sorted((d for d in sweep_dir.glob("*") if (d / RESULT_FILE).is_file()), key=lambda d: int(d.name))
+    for job in jobs:
+        figures = read_result(job).figures
+        if figures:  # a job refused before it ran has none
+            rate = OmegaConf.load(job / ".hydra" / "config.yaml").workload.request_rate
+            probes.append({"variant": name, "rate": rate, "figures": figures})
+    sustained = [p["rate"] for p in probes if p["figures"]["slo_attainment_pct"] >= args.attainment]
+    return {"probes": probes, "max_rate": max(sustained, default=0.0), "error": error}
 
 
 def table(results: dict[str, Any]) -> str:
+    s = results["settings"]
     lines = [
-        f"SLO: TTFT <= {results['slo_ttft_ms']:g} ms and TPOT <= {results['slo_tpot_ms']:g} ms; sustained = SLO "
-        f"attainment >= {ATTAINMENT:g}%. {results['requests']} requests per point, ISL ~{results['isl']} / OSL "
-        f"~{results['osl']} (normal, seeded), max_batch_size {results['max_batch_size']}, on {results['gpu']}.",
+        f"SLO: TTFT <= {s['slo_ttft_ms']:g} ms and TPOT <= {s['slo_tpot_ms']:g} ms; sustained = SLO attainment >= "
+        f"{s['attainment']:g}%. {s['shape']} on {results['gpu']}; the rest as conf/experiment/load_curve.yaml "
+        f"{' '.join(s['extra'])}.",
         "",
         "| variant | offered (req/s) | achieved (req/s) | output tok/s | TTFT P99 (ms) | TPOT P99 (ms) "
-        "| queue P99 (ms) | SLO attainment | saturated |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| queue P99 (ms) | SLO attainment (%) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for p in sorted(results["points"], key=lambda p: (p["variant"], p["rate"])):
-        f = p["figures"]
-        cells = [f.get(k) for k in ("achieved_rate_req_s", "output_throughput_tok_s", "ttft_ms_p99", "tpot_ms_p99",
-                                    "queue_ms_p99", "slo_attainment_pct")]  # fmt: skip
-        shown = " | ".join("–" if v is None else f"{v:.1f}" for v in cells)
-        lines.append(f"| {p['variant']} | {p['rate']:g} | {shown} | {p['saturated'] or p['error'] or '–'} |")
+    for name, variant in results["variants"].items():
+        for p in sorted(variant["probes"], key=lambda p: p["rate"]):
+            f = p["figures"]
+            cells = " | ".join("–" if f.get(k) is None else f"{f[k]:.1f}" for k in (*COLUMNS, "slo_attainment_pct"))
+            lines.append(f"| {name} | {p['rate']:g} | {cells} |")
     lines += [
         "",
         "| variant | max sustainable rate (req/s) | vs first variant | probes |",
         "| --- | ---: | ---: | ---: |",
     ]
     first = None
-    for name, best in results["max_rate"].items():
-        first = first or best["rate"]
-        ratio = f"{best['rate'] / first:.2f}×" if first else "–"
-        lines.append(f"| {name} | {best['rate']:g} | {ratio} | {best['probes']} |")
+    for name, variant in results["variants"].items():
+        first = first or variant["max_rate"]
+        ratio = f"{variant['max_rate'] / first:.2f}×" if first else "–"
+        failed = f" (stopped: {variant['error']})" if variant["error"] else ""
+        lines.append(f"| {name} | {variant['max_rate']:g}{failed} | {ratio} | {len(variant['probes'])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=REPO / "build" / "load_curve")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--work", type=Path, default=Path("build/load_curve"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--variant", action="append", default=[], help="name=override[,override...]")
-    parser.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--refine", type=int, default=2, help="bisection runs per variant after the curve")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--isl", type=int, default=512)
-    parser.add_argument("--osl", type=int, default=128)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--start-rate", type=float, default=1.0)
+    parser.add_argument("--max-rate", type=float, default=64.0)
+    parser.add_argument("--max-probes", type=int, default=8, help="runs per variant: the curve and the bisection")
+    parser.add_argument("--attainment", type=float, default=99.0, help="SLO attainment (%%) a sustained rate meets")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000)
     parser.add_argument("--slo-tpot-ms", type=float, default=50)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="a tiny model of the same structure (rehearsal)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument(
+        "--shape", default="llama-3.1-8b", choices=list(SHAPES), help="the model architecture: tiny for a rehearsal"
+    )
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.work = args.work.resolve()
     variants = dict(v.split("=", 1) for v in args.variant) or {"hf": "backend=hf", "compiled": "backend=compiled"}
-    args.work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(args.work / ("small" if args.small else "llama-3.1-8b"),
-                                 SMALL if args.small else LLAMA_31_8B, args.device, "llama", "bfloat16")  # fmt: skip
     gpu = "cpu"
     if args.device == "cuda":
         import torch
 
         gpu = torch.cuda.get_device_name(0)
-    results: dict[str, Any] = {**{k: getattr(args, k) for k in ("requests", "isl", "osl", "max_batch_size",
-                               "slo_ttft_ms", "slo_tpot_ms")}, "gpu": gpu, "points": [], "max_rate": {}}  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("shape", "attainment", "slo_ttft_ms", "slo_tpot_ms", "extra")}
+    results: dict[str, Any] = {"settings": settings, "gpu": gpu, "variants": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
     for name, joined in variants.items():
-        overrides = joined.split(",")
-        probes = []
-        for rate in args.rates:
-            point = run_point(args, checkpoint, name, overrides, rate)
-            results["points"].append(point)
-            probes.append(Probe(rate, attainment(point), attainment(point) >= ATTAINMENT))
-        for _ in range(args.refine):  # bisect inside the bracket the curve found
-            rate = next_rate(probes, args.rates[0], 0.05, max(args.rates))
-            if rate is None or rate in [p.rate for p in probes]:
-                break
-            point = run_point(args, checkpoint, name, overrides, round(rate, 3))
-            results["points"].append(point)
-            probes.append(Probe(point["rate"], attainment(point), attainment(point) >= ATTAINMENT))
-        results["max_rate"][name] = {"rate": max_sustainable(probes), "probes": len(probes)}
-        (args.out / "load_curve.json").parent.mkdir(parents=True, exist_ok=True)
+        results["variants"][name] = search(args, name, joined.split(","))
         (args.out / "load_curve.json").write_text(json.dumps(results, indent=2, default=str))  # a cut run keeps it
     text = table(results)
     (args.out / "load_curve.md").write_text(text + "\n")

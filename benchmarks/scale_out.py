@@ -1,16 +1,17 @@
-"""Scale-out of a search over workers: the same 8-trial grid on the tiny model with 1 worker, then with 2.
+"""Scale-out of a search over workers: the same grid on the tiny model (conf/experiment/scale_out.yaml: 8 build
+settings, Optuna's grid sampler) with 1 worker, then with 2.
 
-Each configuration is one real command, `python -m sweep -m ... hydra.sweeper.workers=N`, in a fresh directory
-(its own Optuna study on SQLite and MLflow store), timed from start to exit. Every worker runs torch on one thread
-(OMP_NUM_THREADS=1), as a worker on a GPU machine owns one GPU: on two free cores, two workers should take a little
-over half the time of one (the start-up and the last, unshared trial do not split). The search time (first trial
-asked to last trial told, from the study) is given beside the wall time, as it leaves Python's start-up out.
+Each configuration is one real command, `python -m sweep -m +experiment=scale_out hydra.sweeper.workers=N`, with its
+own Optuna study on SQLite and MLflow store under --work, timed from start to exit. Every worker runs torch on one
+thread (OMP_NUM_THREADS=1), as a worker on a GPU machine owns one GPU: on two free cores, two workers should take a
+little over half the time of one (the start-up and the last, unshared trial do not split). The search time (first
+trial asked to last trial told, from the study) is given beside the wall time, as it leaves Python's start-up out.
 The trials' seconds summed over workers show whether each worker had a core of its own: on a machine busy with
 other work they grow with the workers, and the ratios move towards 1. So does the machine's own check, taken
 before each configuration: how much longer two single-thread matmul loops take at once than one alone (1.0 when
 two cores are free, 2.0 when only one is).
 
-    python benchmarks/scale_out.py [--workers 1 2] [--work build/scale_out] [--out benchmarks/results]
+    python benchmarks/scale_out.py [--workers 1 2] [--work build/scale_out] [--out benchmarks/results] [--extra ...]
 """
 
 from __future__ import annotations
@@ -27,19 +28,6 @@ import time
 from pathlib import Path
 
 import optuna
-
-REPO = Path(__file__).resolve().parent.parent
-GRID = ["engine.max_batch_size=choice(1,2,4,8)", "engine.attn_implementation=choice(eager,sdpa)"]
-# About 10 s a trial on one CPU thread: long enough that the trials, not the start-ups, dominate.
-WORKLOAD = [
-    "workload=throughput",
-    "workload.num_requests=128",
-    "workload.warmup_requests=0",
-    "workload.iterations=1",
-    "workload.input_len=64",
-    "workload.output_len=128",
-]
-
 
 SPIN = """
 import time, torch
@@ -60,23 +48,23 @@ def two_at_once_slowdown() -> float:
     return sum(together) / 2 / alone
 
 
-def run(workers: int, work: Path) -> dict:
+def search(workers: int, work: Path, extra: list[str]) -> dict:
     work.mkdir(parents=True)
-    study = f"scale-out-{workers}"
-    command = [sys.executable, "-m", "sweep", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid"]
-    command += [f"hydra.sweeper.n_trials={len(grid_points())}", f"hydra.sweeper.study_name={study}"]
-    command += [f"hydra.sweeper.workers={workers}", f"hydra.sweeper.best_config_dir={work / 'best'}", "device=cpu"]
-    command += [*WORKLOAD, *GRID]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    study, storage = f"scale-out-{workers}", f"sqlite:///{work / 'optuna.db'}"
+    command = [sys.executable, "-m", "sweep", "-m", "+experiment=scale_out", f"hydra.sweeper.workers={workers}"]
+    command += [f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={storage}"]
+    command += [f"hydra.sweeper.best_config_dir={work / 'best'}", f"hydra.sweep.dir={work / 'multirun'}"]
+    command += [f"cache_dir={work / 'engines_cache'}", f"tracker.uri=sqlite:///{work / 'mlflow.db'}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     slowdown = two_at_once_slowdown()
     load_before = os.getloadavg()
     started = time.monotonic()
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     wall_s = time.monotonic() - started
     if result.returncode != 0:
         sys.exit(f"{workers} worker(s) failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    trials = optuna.load_study(study_name=study, storage=f"sqlite:///{work / 'mlruns' / 'optuna.db'}").trials
+    # The grid sampler queues every point of the grid; hydra.sweeper.n_trials of them run
+    trials = [t for t in optuna.load_study(study_name=study, storage=storage).trials if t.datetime_complete]
     first = min(t.datetime_start for t in trials)
     last = max(t.datetime_complete for t in trials)
     return {
@@ -91,10 +79,6 @@ def run(workers: int, work: Path) -> dict:
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
-
-
-def grid_points() -> list:
-    return [(b, a) for b in (1, 2, 4, 8) for a in ("eager", "sdpa")]
 
 
 def count_by_worker(trials: list) -> dict[str, int]:
@@ -125,19 +109,21 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--work", type=Path, default=REPO / "build" / "scale_out")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--work", type=Path, default=Path("build/scale_out"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every search")
     args = parser.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    rows = [run(n, args.work / f"workers-{n}") for n in args.workers]
+    work = args.work.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    rows = [search(n, work / f"workers-{n}", args.extra) for n in args.workers]
     header = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs: see the load averages)",
         "torch_threads_per_worker": 1,
         "storage": "sqlite (one host)",
         "tracker": "mlflow on sqlite",
-        "grid": GRID,
-        "workload": WORKLOAD,
+        "experiment": "scale_out",
+        "extra": args.extra,
     }
     text = table(rows)
     print(text)

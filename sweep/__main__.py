@@ -1,14 +1,18 @@
 """`sweep` and `python -m sweep`: the Hydra entry point. Safe to import (engine workers may re-import it)."""
 
+import contextlib
 import logging
+import os
 import signal
 import sys
+from typing import Iterator
 
 import hydra
 from omegaconf import DictConfig
 
 from sweep.config import CONF_DIR
-from sweep.job.compose import register_configs, render_help, unknown_key
+from sweep.job.command_line import hydra_error_message, sweep_value_refusal, unknown_key
+from sweep.job.compose import register_configs, render_help
 from trackers.store import redact
 
 register_configs()
@@ -55,6 +59,29 @@ def redact_log_records() -> None:
     logging.setLogRecordFactory(redacted_record)
 
 
+# Hydra prints an error itself and exits 1, unless this is "1": then the error reaches the caller.
+HYDRA_FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
+
+
+@contextlib.contextmanager
+def hydra_errors_raised() -> Iterator[None]:
+    """Hydra's errors reach the block's caller while it runs; the user's own HYDRA_FULL_ERROR after it."""
+    users = os.environ.get(HYDRA_FULL_ERROR_ENV)
+    os.environ[HYDRA_FULL_ERROR_ENV] = "1"
+    try:
+        yield
+    finally:
+        if users is None:
+            os.environ.pop(HYDRA_FULL_ERROR_ENV, None)
+        else:
+            os.environ[HYDRA_FULL_ERROR_ENV] = users
+
+
+def refuse(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def print_help(argv: list[str]) -> bool:
     """`--help` (with any overrides): print it and say so; False for every other command line, Hydra's to run."""
     from hydra._internal.utils import get_args_parser
@@ -71,20 +98,41 @@ def print_help(argv: list[str]) -> bool:
 
 
 def cli() -> None:
-    """The console script `sweep`, the same as `python -m sweep`."""
+    """The console script `sweep`, the same as `python -m sweep`. A setting Hydra cannot compose is one line and
+    exit 2, before anything runs; any other error shows as Hydra shows it."""
     signal.signal(signal.SIGTERM, terminate)
     redact_log_records()
-    if message := unknown_key(sys.argv[1:]):  # before Hydra, whose advice for a typo is to add it with `+`
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    # before Hydra, whose advice for a typo is to add it with `+`, and which composes a sweep's jobs one by one
+    if message := unknown_key(sys.argv[1:]) or sweep_value_refusal(sys.argv[1:]):
+        refuse(message)
     if print_help(sys.argv[1:]):
         return
     try:
-        main()
+        with hydra_errors_raised():
+            main()
     except KeyboardInterrupt as exc:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the records short
-        print(interruption_line(exc), file=sys.stderr)
+        print(redact(interruption_line(exc)), file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+    except Exception as exc:
+        if message := hydra_error_message(exc):
+            refuse(message)
+        show_as_hydra_does(exc)
+
+
+def show_as_hydra_does(exc: Exception) -> None:
+    """Hydra's report of an error: from the job's frames on (or all of it, with HYDRA_FULL_ERROR=1), exit 1."""
+    from hydra._internal.utils import run_and_report
+
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_name != "run_job":  # Hydra looks for it among the top
+        frames = frames.tb_next
+    exc = exc.with_traceback(frames or exc.__traceback__)
+
+    def reraise() -> None:
+        raise exc
+
+    run_and_report(reraise)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,9 @@ def mlflow_runs(workdir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from sweep.model.source import generate_tiny_checkpoint
+    from sweep.model.random_weights import write_random_checkpoint
 
-    return generate_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"), seed=0)
+    return write_random_checkpoint(tmp_path_factory.mktemp("checkpoints"), "tiny", "float32", seed=0, device="cpu")
 
 
 # A sweep's quickest honest workload on the tiny model: a few short requests, one iteration.

@@ -114,3 +114,29 @@ def test_two_processes_build_the_same_key_once(tmp_path):
     results = [json.loads((tmp_path / f"r{i}").read_text()) for i in range(2)]
     assert sorted(r["hit"] for r in results) == [False, True]
     assert results[0]["path"] == results[1]["path"]
+
+
+def test_an_artifact_that_records_absolute_paths_names_the_final_directory(tmp_path):
+    """vLLM's compile-cache index records where each compiled graph was saved (on a GPU, an absolute path). The
+    build runs in a temporary directory; the index must name the directory the engine is served from after the
+    rename, as a second run (a cache hit) loads the graphs from there. vLLM itself cannot compile graphs here: the
+    index is written by hand in the format vLLM writes (a Python literal holding (key, path) handles)."""
+    from sweep.backends.cache import final_dir
+    from sweep.backends.vllm.backend import COMPILE_INDEX, relocate_compile_index
+
+    def build(engine_dir: Path) -> dict:
+        graphs = engine_dir / "vllm_cache" / "torch_compile_cache" / "0fe8c8689d" / "rank_0_0" / "backbone"
+        graphs.mkdir(parents=True)
+        (graphs / "artifact_compile_range_1_8192_subgraph_0").write_bytes(b"graph")
+        handle = ("artifact_compile_range_1_8192_subgraph_0", str(graphs / "artifact_compile_range_1_8192_subgraph_0"))
+        (graphs / COMPILE_INDEX).write_text(repr({(1, 8192, 0, "inductor_standalone"): {"graph_handle": handle}}))
+        relocate_compile_index(engine_dir / "vllm_cache", engine_dir, final_dir(engine_dir))
+        return {}
+
+    entry = EngineCache(tmp_path).get_or_build("vllm", BASE, build)
+    (index,) = entry.path.rglob(COMPILE_INDEX)
+    (handle,) = [value["graph_handle"] for value in eval(index.read_text()).values()]
+    assert Path(handle[1]).is_file() and Path(handle[1]).is_relative_to(entry.path.absolute())
+    assert ".tmp-" not in index.read_text()
+    again = EngineCache(tmp_path).get_or_build("vllm", BASE, build)
+    assert again.hit  # the rewritten index is part of the checksummed entry

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, mlflow_runs, run_sweep
@@ -149,6 +148,18 @@ BAD_INPUTS = {
         lambda t, c: ["workload.output_len=1", "objective.metric=tpot_ms_p50", "objective.direction=minimize"],
         "objective.metric='tpot_ms_p50' needs a measured request with at least 2 output tokens",
     ),
+    "goodput objective without an SLO": (
+        lambda t, c: ["objective.metric=goodput_req_s"],
+        "objective.metric='goodput_req_s' is recorded only under an SLO, and slo='none' sets none",
+    ),
+    "achieved rate objective on workload=latency": (
+        lambda t, c: ["objective.metric=achieved_rate_req_s"],
+        "objective.metric='achieved_rate_req_s' is recorded only by an open loop",
+    ),
+    "achieved rate objective with every request at t0": (
+        lambda t, c: ["workload=rate", "workload.request_rate=inf", "objective.metric=achieved_rate_req_s"],
+        "this run's workload.scenario is 'rate' at workload.request_rate=inf",
+    ),
     "TPOT objective, variable lengths all 1": (
         lambda t, c: [dataset(t, [{"prompt": "hi", "output_tokens": 1}]), "objective.metric=itl_ms_p99"],
         "objective.metric='itl_ms_p99' needs a measured request with at least 2 output tokens",
@@ -173,6 +184,22 @@ def test_bad_input_is_one_line_naming_key_and_value_and_nothing_is_recorded(tmp_
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert mlflow_runs(tmp_path) == []
     assert not list((tmp_path / "engines_cache").glob("*/*/manifest.json"))
+
+
+def test_a_relative_sqlite_store_is_opened_under_the_working_directory(tmp_path, tiny_checkpoint, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sweep import run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["tracker.uri=sqlite:///rel/mlflow.db", f"cache_dir={tmp_path}/engines_cache",
+                   f"model.path={tiny_checkpoint}", "workload.output_len=2", *SMALL])  # fmt: skip
+    result = run(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/rel/mlflow.db")
+    (recorded,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert recorded.info.run_id == result.run_id and recorded.info.status == "FINISHED"
+    assert recorded.info.artifact_uri.startswith((tmp_path / "rel" / "artifacts").as_uri())
+    assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
 
 
 # -- item 1: creating a store from several processes at once -----------------------------------------------------
@@ -342,7 +369,7 @@ def test_sigterm_during_a_build_removes_the_temporary_directory(tmp_path, monkey
 
 
 def test_a_run_whose_process_was_killed_is_ended_at_the_next_start_and_the_report_skips_it(tmp_path):
-    from sweep.report.build import find_parent
+    from sweep.report.selection import find_parent
     from trackers.mlflow_tracker import MLflowTracker
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -469,8 +496,8 @@ print(cfg.hydra.sweep.dir, cfg.hydra.sweep.dir, cfg.hydra.run.dir)
 def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     import optuna
 
-    from hydra_plugins.sweep_optuna_sweeper._impl import Budget
-    from hydra_plugins.sweep_optuna_sweeper.record import ParentRun
+    from hydra_plugins.sweep_optuna_sweeper._budget import Budget
+    from hydra_plugins.sweep_optuna_sweeper._record import ParentRun
     from trackers import PARENT_RUN_ENV
     from trackers.mlflow_tracker import MLflowTracker
 
@@ -481,8 +508,7 @@ def test_the_sweepers_plot_directories_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: t.suggest_int("engine.max_batch_size", 1, 8), n_trials=3)
-    search = SimpleNamespace(s=SimpleNamespace(objectives={"output_throughput_tok_s": "maximize"}))
-    ParentRun(cfg).log_summary(search, study, Budget(None, "cpu"))
+    ParentRun(cfg).log_summary({"output_throughput_tok_s": "maximize"}, study, Budget(None, "cpu"))
     assert list((tmp_path / "tmp").iterdir()) == []
     plots = list((tmp_path / "mlruns" / "artifacts").rglob("plots/*.png"))
     assert {p.stem for p in plots} == {"optimization_history", "param_importances"}

@@ -1,6 +1,7 @@
 """The Optuna sweeper plugin, end to end through the real CLI: Hydra, Optuna on SQLite, MLflow on SQLite,
 transformers on the tiny model. Nothing is faked."""
 
+import inspect
 import json
 import os
 import re
@@ -8,28 +9,35 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import fields
 
 import optuna
 import pytest
 from conftest import QUICK, REPO, mlflow_runs, run_sweep
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper._impl import Budget, OptunaSearch, SearchSettings
-from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
-from hydra_plugins.sweep_optuna_sweeper.record import ParentRun, Progress, best_config_yaml
-from hydra_plugins.sweep_optuna_sweeper.space import (
+from hydra_plugins.sweep_optuna_sweeper._budget import Budget
+from hydra_plugins.sweep_optuna_sweeper._prepare import SearchSettings
+from hydra_plugins.sweep_optuna_sweeper._record import ParentRun, Progress, best_config_yaml
+from hydra_plugins.sweep_optuna_sweeper._samplers import choose_sampler
+from hydra_plugins.sweep_optuna_sweeper._search import OptunaSearch
+from hydra_plugins.sweep_optuna_sweeper._space import (
     grid_values,
     split_overrides,
     trtllm_bench_setting,
     warm_start_point,
 )
-from hydra_plugins.sweep_optuna_sweeper.study import Heartbeat, best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper._study import Heartbeat, best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper.config import SAMPLERS, OptunaSweeperConf
+from sweep.config import CONF_DIR
 from sweep.config.errors import ConfigError
-from sweep.job.compose import compose
+from sweep.job.compose import compose, register_configs
 from sweep.multirun.sweeper_api import WarmStartInputs
 
 QUICK = [*QUICK, "hydra.sweeper.n_jobs=1"]
@@ -40,9 +48,8 @@ def parse(*overrides):
 
 
 def make_search(**settings) -> OptunaSearch:
-    """The sweeper's search with its config's defaults, as Hydra would instantiate it."""
-    defaults = {k: v for k, v in asdict(OptunaSweeperConf()).items() if k != "_target_"}
-    return OptunaSearch(**defaults | settings)
+    """The sweeper's search with its config's defaults (the default sampler, tpe), as Hydra would instantiate it."""
+    return OptunaSearch(OptunaSweeperConf(**{"sampler": "tpe"} | settings))
 
 
 def test_search_space_translation_gets_hydra_bounds_right():
@@ -492,7 +499,7 @@ def test_samplers_fit_what_they_are_for():
         "qmc": samplers.QMCSampler,
     }
     for name, cls in expected.items():
-        assert isinstance(make_search(sampler=name).make_sampler(), cls)
+        assert isinstance(choose_sampler(name).make(seed=0), cls)
 
 
 def test_a_search_prints_one_progress_line_per_trial_and_names_its_runs(tmp_path):
@@ -546,3 +553,204 @@ def test_a_search_preset_sets_the_objective_it_names(preset, metric):
     cfg = compose([f"search={preset}"] if preset else [])
     assert cfg.objective.metric == metric
     assert compose(["search=goodput", "objective.metric=ttft_ms_p99"]).objective.metric == "ttft_ms_p99"
+
+
+# -- samplers as a config group ----------------------------------------------------------------------------------
+def sweeper_config(*overrides: str):
+    """`python -m sweep -m <overrides>`'s full config, Hydra's part (the sweeper's settings) included."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, sampler_class, n_startup_trials",
+    [
+        (["hydra/sweeper=optuna", "hydra.sweeper.sampler.n_startup_trials=5"], optuna.samplers.TPESampler, 5),
+        (["search=throughput", "hydra.sweeper.sampler.n_startup_trials=3"], optuna.samplers.TPESampler, 3),
+        (
+            ["hydra/sweeper=optuna", "hydra/sweeper/sampler=gp", "hydra.sweeper.sampler.n_startup_trials=4"],
+            optuna.samplers.GPSampler,
+            4,
+        ),
+        (["search=pareto", "hydra.sweeper.sampler=random"], optuna.samplers.RandomSampler, None),  # a name alone
+    ],
+)
+def test_a_samplers_settings_on_the_command_line_reach_it(tmp_path, overrides, sampler_class, n_startup_trials):
+    config = sweeper_config(*overrides, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}")
+    sweeper = instantiate(config.hydra.sweeper)  # as Hydra instantiates the sweeper plugin
+    search = sweeper.search
+    search.prepare(config, ["engine.max_batch_size=choice(1,2)"])
+    sampler = search.open_study(search.s).sampler
+    assert type(sampler) is sampler_class
+    if n_startup_trials is not None:
+        assert sampler._n_startup_trials == n_startup_trials
+
+
+OPTUNA_PRESETS = sorted(
+    p.stem for p in (CONF_DIR / "search").glob("*.yaml") if "override /hydra/sweeper: optuna" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("preset", OPTUNA_PRESETS)
+def test_every_optuna_preset_picks_its_sampler_from_the_group(preset):
+    # a preset naming its sampler (`sampler: tpe`) would leave no settings to set on the command line
+    config = sweeper_config(f"search={preset}", "hydra.sweeper.sampler.n_startup_trials=4")
+    assert config.hydra.sweeper.sampler.n_startup_trials == 4
+
+
+def test_a_sampler_named_in_a_config_replaces_the_default_and_a_clash_is_refused(tmp_path):
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'o.db'}"
+    config = sweeper_config("+experiment=scale_out", storage)  # its YAML names the sampler: `sampler: grid`
+    search = instantiate(config.hydra.sweeper).search
+    search.prepare(config, [])
+    assert search.prepared.sampler.name == "grid" and search.s.n_trials == 8
+    clash = sweeper_config("+experiment=scale_out", "hydra/sweeper/sampler=gp", storage)
+    with pytest.raises(ConfigError, match="hydra.sweeper.sampler=grid and hydra/sweeper/sampler=gp pick two"):
+        instantiate(clash.hydra.sweeper).search.prepare(clash, [])
+
+
+def test_only_the_registered_samplers_are_instantiated(tmp_path):
+    config = sweeper_config("hydra/sweeper=optuna", "hydra.sweeper.sampler._target_=os.system")
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler._target_='os.system' is not allowed; .* tpe"):
+        instantiate(config.hydra.sweeper).search.prepare(config, ["engine.max_batch_size=choice(1,2)"])
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler.seed=3 is not allowed \(tpe\): the sweeper seeds"):
+        choose_sampler({"_target_": "optuna.samplers.TPESampler", "seed": 3})  # the seed is hydra.sweeper.seed
+    typo = sweeper_config("hydra/sweeper=optuna", "hydra.sweeper.sampler.n_startup_trials=five")
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler.n_startup_trials='five' is not allowed \(tpe\)"):
+        instantiate(typo.hydra.sweeper).search.prepare(typo, ["engine.max_batch_size=choice(1,2)"])
+    qmc = sweeper_config("hydra/sweeper=optuna", "hydra/sweeper/sampler=qmc", "hydra.sweeper.sampler.qmc_type=sobel")
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler \(qmc\): The `qmc_type='sobel'` is invalid"):
+        instantiate(qmc.hydra.sweeper).search.prepare(qmc, ["engine.max_batch_size=choice(1,2)"])
+
+
+def test_each_samplers_settings_are_its_optuna_class_defaults():
+    for name, conf in SAMPLERS.items():
+        parameters = inspect.signature(get_class(conf._target_)).parameters
+        for setting in fields(conf)[1:]:
+            assert parameters[setting.name].default == setting.default, (name, setting.name)
+
+
+def test_help_lists_every_sampler_and_search_preset(tmp_path):
+    result = run_sweep(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    (samplers,) = re.findall(r"hydra/sweeper/sampler=<name> +the Optuna sampler: (.*);", result.stdout)
+    (presets,) = re.findall(r"-m search=throughput +a preset in conf/search/: (.*)", result.stdout)
+    assert sorted(samplers.split(", ")) == sorted(SAMPLERS)
+    assert presets.split(", ") == sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml"))
+
+
+# -- what a search must not get wrong ------------------------------------------------------------------------------
+def test_trials_that_score_nothing_are_no_best():
+    study = optuna.create_study(direction="maximize")
+    for value in (0.0, 0.0):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    assert best_trials(study) == []
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=2.0))
+    assert best_trials(study)[0].number == 2
+    latency = optuna.create_study(direction="minimize")  # 0 is a value like any other for a minimised figure
+    latency.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.0))
+    assert best_trials(latency)[0].number == 0
+
+
+def test_a_search_whose_slo_is_out_of_reach_says_so_and_writes_no_best_config(tmp_path):
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.study_name=unreachable",
+        f"hydra.sweeper.best_config_dir={tmp_path / 'best'}",
+        *QUICK,
+        "objective.metric=goodput_req_s",
+        "slo.ttft_ms=0.001",  # no request's first token comes within a microsecond: every trial's goodput is 0
+        "engine.max_batch_size=choice(1,2)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert (
+        "no setting met the objective or the SLO: every feasible trial scored goodput_req_s=0 under the SLO "
+        "(slo.ttft_ms=0.001); loosen the SLO (larger slo.ttft_ms), or search other settings; no best config written"
+    ) in console
+    assert "best trial" not in console and not (tmp_path / "best").exists()
+    assert [t.value for t in trials_of(tmp_path, "unreachable")] == [0.0, 0.0]
+    (parent,) = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("sweep.kind") == "optuna"]
+    assert "best.goodput_req_s" not in parent.data.metrics and parent.data.metrics["trials.complete"] == 2
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["model=glob(*)"], "model=glob(*) is not allowed: glob() has no Optuna distribution; hydra/sweeper=optuna"),
+        (
+            ["engine.max_batch_size=tag(int, interval(0.5, 0.7))"],
+            "engine.max_batch_size=tag(int, interval(0.5, 0.7)) is not allowed: an integer interval holds no integer",
+        ),
+        (
+            ["engine.max_batch_size=tag(int, interval(1.5, 1.9))"],
+            "engine.max_batch_size=tag(int, interval(1.5, 1.9)) is not allowed: an integer interval holds no integer",
+        ),
+        (
+            ["engine.max_batch_size=tag(foo, interval(1,2))"],
+            "engine.max_batch_size=tag(foo, interval(1,2)) is not allowed: the tag 'foo' means nothing to the "
+            "sweeper; interval() takes tag(log, ...) and tag(int, ...)",
+        ),
+        (
+            ["engine.max_batch_size=choice()"],
+            "engine.max_batch_size='choice()' cannot be parsed: empty choice is not legal; write one value, or a sweep",
+        ),
+        (
+            ["engine.max_batch_size=choice(1,2)", "+hydra.sweeper.constraints.p99_speed='<=5'"],
+            "hydra.sweeper.constraints.p99_speed='p99_speed' is not allowed; choose a figure sweep records",
+        ),
+    ],
+)
+def test_sweep_syntax_the_sweeper_cannot_map_is_one_line_and_exit_2(tmp_path, arguments, message):
+    result = run_sweep(tmp_path, "-m", "hydra/sweeper=optuna", *QUICK, *arguments)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    (line,) = [line for line in output.splitlines() if line.strip()]
+    assert message in line and "Traceback" not in output
+    assert mlflow_runs(tmp_path) == [] and not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_a_swept_key_added_with_plus_keeps_its_plus(tmp_path):
+    result = run_sweep(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.study_name=added",
+        f"hydra.sweeper.best_config_dir={tmp_path / 'best'}",
+        *QUICK,
+        "+note=choice(a,b)",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="added", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    assert sorted(t.params["note"] for t in study.trials) == ["a", "b"]
+    assert all(t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs for t in study.trials)
+    best = (tmp_path / "best" / "added.yaml").read_text()  # a config cannot add a key: its rerun command does
+    assert f"+best=added '+note={study.best_params['note']}'" in best and "note:" not in best
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_study_draws_new_points(tmp_path, sampler):
+    """A seeded sampler replays its draws: resumed with the same seed, it would ask for the points it holds."""
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    space = ["engine.max_batch_size=range(1,1000)", "engine.max_num_tokens=range(256,8193,256)"]
+    points = []
+    for n_trials in (3, 6):
+        search = make_search(sampler=sampler, storage=storage, study_name="resumed", n_trials=n_trials)
+        s = search.prepare(compose(), space)
+        study = search.open_study(s)
+        for _ in range(3):  # what a search of n_trials asks for after the trials the study holds
+            trial = study.ask(s.space)
+            points.append(tuple(trial.params.values()))
+            study.tell(trial, 1.0)
+    assert len(set(points)) == 6, points
+
+
+def test_a_presets_sweep_that_hydra_cannot_parse_names_it(tmp_path):
+    search = make_search(storage=f"sqlite:///{tmp_path / 'o.db'}", params={"engine.max_batch_size": "choice()"})
+    with pytest.raises(ConfigError, match=re.escape("engine.max_batch_size=choice() is not allowed: empty choice")):
+        search.prepare(compose(), [])

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from submitit.core.utils import JobPaths
 
-from hydra_plugins.sweep_optuna_sweeper._impl import check_numbers, gpu_slots
+from hydra_plugins.sweep_optuna_sweeper._prepare import check_numbers, gpu_slots
+from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
 from sweep.config import CONF_DIR
 from sweep.config.errors import ConfigError
 from sweep.job.compose import register_configs
@@ -112,7 +113,7 @@ def test_which_launchers_the_sweeper_pins_and_which_it_refuses(monkeypatch):
     assert gpu_slots(ray, 2, 2, "cuda") is None  # Ray gives each task its GPUs
 
     with pytest.raises(ConfigError, match=r"hydra.sweeper.gpus_per_trial=0 is not allowed"):
-        check_numbers({"n_trials": 1, "n_jobs": 1, "gpus_per_trial": 0, "heartbeat_interval": 1})
+        check_numbers(OptunaSweeperConf(sampler="tpe", gpus_per_trial=0))
 
 
 STAND_IN_SBATCH = """#!/bin/sh

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from sweep.backends.cache import engine_key
 from sweep.backends.registry import BACKENDS
@@ -41,6 +42,8 @@ ENGINE = {  # EngineConfig's defaults, dtype resolved as make_plan does on a GPU
     "context_fmha": True,
     "paged_kv_cache": True,
     "tokens_per_block": 32,
+    "quantization": "none",
+    "kv_cache_dtype": "auto",
 }
 
 
@@ -88,8 +91,21 @@ def test_every_option_lands_somewhere():
     # An honoured option that reached neither BuildConfig, PluginConfig nor the LLM call would be silently dropped.
     targets = {m.option: m.target for m in trt.OPTION_MAP}
     assert set(targets) == set(TRTBackend.honoured_options)
-    assert set(targets.values()) <= {"build_config", "plugin_config", "llm"}
+    assert set(targets.values()) <= {"build_config", "plugin_config", "llm", "quant_config"}
     assert set(trt.mapped_kwargs(ENGINE, "llm")) <= set(FIXTURE["llm_kwargs"])
+    assert set(trt.mapped_kwargs(ENGINE, "quant_config")) <= set(FIXTURE["quant_config_fields"])
+    assert "quant_config" in FIXTURE["llm_kwargs"]
+
+
+def test_quantization_maps_to_quant_algos_that_need_no_calibration_data():
+    assert trt.quant_config_kwargs(ENGINE) is None  # unquantized: no quant_config at all
+    algos = {}
+    for value in ("int8_weight_only", "int4_weight_only", "fp8"):
+        algos[value] = trt.quant_config_kwargs({**ENGINE, "quantization": value})["quant_algo"]
+    assert algos == {"int8_weight_only": "W8A16", "int4_weight_only": "W4A16", "fp8": "FP8_PER_CHANNEL_PER_TOKEN"}
+    assert set(algos.values()) <= set(FIXTURE["quant_algos"]) - set(FIXTURE["quant_algos_needing_calibration"])
+    kv = trt.quant_config_kwargs({**ENGINE, "kv_cache_dtype": "fp8"})
+    assert kv == {"quant_algo": None, "kv_cache_quant_algo": "FP8"} and "FP8" in FIXTURE["kv_cache_quant_algos"]
 
 
 def test_runtime_kwargs_are_fields_of_their_classes():
@@ -475,6 +491,12 @@ def install_fake_tensorrt_llm(monkeypatch):
         max_num_tokens: int = 8192
         plugin_config: object = None
 
+    class QuantConfig(BaseModel):
+        quant_algo: str | None = None
+        kv_cache_quant_algo: str | None = None
+        group_size: int = 128
+        exclude_modules: list[str] | None = None
+
     class PluginConfig(BaseModel):
         gemm_plugin: str | None = None
         gpt_attention_plugin: str | None = "auto"
@@ -493,6 +515,7 @@ def install_fake_tensorrt_llm(monkeypatch):
         "tensorrt_llm._tensorrt_engine": SimpleNamespace(LLM=FakeLLM),
         "tensorrt_llm.builder": SimpleNamespace(BuildConfig=BuildConfig),
         "tensorrt_llm.plugin": SimpleNamespace(PluginConfig=PluginConfig),
+        "tensorrt_llm.llmapi": SimpleNamespace(QuantConfig=QuantConfig),
         "tensorrt_llm.llmapi.llm_args": SimpleNamespace(KvCacheConfig=Recorder),
         "tensorrt_llm.sampling_params": SimpleNamespace(SamplingParams=Recorder),
         "tensorrt_llm.logger": SimpleNamespace(logger=SimpleNamespace(set_level=lambda level: None)),
@@ -562,6 +585,7 @@ def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_pat
     assert built.kwargs["build_config"].max_seq_len == 2048
     assert built.kwargs["build_config"].plugin_config.paged_kv_cache is True
     assert built.kwargs["kv_cache_config"].kwargs == {"free_gpu_memory_fraction": 0.9, "enable_block_reuse": False}
+    assert "quant_config" not in built.kwargs and manifest["quant_config"] is None  # unquantized
     build_log = (engine_dir / "build.log").read_text()
     assert "fake builder output on stdout" in build_log and "fake native output on fd 2" in build_log
     assert manifest["trtllm_build_command"].startswith("trtllm-build --checkpoint_dir")
@@ -604,6 +628,31 @@ def test_build_load_serve_plumbing_with_a_fake_tensorrt_llm(monkeypatch, tmp_pat
     assert loaded.kwargs["kv_cache_config"].kwargs == built.kwargs["kv_cache_config"].kwargs
     assert set(hit.engine_figures()) == {"model_load_s"}  # the build time of a hit is 0, recorded by the run
     hit.close()
+
+
+def test_a_quantized_build_passes_its_quant_config_and_fp8_needs_compute_capability_8_9(monkeypatch, tmp_path):
+    from sweep.backends.trt import backend as trt_backend
+    from sweep.workload.requests import Workload
+
+    # Fake: the GPU's compute capability, beside the stand-in tensorrt_llm.
+    backend = fake_backend(monkeypatch, tmp_path, quantization="int4_weight_only", kv_cache_dtype="fp8")
+    monkeypatch.setattr(trt_backend, "gpu_capability", lambda device: (9, 0))
+    backend.check(Workload(warmup=[], measured=fake_requests()))
+    assert not any("use_fp8_context_fmha" in w for w in backend.warnings)  # an FP8 KV cache keeps FP8 context FMHA
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    manifest = backend.build(engine_dir)
+    quant = FakeLLM.instances[-1].kwargs["quant_config"]
+    assert (quant.quant_algo, quant.kv_cache_quant_algo) == ("W4A16", "FP8")
+    assert manifest["quant_config"] == {"quant_algo": "W4A16", "kv_cache_quant_algo": "FP8"}
+    backend.close()
+
+    monkeypatch.setattr(trt_backend, "gpu_capability", lambda device: (8, 0))  # an A100
+    for key, value in (("quantization", "fp8"), ("kv_cache_dtype", "fp8")):
+        engine = {"quantization": "none", "kv_cache_dtype": "auto", key: value}
+        ampere = TRTBackend(OmegaConf.merge(backend.cfg, {"engine": engine}), backend.model, "cuda", "bfloat16")
+        with pytest.raises(ConfigError, match=rf"engine.{key}='fp8' is not allowed for backend=trt on cuda .*8\.9\+"):
+            ampere.check(Workload(warmup=[], measured=fake_requests()))
 
 
 def test_build_time_leaves_out_the_executor_start():

@@ -17,8 +17,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper._impl import worker_command
-from hydra_plugins.sweep_optuna_sweeper.study import tally
+from hydra_plugins.sweep_optuna_sweeper._session import worker_command
+from hydra_plugins.sweep_optuna_sweeper._study import tally
 from sweep.multirun.sweeper_api import STUDY_TAG, TRIAL_TAG, WORKER_TAG
 
 GRID = ["engine.max_batch_size=choice(1,2)", "engine.attn_implementation=choice(eager,sdpa)"]

@@ -2,26 +2,32 @@
 
 The file store is deprecated and refuses to start in mlflow >= 3.13, hence SQLite. $MLFLOW_TRACKING_URI or
 `tracker.uri` points elsewhere, for example at a tracking server (`http://host:5000`).
+
+Nothing it stores or prints holds user info from a URI (`user:password@`): every param, tag, run name and text
+artifact is redacted on its way in, and every link it prints.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from trackers import store
 from trackers.base import TrackedRun, Tracker
 from trackers.store import (
-    OWNER_HOST,
+    absolute_sqlite,
     check_store_reachable,
-    owner_alive,
+    heartbeat_tags,
     owner_tags,
     redact,
     retry_when_locked,
     sqlite_path,
     store_lock,
+    why_dead,
 )
 
 log = logging.getLogger(__name__)
@@ -38,9 +44,13 @@ METRIC_DIGITS = 5  # significant digits of a non-integer metric: the UI shows al
 # GenAI); the `mlflow.experimentKind` experiment tag is read by versions without that switch.
 # A view shared through the experiment tag `mlflow.sharedViewState.<key>` and opened with `viewStateShareKey=<key>`
 # sets the runs table's columns: the only column default a client can give.
+ORPHANED = "sweep.orphaned"  # a run a later start ended KILLED: its processes were all gone
 UI_VIEW_KEY = "sweep"
 UI_QUERY = f"workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow prints "View run ... at: <tracking URI>" as each run on a tracking server ends, user info included: sweep
+# prints its own link instead (run_url), without user info and in the UI's model-training view.
+SUPPRESS_URL_PRINTING_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def default_uri() -> str:
@@ -88,7 +98,7 @@ class MLflowRun(TrackedRun):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             retry_when_locked(self.client.log_batch, self.run_id, params=items[i : i + BATCH])
 
@@ -103,7 +113,7 @@ class MLflowRun(TrackedRun):
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
         for i in range(0, len(items), BATCH):
             retry_when_locked(self.client.log_batch, self.run_id, tags=items[i : i + BATCH])
 
@@ -111,9 +121,10 @@ class MLflowRun(TrackedRun):
         retry_when_locked(self.client.log_artifact, self.run_id, str(path), artifact_dir)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry_when_locked(self.client.log_text, self.run_id, text, artifact_file)
+        retry_when_locked(self.client.log_text, self.run_id, redact(text), artifact_file)
 
     def end(self, status: str) -> None:
+        HEARTBEAT_KEEPER.drop(self.run_id)
         retry_when_locked(self.client.set_terminated, self.run_id, status)
 
     def set_description(self, markdown: str) -> None:
@@ -121,12 +132,52 @@ class MLflowRun(TrackedRun):
         self.set_tags({DESCRIPTION_TAG: fit_lines(markdown, MAX_TAG_LENGTH)})
 
 
+class HeartbeatKeeper:
+    """Records the heartbeat of every run this process has open, from one daemon thread, every
+    HEARTBEAT_INTERVAL_S until the run ends here (or the process does): a later start anywhere then tells a run
+    whose processes are all gone (trackers.store.why_dead)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, MLflowRun] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def keep(self, run: MLflowRun) -> None:
+        with self.lock:
+            self.runs[run.run_id] = run
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.beat_forever, name="sweep-heartbeat", daemon=True)
+                self.thread.start()
+
+    def drop(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.pop(run_id, None)
+
+    def beat_forever(self) -> None:
+        from mlflow.entities import RunTag
+
+        while True:
+            time.sleep(store.HEARTBEAT_INTERVAL_S)
+            with self.lock:
+                runs = list(self.runs.values())
+            for run in runs:
+                try:  # a beat missed (a locked or unreachable store) is made up by the next one
+                    tags = [RunTag(k, v) for k, v in heartbeat_tags().items()]
+                    run.client.log_batch(run.run_id, tags=tags)
+                except Exception as exc:
+                    log.debug("run %s: heartbeat not recorded: %s", run.run_id, exc)
+
+
+HEARTBEAT_KEEPER = HeartbeatKeeper()
+
+
 class MLflowTracker(Tracker):
     def __init__(self, uri: str | None, experiment: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or default_uri()
+        self.uri = absolute_sqlite(uri or default_uri())  # an artifact location beside it must be absolute
         check_reachable(self.uri)
+        os.environ[SUPPRESS_URL_PRINTING_ENV] = "true"
         with store_lock(self.uri):  # the first client on a store creates or migrates its schema
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment_id(experiment)
@@ -181,44 +232,56 @@ class MLflowTracker(Tracker):
         return f"{self._ui_base()}/#/experiments/{self.experiment_id}/runs?{UI_QUERY}"
 
     def ui_command(self) -> str | None:
-        return None if self._served() else f"mlflow ui --backend-store-uri {self.uri}"
+        return None if self._served() else f"mlflow ui --backend-store-uri {redact(self.uri)}"
 
     def _served(self) -> bool:
         return self.uri.startswith(("http://", "https://"))
 
     def _ui_base(self) -> str:
-        return self.uri.rstrip("/") if self._served() else LOCAL_UI
+        return redact(self.uri).rstrip("/") if self._served() else LOCAL_UI
 
     def start_run(
         self, name: str | None, tags: dict[str, Any], parent_run_id: str | None = None, owned: bool = True
     ) -> TrackedRun:
-        tags = {k: str(v) for k, v in tags.items() if v is not None} | (owner_tags() if owned else {})
+        tags = {k: redact(str(v)) for k, v in tags.items() if v is not None} | (owner_tags() if owned else {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = retry_when_locked(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
-        log.info("MLflow run %s in %s", run.info.run_id, redact(self.uri))
-        return MLflowRun(self.client, run.info.run_id)
+        name = redact(name) if name else name
+        tags |= heartbeat_tags()
+        created = retry_when_locked(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
+        log.info("MLflow run %s in %s", created.info.run_id, redact(self.uri))
+        run = MLflowRun(self.client, created.info.run_id)
+        HEARTBEAT_KEEPER.keep(run)
+        return run
 
     def end_orphaned_runs(self) -> None:
-        """Runs of this experiment left RUNNING by a process of this host that is gone (kill -9, a lost node):
-        end them KILLED, saying so, so that no run stays RUNNING for good."""
-        import socket
-
-        running = self.client.search_runs(
-            [self.experiment_id],
-            f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{socket.gethostname()}'",
-        )
-        for run in running:
-            if owner_alive(run.data.tags):
+        """Runs of this experiment left RUNNING by processes that are all gone (kill -9, a lost node), on this host
+        or another: end them KILLED, saying why, so that no run stays RUNNING for good."""
+        now = time.time()
+        for found in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'"):
+            reason = why_dead(found.data.tags, now)
+            if reason is None:
                 continue
-            reason = f"its process (pid {run.data.tags.get('sweep.owner.pid')} on this host) is gone"
-            log.warning("run %s was left RUNNING: %s; ending it KILLED", run.info.run_id, reason)
-            orphan = MLflowRun(self.client, run.info.run_id)
-            orphan.set_tags({"error": f"ended KILLED by a later start: {reason}", "sweep.orphaned": "true"})
+            log.warning("run %s was left RUNNING: %s; ending it KILLED", found.info.run_id, reason)
+            orphan = MLflowRun(self.client, found.info.run_id)
+            orphan.set_tags({"error": f"ended KILLED by a later start: {reason}", ORPHANED: "true"})
             orphan.end("KILLED")
 
     def attach(self, run_id: str) -> TrackedRun:
-        return MLflowRun(self.client, run_id)
+        """A run another process started, to log into. One a later start ended KILLED as orphaned (a study's parent
+        whose workers were all killed) runs again now that a process works in it."""
+        run = MLflowRun(self.client, run_id)
+        found = retry_when_locked(self.client.get_run, run_id)
+        resumed = found.info.status == "KILLED" and found.data.tags.get(ORPHANED) == "true"
+        if resumed:
+            log.info("run %s, ended KILLED as orphaned, runs again", run_id)
+            retry_when_locked(self.client.update_run, run_id, status="RUNNING")
+            retry_when_locked(self.client.delete_tag, run_id, "error")
+            run.set_tags({ORPHANED: "false"})
+        if found.info.status == "RUNNING" or resumed:
+            run.set_tags(heartbeat_tags())
+            HEARTBEAT_KEEPER.keep(run)
+        return run
 
     def fail_runs(self, tags: dict[str, Any], error: str) -> None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

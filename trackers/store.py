@@ -6,8 +6,10 @@
   PostgreSQL database, which holds across machines.
 - A writer holding a SQLite database longer than MLflow's busy timeout makes a call fail with "database is
   locked": `retry_when_locked` tries again with backoff.
-- A run records the process that owns it (`owner_tags`); a later start on the same host ends the runs whose
-  process is gone (`owner_alive`), so kill -9 never leaves a run RUNNING for good.
+- A run records the process that owns it (`owner_tags`), and every process that has it open records a heartbeat
+  in it (`heartbeat_tags`) while it lives; a later start ends the runs whose processes are gone (`why_dead`): at
+  once for a process of its own host, by the heartbeat's age for another host's, so kill -9 or a lost node never
+  leaves a run RUNNING for good.
 - A store's server that does not answer, or refuses the connection, fails in seconds with one line naming the
   config key (`check_store_reachable`): MLflow retries a tracking server for minutes, and a database driver's error is
   a page of traceback.
@@ -40,12 +42,18 @@ CONNECT_TIMEOUT_S = 3  # whole seconds: libpq's and the MySQL drivers' unit
 STORE_LOCK_NAME = "sweep-store"  # the PostgreSQL advisory lock every sweep process takes to create a store
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after MLflow's own 20 s busy timeout on each attempt
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "sweep.owner.host", "sweep.owner.pid", "sweep.owner.started"
-USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# The time (epoch seconds) a process that has the run open last said it lives, and which process: "host pid started"
+HEARTBEAT, HEARTBEAT_BY = "sweep.heartbeat", "sweep.heartbeat.by"
+HEARTBEAT_INTERVAL_S = 60.0
+# A run no process has beaten for this long is dead wherever it ran: ten beats missed, not one slow store.
+HEARTBEAT_STALE_S = 600.0
+# `scheme://user:password@`, also as Hydra writes an override's value into its files: `scheme\://user\:password@`
+USER_INFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*\\?://)[^/@\s]+@")
 
 
 def redact(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`, anywhere in a text."""
-    return USER_INFO.sub(r"\g<scheme>***@", text)
+    """`scheme://user:password@host` -> `scheme://***@host`, anywhere in a text, also with the colons Hydra escapes."""
+    return USER_INFO.sub(lambda m: f"{m['scheme']}***@", text)
 
 
 def redact_file(path: Path) -> None:
@@ -105,6 +113,13 @@ def database_refusal(uri: str) -> str | None:
 
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
+
+
+def absolute_sqlite(uri: str) -> str:
+    """A SQLite URI with a relative path (sqlite:///rel/mlflow.db) resolved against the working directory, as
+    SQLite itself would open it; any other URI as it is."""
+    path = sqlite_path(uri)
+    return f"{SQLITE_PREFIX}{Path.cwd() / path}" if path is not None and not path.is_absolute() else uri
 
 
 @contextlib.contextmanager
@@ -185,3 +200,35 @@ def owner_alive(tags: dict[str, str]) -> bool:
     if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
         return True  # another host's process, or a run from before owners were recorded: we cannot tell
     return process_started(int(tags[OWNER_PID])) == tags.get(OWNER_STARTED)
+
+
+def this_process() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()} {pid} {process_started(pid)}"
+
+
+def heartbeat_tags() -> dict[str, str]:
+    return {HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_BY: this_process()}
+
+
+def why_dead(tags: dict[str, str], now: float) -> str | None:
+    """Why every process of a RUNNING run is gone, or None while one may live.
+
+    Its owner on this host is gone: dead at once. Otherwise its heartbeat tells: older than HEARTBEAT_STALE_S,
+    wherever it ran; or last beaten by a process of this host that is gone, longer ago than two beats (a process
+    elsewhere that shares the run would have beaten since).
+    """
+    if tags.get(OWNER_HOST) == socket.gethostname() and tags.get(OWNER_PID, "").isdigit():
+        return None if owner_alive(tags) else f"its process (pid {tags[OWNER_PID]} on this host) is gone"
+    try:
+        age = now - float(tags[HEARTBEAT])
+    except (KeyError, ValueError):
+        return None  # a run from before heartbeats were recorded: we cannot tell
+    by = tags.get(HEARTBEAT_BY, "").split()
+    if age > HEARTBEAT_STALE_S:
+        where = f" (the last from pid {by[1]} on {by[0]})" if len(by) == 3 else ""
+        return f"no process has recorded its heartbeat for {age / 60:.0f} minutes{where}"
+    if len(by) == 3 and by[0] == socket.gethostname() and by[1].isdigit() and age > 2 * HEARTBEAT_INTERVAL_S:
+        if process_started(int(by[1])) != by[2]:
+            return f"the last process that had it open (pid {by[1]} on this host) is gone, and none has since"
+    return None

@@ -37,9 +37,9 @@ class MaxRateSweeper(Sweeper):
     @staticmethod
     def check_config(config: DictConfig) -> None:
         """Set-up errors before the multirun records anything (the multirun callback calls it; raises ConfigError)."""
-        from sweep.multirun import sweeper_api
+        from hydra_plugins.sweep_max_rate_sweeper._impl import check_config
 
-        sweeper_api.check_sweep(config)
+        check_config(config)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)

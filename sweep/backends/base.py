@@ -6,18 +6,45 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from sweep.config.errors import ConfigError
+from sweep.config.schema import EngineConfig
 from sweep.model.source import ModelSource
 from sweep.workload.requests import Request, Workload
 from sweep.workload.stream import RequestStream
+
+QUANTIZATION_DEFAULTS = {"quantization": EngineConfig.quantization, "kv_cache_dtype": EngineConfig.kv_cache_dtype}
 
 
 @dataclass
 class Generation:
     token_ids: list[int]
     token_times: list[float]  # perf_counter() when each token was available on the host
+
+
+@dataclass
+class DecodeLoop:
+    """An engine's decode step driven on its own, for timing it below a whole request (sweep/measure/decode.py).
+
+    `step()` decodes one token for each of the loop's rows, its inputs and outputs in the engine's buffers, with no
+    host sync; `reset()` puts the rows back at the cache column the loop was made for, so that every timed stretch reads
+    the same cache. Both run under torch.inference_mode().
+    """
+
+    step: Callable[[], None]
+    reset: Callable[[], None]
+    span: int  # the cache columns each step's attention reads
+
+
+@dataclass
+class TokenScores:
+    """An engine's log-probabilities of the next token at each scored position of one teacher-forced sequence
+    (row j: the token at `start + j`, given every token before it): over the vocabulary ([positions, vocab]), or
+    over its own top k tokens ([positions, k], with their ids in `token_ids`)."""
+
+    logprobs: Any  # a float32 torch tensor
+    token_ids: Any = None  # [positions, k] for top-k scores; None when logprobs covers the whole vocabulary
 
 
 class Backend(ABC):
@@ -29,6 +56,9 @@ class Backend(ABC):
     artifact_options: ClassVar[tuple[str, ...]]
     # The attention head sizes the engine's kernels support; None: any (eager and SDPA attention in torch).
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
+    # What score() returns: "full" (log-probabilities over the vocabulary) or "top-<k> ..." (the engine's k most
+    # likely tokens); None: the engine cannot be teacher-forced, and its runs record no quality figure.
+    scores: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg
@@ -43,6 +73,7 @@ class Backend(ABC):
 
     def check(self, workload: Workload) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
+        self.check_refusals()
         self.check_head_size()
         e = self.cfg.engine
         max_position_embeddings = self.model.shape.max_position_embeddings
@@ -62,6 +93,33 @@ class Backend(ABC):
                 raise ConfigError(
                     f"engine.max_seq_len={e.max_seq_len} is longer than the model supports "
                     f"(max_position_embeddings={max_position_embeddings})"
+                )
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        """engine.quantization value -> why this backend cannot run it on this device and dtype (None: it can).
+        Consulted when the backend honours engine.quantization; a value it does not list is refused."""
+        return {"none": None}
+
+    def kv_cache_dtype_refusals(self) -> dict[str, str | None]:
+        """engine.kv_cache_dtype value -> why this backend cannot run it here (None: it can), as above."""
+        return {"auto": None}
+
+    def check_refusals(self) -> None:
+        """Refuse an engine.quantization or engine.kv_cache_dtype value this backend honours but cannot run here."""
+        for key, refusals in (
+            ("quantization", self.quantization_refusals),
+            ("kv_cache_dtype", self.kv_cache_dtype_refusals),
+        ):
+            value = self.cfg.engine[key]
+            if key not in self.honoured_options or value == QUANTIZATION_DEFAULTS[key]:
+                continue  # recorded as ignored, or the default, which every backend runs
+            table = refusals()
+            why = table.get(value, f"backend={self.name} has no mapping for it")
+            if why:
+                allowed = ", ".join(v for v, reason in table.items() if reason is None)
+                raise ConfigError(
+                    f"engine.{key}={value!r} is not allowed for backend={self.name} on {self.device} ({self.dtype}): "
+                    f"{why}; allowed here: {allowed}"
                 )
 
     def check_head_size(self) -> None:
@@ -136,6 +194,16 @@ class Backend(ABC):
         """Before anything is timed, run the shape classes of this engine that serving the workload once (which the
         harness does next, untimed) might not reach: e.g. every prompt width a compiled prefill can be given. The
         engine is warm from load() for what does not depend on the workload. Nothing by default."""
+
+    def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
+        """Decode steps of `batch` rows from cache column `context`, attending over `span` columns (None: the
+        engine's choice); after generate() filled those rows. Engines whose decode step is not their own refuse."""
+        raise ConfigError(f"backend={self.name} has no decode step to drive on its own; use backend=compiled")
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        """Teacher-forced: every sequence through the engine's own weights, scoring each token from `starts[i]` on
+        (see `scores`). Called after the benchmark, never inside it."""
+        raise NotImplementedError(f"backend={self.name} cannot score tokens teacher-forced")
 
     def engine_figures(self) -> dict[str, float]:
         """Figures of the engine itself (e.g. compile time, which a cache hit still pays in part), as metrics."""

@@ -65,6 +65,16 @@ def read_verified(entry: Path) -> tuple[dict[str, Any], str | None]:
     return manifest, None
 
 
+BUILD_PREFIX = ".tmp-"  # a build directory is <backend>/.tmp-<key>-<random>, renamed to <backend>/<key> when done
+
+
+def final_dir(build_dir: Path) -> Path:
+    """Where the build directory handed to a backend's build() is renamed to when the build succeeds: an artifact
+    that records absolute paths (vLLM's compile-cache index) writes this one."""
+    key = build_dir.name.removeprefix(BUILD_PREFIX).split("-", 1)[0]
+    return build_dir.parent / key
+
+
 def engine_key(key_inputs: dict[str, Any]) -> str:
     """A stable hash of everything that changes the built artifact (canonical JSON, sorted keys)."""
     canonical = json.dumps(key_inputs, sort_keys=True, separators=(",", ":"), default=str)
@@ -125,7 +135,7 @@ class EngineCache:
                     return CacheEntry(final, manifest, hit=True, build_time_s=time.perf_counter() - start)
                 log.warning("engine cache entry %s is damaged (%s): rebuilding it", final, problem)
             self._remove_stale(backend_dir, key)
-            tmp = Path(tempfile.mkdtemp(dir=backend_dir, prefix=f".tmp-{key}-"))
+            tmp = Path(tempfile.mkdtemp(dir=backend_dir, prefix=f"{BUILD_PREFIX}{key}-"))
             try:
                 log.info("engine cache miss: making %s", final)
                 with progress(f"building the {backend} engine"):
@@ -150,7 +160,7 @@ class EngineCache:
     @staticmethod
     def _remove_stale(backend_dir: Path, key: str) -> None:
         # We hold the key's lock, so any temporary directory for this key belongs to a build that died.
-        for stale in backend_dir.glob(f".tmp-{key}-*"):
+        for stale in backend_dir.glob(f"{BUILD_PREFIX}{key}-*"):
             log.warning("removing the remains of an interrupted build: %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
         final = backend_dir / key

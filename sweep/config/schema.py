@@ -20,16 +20,23 @@ SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 LENGTH_DISTRIBUTIONS = ("fixed", "normal")
 DEVICES = ("auto", "cpu", "cuda")
 DIRECTIONS = ("maximize", "minimize")
+GENERATORS = ("random",)  # model.generate
+# engine.quantization: the linear layers' weights (and, for fp8, their input activations) as the engine holds them.
+QUANTIZATIONS = ("none", "int8_weight_only", "int4_weight_only", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")  # engine.kv_cache_dtype: auto is the run's dtype
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    # The source, first set wins: a local checkpoint dir, a hub id (at `revision`), or `generate: tiny`.
+    name: str = MISSING  # a generated model is recorded under its shape's name instead (random-<shape>, or tiny)
+    # The source, first set wins: a local checkpoint dir, a hub id (at `revision`), or `generate: random`: random
+    # weights of the architecture `shape` names (one of sweep.model.SHAPES), drawn from `seed`, written once in the
+    # run's dtype under cache_dir/checkpoints/.
     path: Optional[str] = None
     hub_id: Optional[str] = None
     revision: Optional[str] = None
     generate: Optional[str] = None
+    shape: Optional[str] = None
     seed: int = 0
     dtype: str = "bfloat16"  # the checkpoint's native dtype; engine.dtype=auto uses it on a GPU
 
@@ -54,6 +61,10 @@ class EngineConfig:
     # Decode batch sizes captured in CUDA graphs by in-flight engines; None: powers of two up to max_batch_size.
     # max_batch_size itself is always captured.
     cuda_graph_batch_sizes: Optional[List[int]] = None
+    # QUANTIZATIONS: none, int8_weight_only, int4_weight_only, fp8 (weights and activations). Backends map it to
+    # their own API and refuse what they or the device cannot run.
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto (the run's dtype) or fp8, where a backend has it
 
 
 @dataclass
@@ -93,6 +104,16 @@ class SloConfig:
 
 
 @dataclass
+class QualityConfig:
+    """The quality figure of every run: the engine teacher-forced against the same model unquantized (transformers,
+    the run's dtype) on the workload's first `prompts` prompts plus the reference's greedy continuation."""
+
+    enabled: bool = True
+    prompts: int = 4  # the workload's first K measured prompts (fewer when it has fewer)
+    tokens: int = 32  # greedy continuation scored per prompt (at most the request's output_len)
+
+
+@dataclass
 class TrackerConfig:
     name: str = "mlflow"
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
@@ -116,5 +137,6 @@ class SweepConfig:
     slo: SloConfig = field(default_factory=SloConfig)
     tracker: TrackerConfig = MISSING
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     device: str = "auto"
     cache_dir: str = "engines_cache"

@@ -17,15 +17,19 @@ from sweep.config.schema import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     SweepConfig,
 )
 from sweep.measure.figures import FIGURES
+from sweep.model.shapes import SHAPES
 
 
 def register_configs() -> None:
     # ${sweep_id:} in hydra.run.dir and hydra.sweep.dir: two commands started in the same second get their own
     # output directories. Cached, like ${now:}, so every job of a sweep sees the same value.
     OmegaConf.register_new_resolver("sweep_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("sweep_samplers", sampler_names, replace=True)  # in the help, see sampler_names
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=SweepConfig)  # types model, engine, workload, tracker and objective
     # The backend node's type depends on the backend chosen: each backend YAML pulls in its own schema.
@@ -42,8 +46,8 @@ GROUPS = {
     "rate (open loop at workload.request_rate)",
     "slo": "service-level objectives for goodput (slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)",
     "tracker": "mlflow records into ./mlruns/mlflow.db (or tracker.uri); none records nothing",
-    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput) or max_rate, the "
-    "highest request rate held under the SLO",
+    "search": "a sweep preset (use with -m): Optuna searches (throughput, pareto, goodput, quality: quantization "
+    "held to a quality bound) or max_rate, the highest request rate held under the SLO",
 }
 
 
@@ -66,12 +70,18 @@ KEYS = f"""\
   model.path             a local Hugging Face checkpoint directory, instead of the preset's source (records name the
                          model after the directory); model.hub_id at model.revision: a hub model
   model.dtype            the checkpoint's native dtype, a fact about the model (used when engine.dtype=auto)
+  model.shape            with model.generate=random: random weights of {", ".join(SHAPES)},
+                         written once under cache_dir in the run's dtype, recorded as random-<shape> (no download)
   engine.dtype           the dtype the engine runs in: {", ".join(DTYPES)}
                          (auto: model.dtype on a GPU, float32 on a CPU)
   engine.*               build options; each backend honours some and records the rest as ignored:
                          max_batch_size, max_input_len, max_seq_len, max_num_tokens, attn_implementation
                          ({", ".join(ATTN_IMPLEMENTATIONS)}), compile_mode and cuda_graphs (compiled),
                          gemm_plugin, gpt_attention_plugin, context_fmha, paged_kv_cache, tokens_per_block (trt)
+  engine.quantization    {", ".join(QUANTIZATIONS)} (fp8: weights and activations, a GPU of
+                         compute capability 8.9+); engine.kv_cache_dtype {", ".join(KV_CACHE_DTYPES)} (vllm, trt)
+  quality.*              enabled, prompts (K), tokens: each run scores the engine teacher-forced against the
+                         model unquantized (transformers) on the first K prompts; quality_kl, quality_top1_agreement_pct
   workload.*             num_requests, warmup_requests, iterations, input_len, output_len,
                          length_distribution (fixed, normal with input_len_std, output_len_std), batch_size,
                          dataset (JSONL in trtllm-bench's format), seed
@@ -87,12 +97,29 @@ KEYS = f"""\
   cache_dir              where built engines are kept (engines_cache)
   backend.*              the chosen backend's runtime settings (not part of the engine it builds):
 {backend_keys()}"""
-SWEEPS = """\
+SAMPLER_GROUP = "hydra/sweeper/sampler"
+
+
+def sampler_names() -> str:
+    """The options of hydra/sweeper/sampler, read from Hydra's ConfigStore as the help is shown: the Optuna
+    sweeper's plugin registers them while Hydra scans for plugins (scanning here would slow every start)."""
+    try:
+        return ", ".join(name.removesuffix(".yaml") for name in ConfigStore.instance().list(SAMPLER_GROUP))
+    except OSError:
+        return "none (the Optuna sweeper plugin is not installed)"
+
+
+def sweeps_help() -> str:
+    """The sweep lines of the help, with the search presets in conf/search/ and the samplers registered."""
+    presets = ", ".join(sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml")))
+    return f"""\
   -m key=a,b,c                  a grid over the values (Hydra's basic sweeper): one MLflow child run per point
   -m hydra/sweeper=optuna 'engine.max_batch_size=choice(1,2,4,8)' 'engine.max_num_tokens=range(256,4097,256)'
                                 an Optuna search over choice(), range(), interval(); other overrides stay fixed
-  -m search=throughput          the same through a preset in conf/search/ (throughput, pareto)
-  hydra.sweeper.*               sampler (tpe, random, grid, gp), seed, n_trials, n_jobs, study_name, storage,
+  -m search=throughput          a preset in conf/search/: {presets}
+  {SAMPLER_GROUP}=<name>  the Optuna sampler: ${{sweep_samplers:}};
+                                its settings as hydra.sweeper.sampler.<setting>=...
+  hydra.sweeper.*               seed, n_trials, n_jobs, study_name, storage,
                                 objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
                                 max_failure_rate, best_config_dir
                                 params.<key>='choice(...)' (the space, as a preset writes it), workers,
@@ -105,6 +132,8 @@ SWEEPS = """\
   hydra.launcher.*              where jobs run (hydra/launcher=slurm, ray_gpus, submitit_local): e.g. partition,
                                 account, timeout_min (slurm), ray.init.address (ray_gpus)
   hydra.sweep.dir               where a multirun keeps its jobs' directories and its report"""
+
+
 EXAMPLES = """\
   python -m sweep backend=compiled engine.max_batch_size=8 workload=concurrency workload.concurrency=8
       one run: 8 clients in a closed loop against the compiled engine built for batches of 8
@@ -138,6 +167,7 @@ def help_text() -> str:
   python -m sweep -m key=a,b,c                            a grid: one MLflow child run per point
   python -m sweep -m search=throughput                    an Optuna search (conf/search/, hydra.sweeper.*)
   python -m sweep.report                                  a comparison report of the latest sweep
+  python -m sweep +experiment=gpu_compare ...             a benchmark's shared settings (conf/experiment/)
 
 == Config groups (choose one option each: group=option) ==
 {config_groups()}
@@ -149,7 +179,7 @@ def help_text() -> str:
 {KEYS}
 
 == Sweeps (-m) ==
-{SWEEPS}
+{sweeps_help()}
 
 == Examples ==
 {EXAMPLES}
@@ -164,39 +194,6 @@ $CONFIG
 $FLAGS_HELP"""
 
 
-def known_keys() -> set[str]:
-    """Every key a command line may set without `+`: the schema's fields, every backend's, the groups."""
-    import typing
-
-    keys = set(GROUPS)
-    for name, schema in typing.get_type_hints(SweepConfig).items():
-        keys.add(name)
-        if dataclasses.is_dataclass(schema):  # a section: model, engine, workload, slo, tracker, objective
-            keys |= {f"{name}.{f.name}" for f in dataclasses.fields(schema)}
-    for spec in BACKENDS.values():
-        keys |= {f"backend.{f.name}" for f in dataclasses.fields(spec.config_class)}
-    return keys
-
-
-def unknown_key(args: Iterable[str]) -> str | None:
-    """One line for the first `key=value` whose key the config does not have, with the nearest known keys.
-
-    Hydra's own error would advise `+key=value`, which adds the typo as a new key instead of fixing it."""
-    import difflib
-
-    keys = known_keys()
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~", "hydra")) or "/" in key or "@" in key:
-            continue
-        if key in keys or key.startswith("tracker.tags."):  # tracker.tags is a dict: any name is a tag
-            continue
-        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "no key is close to it;"
-        return f"{key} is not a key of the config: {hint} (`python -m sweep --help` lists the keys)"
-    return None
-
-
 def render_help(overrides: Iterable[str] = (), resolve: bool = False) -> str:
     """`--help` with the config these overrides compose, rendered from the same template Hydra's help uses.
 
@@ -204,9 +201,12 @@ def render_help(overrides: Iterable[str] = (), resolve: bool = False) -> str:
     and our template shows none of that list: rendering it here keeps --help as quick as one composition."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import get_args_parser
+    from hydra.core.plugins import Plugins
 
+    Plugins.instance()  # the sweeper plugins register their config groups (the samplers the help lists) as they load
     cfg = compose(overrides)
-    return string.Template(help_text()).substitute(
+    template = help_text().replace("${sweep_samplers:}", sampler_names())
+    return string.Template(template).substitute(
         FLAGS_HELP=Hydra.format_args_help(get_args_parser()), CONFIG=OmegaConf.to_yaml(cfg, resolve=resolve)
     )
 

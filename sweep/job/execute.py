@@ -25,12 +25,13 @@ from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
+from sweep.measure.quality import SCORES_FILE, prepare, save_scores
 from sweep.measure.summary import headline, summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
 from sweep.model.source import model_identity
 from sweep.workload.timing import RequestTiming
 from trackers import PARENT_RUN_ENV, make_tracker
-from trackers.store import redact, redact_file
+from trackers.store import redact_file
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, Any]:
-    """The flattened config as run params, with user info taken out of any URI; model.name is the model that ran
-    (a local checkpoint's directory, not the name of the preset its model.path overrides)."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True)) | {"model.name": model_identity(cfg.model)[0]}
-    return {k: redact(v) if isinstance(v, str) else v for k, v in params.items()}
+    """The flattened config as run params (the tracker takes user info out of any URI); model.name is the model that
+    ran (a local checkpoint's directory, a generated model's random-<shape>), not the name of a preset it overrides."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"model.name": model_identity(cfg.model)[0]}
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         "dtype": p.dtype,
         "gpu": p.env.get("gpu_name", "none"),
         "scenario": cfg.workload.scenario,
-        **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()},
+        **cfg.tracker.tags,
     }
     tracker.set_view(UI_PARAMS, list(HEADLINE))
     with tracker.run(run_name(cfg), tags, parent_run_id) as rec:
@@ -105,6 +105,11 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         bandwidth = device_bandwidth(p.cache.root, p.env) if p.device == "cuda" else None
         if bandwidth:
             rec.set_tags({"device_bandwidth.method": bandwidth["method"]})
+        # The unquantized reference comes first (or from the cache): it never shares the device with the engine.
+        t = time.perf_counter()
+        quality, no_quality = prepare(cfg, p.backend, p.model, p.dtype, p.device, p.workload, p.cache.root)
+        quality_s = time.perf_counter() - t
+        rec.set_tags(quality.tags(p.backend) if quality else {"quality.skipped": no_quality})
         log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
         started = start_engine(p)
         entry = started.entry
@@ -119,10 +124,16 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
             phases["phase_benchmark_s"] = time.perf_counter() - t
+            if quality:  # after the timed part, on the same engine
+                t = time.perf_counter()
+                quality.score(p.backend)
+                phases["phase_quality_s"] = quality_s + time.perf_counter() - t
         finally:
             p.backend.close()
 
         figures = dict(result.figures)
+        if quality:
+            figures.update(quality.figures())
         figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
         figures["engine_cache_hit"] = float(entry.hit)
         figures.update(engine_figures)
@@ -151,6 +162,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         artifacts = run_artifacts(cfg, p, entry, figures, result.timings)
         if out is not None:  # first on local disk, so a tracker that fails now loses nothing
             save_locally(out, artifacts, figures)
+            if quality:  # the engine's log-probabilities, beside the cached reference's: the figures' inputs
+                save_scores(out / SCORES_FILE, quality.scores)
         try:
             record_artifacts(rec, artifacts, entry, hydra_log_file())
             phases["phase_record_s"] = time.perf_counter() - t
@@ -278,7 +291,7 @@ def record_failed_job(cfg: DictConfig, exc: ConfigError) -> None:
     write_job_error(out, str(exc))
     try:
         tracker = make_tracker(cfg.tracker)
-        tags = {"config_error": "true", **{k: redact(str(v)) for k, v in cfg.tracker.tags.items()}}
+        tags = {"config_error": "true", **cfg.tracker.tags}
         with tracker.run(run_name(cfg), tags, os.environ.get(PARENT_RUN_ENV)) as rec:
             rec.log_params(config_params(cfg))
             raise exc

@@ -6,6 +6,7 @@ One planning step and one start-engine step, shared by the CLI (sweep/job/execut
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,16 +15,20 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sweep.backends.base import Backend
+from sweep.backends.base import QUANTIZATION_DEFAULTS, Backend
 from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
 from sweep.config.errors import ConfigError
 from sweep.job.validate import validate
+from sweep.measure.quality import check_quality
 from sweep.measure.telemetry import environment
 from sweep.model.source import ModelSource, model_sizes, resolve_model
 from sweep.workload.requests import Workload, make_workload
+from sweep.workload.stream import arrival_schedule_s
 from trackers.mlflow_tracker import check_reachable, default_uri
 from trackers.store import StoreUnreachable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Plan:
     batch_size: int  # requests in flight at once
     backend: Backend
     env: dict[str, Any]
-    sizes: dict[str, int]  # model_params, model_bytes, kv_bytes_per_token
+    sizes: dict[str, int]  # model_params, model_bytes, kv_bytes_per_token, as the engine holds them (quantized)
     key_inputs: dict[str, Any]  # everything that shapes the built engine
 
 
@@ -74,6 +79,24 @@ def check_objective_recordable(metric: str, workload: Workload, device: str) -> 
         raise ConfigError(f"objective.metric={metric!r} is recorded on a GPU only, and this run is on {device}")
 
 
+LONG_SCHEDULE_S = 600  # an open loop whose arrivals alone take longer than this is probably not what was meant
+
+
+def warn_long_schedule(wcfg: Any) -> None:
+    """One warning for an arrival schedule that takes long (workload.request_rate=0.001 spreads 4 requests over
+    ~50 minutes), with how to shorten it."""
+    seconds = arrival_schedule_s(wcfg)
+    if seconds > LONG_SCHEDULE_S:
+        log.warning(
+            "workload.request_rate=%s spreads the arrivals over ~%.0f minutes (%d requests x %d iterations, and the "
+            "warm-up); raise workload.request_rate or lower workload.num_requests / workload.iterations to shorten it",
+            wcfg.request_rate,
+            seconds / 60,
+            wcfg.num_requests,
+            wcfg.iterations,
+        )
+
+
 def make_plan(cfg: DictConfig) -> Plan:
     """Every check a run makes before it builds or records anything; a ConfigError says what to change."""
     validate(cfg)
@@ -87,18 +110,22 @@ def make_plan(cfg: DictConfig) -> Plan:
     device = resolve_device(cfg.device)
     dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
     cache = EngineCache(Path(cfg.cache_dir).resolve())
-    model = resolve_model(cfg.model, cache.root)
+    model = resolve_model(cfg.model, cache.root, dtype, device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)
     check_objective_recordable(cfg.objective.metric, workload, device)
+    warn_long_schedule(cfg.workload)
     w = cfg.workload
     batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
     backend = backend_cls(cfg, model, device, dtype)
     backend.check(workload)
+    check_quality(cfg, backend, workload, model.shape.vocab_size)
     env = environment(device)
-    sizes = model_sizes(model, dtype)
+    # What the engine holds: an option the backend ignores leaves its weights or KV cache as they are.
+    held = {k: cfg.engine[k] if k in backend.honoured_options else v for k, v in QUANTIZATION_DEFAULTS.items()}
+    sizes = model_sizes(model, dtype, held["quantization"], held["kv_cache_dtype"])
     if device == "cuda":
         memory = ("GPU", env["gpu_memory_total_gb"] * 1e9 if "gpu_memory_total_gb" in env else None)
     else:
@@ -109,7 +136,12 @@ def make_plan(cfg: DictConfig) -> Plan:
         "model": model.identity,
         "backend": backend.name,
         "libraries": backend.library_versions(),
-        "options": {k: cfg.engine[k] for k in backend.artifact_options},
+        # engine.quantization and kv_cache_dtype only when set: an unquantized engine's key does not depend on them
+        "options": {
+            k: cfg.engine[k]
+            for k in backend.artifact_options
+            if not (k in QUANTIZATION_DEFAULTS and cfg.engine[k] == QUANTIZATION_DEFAULTS[k])
+        },
         "dtype": dtype,
         "gpu": gpu,
     }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from sweep.backends.registry import BACKENDS
@@ -18,12 +18,16 @@ from sweep.config.schema import (
     DEVICES,
     DIRECTIONS,
     DTYPES,
+    GENERATORS,
+    KV_CACHE_DTYPES,
     LENGTH_DISTRIBUTIONS,
     PLUGIN_DTYPES,
+    QUANTIZATIONS,
     SCENARIOS,
     SLO_KEYS,
 )
 from sweep.measure.figures import objective_names, unknown_figure_message
+from sweep.model.shapes import SHAPES
 from trackers.store import redact, scheme_of
 
 # sqlite, a tracking server, or a database MLflow can use; the file store refuses to start in mlflow >= 3.13.
@@ -31,6 +35,8 @@ TRACKER_URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql"
 MAX_REQUESTS = 100_000  # per iteration: more would spend minutes making the workload before anything shows
 MAX_ITERATIONS = 1000
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
+NEEDS_SLO = ("goodput_", "slo_attainment_pct")
+NEEDS_OPEN_LOOP = ("offered_rate_req_s", "achieved_rate_req_s")
 
 
 def choice(key: str, value: Any, allowed: tuple) -> None:
@@ -85,7 +91,8 @@ def validate(cfg: Any) -> None:
     if not (m.path or m.hub_id or m.generate):
         raise ConfigError(f"model={m.name!r} has no source; set model.path, model.hub_id or model.generate")
     if m.generate and not (m.path or m.hub_id):
-        choice("model.generate", m.generate, ("tiny",))
+        choice("model.generate", m.generate, GENERATORS)
+        choice("model.shape", m.shape, tuple(SHAPES))
     choice("model.dtype", m.dtype, DTYPES[1:])
     for key, seed in (("model.seed", m.seed), ("workload.seed", cfg.workload.seed)):
         at_least(key, seed, 0)
@@ -97,6 +104,8 @@ def validate(cfg: Any) -> None:
     choice("engine.compile_mode", e.compile_mode, COMPILE_MODES)
     choice("engine.gemm_plugin", e.gemm_plugin, PLUGIN_DTYPES)
     choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
+    choice("engine.quantization", e.quantization, QUANTIZATIONS)
+    choice("engine.kv_cache_dtype", e.kv_cache_dtype, KV_CACHE_DTYPES)
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
         at_least(f"engine.{key}", e[key], 1)
     for size in e.cuda_graph_batch_sizes or ():
@@ -131,17 +140,44 @@ def validate(cfg: Any) -> None:
     for key in SLO_KEYS:
         if cfg.slo[key] is not None:
             positive(f"slo.{key}", cfg.slo[key])
+    for key in ("prompts", "tokens"):
+        at_least(f"quality.{key}", cfg.quality[key], 1)
     check_figure("objective.metric", cfg.objective.metric)
+    check_recordable("objective.metric", cfg.objective.metric, cfg)
     choice("objective.direction", cfg.objective.direction, DIRECTIONS)
     choice("tracker.name", cfg.tracker.name, ("mlflow", "none"))
     check_tracker(cfg.tracker)
 
 
-def check_sweep(config: Any) -> None:
-    """What a multirun needs before its parent run opens: a max-rate search judges rates by an SLO."""
-    sweeper = str(config.hydra.sweeper.get("_target_", ""))
-    if sweeper.endswith("MaxRateSweeper") and all(config.slo[key] is None for key in SLO_KEYS):
+def check_recordable(key: str, metric: str, cfg: Any) -> None:
+    """A figure named as an objective must be one that runs of `cfg` record: goodput needs an SLO, the offered and
+    achieved rates an open loop. What the workload's lengths and the device decide is checked by the plan."""
+    w = cfg.workload
+    if metric.startswith(NEEDS_SLO) and all(cfg.slo[k] is None for k in SLO_KEYS):
         raise ConfigError(
-            f"slo={config.slo.name!r} sets no objective, and search=max_rate judges each rate by one; "
-            "set slo=interactive or slo=batch, or slo.ttft_ms / slo.tpot_ms / slo.e2e_ms"
+            f"{key}={metric!r} is recorded only under an SLO, and slo={cfg.slo.name!r} sets none; set slo=interactive "
+            "or slo=batch, or slo.ttft_ms / slo.tpot_ms / slo.e2e_ms"
         )
+    open_loop = w.scenario == "rate" and math.isfinite(w.request_rate) and w.num_requests >= 2
+    if metric in NEEDS_OPEN_LOOP and not open_loop:
+        raise ConfigError(
+            f"{key}={metric!r} is recorded only by an open loop (workload=rate at a finite workload.request_rate, "
+            f"2 or more requests), and this run's workload.scenario is {w.scenario!r}"
+            + (f" at workload.request_rate={w.request_rate}" if w.scenario == "rate" else "")
+            + "; use workload=rate workload.request_rate=<requests per second>"
+        )
+
+
+def check_sweep(config: Any, swept: Iterable[str]) -> None:
+    """What every multirun needs before its parent run opens: each objective and constraint a figure that its runs
+    will record. Not judged here when the sweep varies what decides it (the SLO, the workload, the objective): each
+    run then checks its own."""
+    if any(k.startswith(("slo", "workload", "objective")) for k in swept):
+        return
+    sweeper = config.hydra.sweeper
+    objectives = dict(sweeper.get("objectives") or {}) or {config.objective.metric: config.objective.direction}
+    for name in objectives:
+        key = "hydra.sweeper.objectives." + name if sweeper.get("objectives") else "objective.metric"
+        check_recordable(key, name, config)
+    for name in sweeper.get("constraints") or {}:
+        check_recordable(f"hydra.sweeper.constraints.{name}", name, config)

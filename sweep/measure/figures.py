@@ -138,8 +138,21 @@ FIGURES: tuple[Figure, ...] = (
     ),
     Figure("device_bandwidth_spread_pct", "device bandwidth spread", "%", "", "(max - min) / median of its repeats"),
     Figure("model_params", "parameters", "", "", "parameters in the checkpoint"),
-    Figure("model_bytes", "model bytes", "B", "", "parameters x bytes per parameter in the run's dtype"),
-    Figure("kv_bytes_per_token", "KV bytes per token", "B", "", "2 x layers x KV heads x head dim x bytes"),
+    Figure(
+        "model_bytes",
+        "model bytes",
+        "B",
+        "",
+        "the weights as the engine holds them: the decoder's linear weights as engine.quantization packs them "
+        "(scales included), the rest in the run's dtype",
+    ),
+    Figure(
+        "kv_bytes_per_token",
+        "KV bytes per token",
+        "B",
+        "",
+        "2 x layers x KV heads x head dim x bytes (1 with engine.kv_cache_dtype=fp8)",
+    ),
     Figure(
         "input_embedding_bytes",
         "input embedding table",
@@ -147,6 +160,30 @@ FIGURES: tuple[Figure, ...] = (
         "",
         "vocab x hidden x bytes, left out of the decode floor; 0 when tied (the LM head reads it whole)",
     ),
+    Figure(
+        "quality_top1_agreement_pct",
+        "top-1 agreement",
+        "%",
+        "higher",
+        "teacher-forced on quality.prompts prompts + the reference's greedy continuation: the engine's most likely "
+        "next token is the unquantized model's (transformers, the run's dtype)",
+    ),
+    Figure(
+        "quality_kl",
+        "KL divergence",
+        "nats",
+        "lower",
+        "mean KL(reference || engine) of the next-token distributions per position, full logits",
+    ),
+    Figure(
+        "quality_kl_topk",
+        "KL divergence (top k)",
+        "nats",
+        "lower",
+        "the same over the engine's top k tokens, both renormalised over them: engines that return only top-k "
+        "log-probabilities (vllm: its prompt logprobs)",
+    ),
+    Figure("quality_positions", "quality positions", "", "", "next-token positions the quality figures average"),
     Figure("iterations", "iterations", "", "", "measured passes over the workload"),
     Figure("output_tokens", "output tokens", "tok", "", "output tokens over all measured iterations"),
     Figure("engine_cache_hit", "engine cache hit", "", "", "1 when the engine came from the cache"),
@@ -154,6 +191,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("phase_build_s", "build or reuse", "s", "lower", "engine cache look-up and build"),
     Figure("phase_load_s", "load", "s", "lower", "making the engine ready"),
     Figure("phase_benchmark_s", "benchmark", "s", "lower", "warm-up and measured iterations"),
+    Figure("phase_quality_s", "quality check", "s", "lower", "the reference (unless cached) and the engine's scores"),
     Figure("phase_record_s", "record", "s", "lower", "artifacts into the tracker"),
 )
 

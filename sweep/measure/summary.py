@@ -33,8 +33,16 @@ SCALAR_FIGURES = (
     "tokens_per_j",
     "roofline_efficiency",
     "roofline_efficiency_all_weights",
+    "quality_top1_agreement_pct",
+    "quality_kl",
+    "quality_kl_topk",
     "host_peak_rss_gb",
 )
+
+
+def number(value: float) -> str:
+    """Two decimals, or three significant digits for a small figure that two decimals would show as 0.00."""
+    return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
 
 
 def tokens(lengths: list[int]) -> str:
@@ -94,7 +102,7 @@ def summary_table(title: str, figures: dict[str, float]) -> str:
             spread = ""
             if f"{name}_min" in figures:
                 spread = f"   (min {figures[f'{name}_min']:.2f}, max {figures[f'{name}_max']:.2f})"
-            lines.append(f"{f.label:<24}{figures[name]:>12.2f} {f.unit}{spread}")
+            lines.append(f"{f.label:<24}{number(figures[name]):>12} {f.unit}{spread}")
     for name in unsteady_figures(figures)[:1]:  # the throughputs move together: the first one says it
         f = by_name[name]
         low, high, spread = figures[f"{name}_min"], figures[f"{name}_max"], iteration_spread(figures, name)

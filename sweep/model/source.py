@@ -3,7 +3,8 @@
 Three sources, one loading path (`from_pretrained` on a directory):
 - `hub_id` + pinned `revision`: downloaded through huggingface_hub (or found in its cache when offline);
 - `path`: a local checkpoint directory;
-- `generate: tiny`: a tiny Qwen2-architecture checkpoint generated here, deterministically from `seed`.
+- `generate: random`: random weights of a named shape (`model.shape`, sweep/model/shapes.py), written once under the
+  cache in the run's dtype (sweep/model/random_weights.py).
 """
 
 from __future__ import annotations
@@ -12,34 +13,15 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sweep.config.errors import ConfigError
+from sweep.model.random_weights import write_random_checkpoint
+from sweep.model.shapes import random_model_name
 
 log = logging.getLogger(__name__)
-
-# Shapes of the tiny model: big enough to exercise GQA, rope and a multi-layer KV cache, small enough for CI.
-# Head size 64 (hidden_size / num_attention_heads) is one every engine's attention kernel supports (TensorRT-LLM's
-# MMHA and vLLM's CPU attention reject 16). It is derived, never written as head_dim: vLLM ignores an explicit
-# head_dim on Qwen2 and would silently compute a different one.
-TINY_SHAPE = dict(
-    vocab_size=320,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-TINY_FORMAT_VERSION = 2  # bump when the generator changes, so old tiny checkpoints are not reused
 
 
 @dataclass(frozen=True)
@@ -94,17 +76,20 @@ def model_identity(model_cfg: Any) -> tuple[str, str]:
 
     The name is what records call the model: a local checkpoint is named after its directory (not the preset whose
     model.name it overrides), a hub model after its preset. The identity: a path, a hub id at its revision, or a
-    generated model's seed.
+    generated model's shape and seed.
     """
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
         return path.name, f"path:{path}"
     if model_cfg.hub_id:
         return model_cfg.name, f"hub:{model_cfg.hub_id}@{model_cfg.revision}"
-    return model_cfg.name, f"generated:{model_cfg.generate}:seed={model_cfg.seed}"
+    shape = model_cfg.shape
+    return random_model_name(shape), f"generated:{model_cfg.generate}:{shape}:seed={model_cfg.seed}"
 
 
-def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
+def resolve_model(model_cfg: Any, cache_dir: Path, dtype: str, device: str) -> ModelSource:
+    """The checkpoint the config names; the first source set wins: path, hub_id, generate. `dtype` and `device`
+    (the run's, resolved) are what a generated checkpoint is written in and built on."""
     name = model_identity(model_cfg)[0]
     if model_cfg.path:
         path = Path(model_cfg.path).expanduser().resolve()
@@ -118,8 +103,9 @@ def resolve_model(model_cfg: Any, cache_dir: Path) -> ModelSource:
         path = download_from_hub(model_cfg.hub_id, model_cfg.revision)
         identity = {"hub_id": model_cfg.hub_id, "revision": model_cfg.revision}
     else:
-        path = generate_tiny_checkpoint(cache_dir / "checkpoints", model_cfg.seed)
-        identity = {"generated": "tiny", "weights_sha256": weights_digest(path)}
+        shape, seed = model_cfg.shape, model_cfg.seed
+        path = write_random_checkpoint(cache_dir / "checkpoints", shape, dtype, seed, device)
+        identity = {"generated": "random", "shape": shape, "seed": seed, "weights_sha256": weights_digest(path)}
     return ModelSource(name, path, identity, ModelShape.read(path))
 
 
@@ -198,85 +184,66 @@ def _digest(path: Path, files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def generate_tiny_checkpoint(root: Path, seed: int) -> Path:
-    """Write (once) a tiny random Qwen2 checkpoint with a byte-level tokenizer; return its directory."""
-    shape_tag = hashlib.sha256(json.dumps([TINY_SHAPE, TINY_FORMAT_VERSION], sort_keys=True).encode()).hexdigest()[:8]
-    target = root / f"tiny-qwen2-seed{seed}-{shape_tag}"
-    if (target / "config.json").is_file():
-        return target
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-tiny-"))
-    try:
-        tokenizer = build_byte_tokenizer()
-        config = Qwen2Config(
-            **TINY_SHAPE,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            torch_dtype="float32",
-        )
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its checkpoint is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("generated tiny checkpoint at %s", target)
-    return target
+def is_decoder_linear_weight(name: str, ndim: int) -> bool:
+    """A linear layer's weight inside the decoder layers: what engine.quantization quantizes. The embedding table,
+    the LM head and the norms stay in the run's dtype (as vLLM's online quantization leaves them)."""
+    return ndim == 2 and name.endswith(".weight") and ".layers." in f".{name}"
 
 
-def build_byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: one token per byte, plus three special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|im_start|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def model_sizes(model: ModelSource, dtype: str) -> dict[str, int]:
-    """Parameter count and bytes in `dtype` (from the safetensors headers, no weights read), KV bytes per token, and
-    the bytes of the input embedding table that a decode step does not read whole."""
+INT4_GROUP_SIZE = 128  # int4_weight_only: one scale and zero point per 128 input features (gpt-fast's and torchao's)
+
+
+def linear_weight_bytes(quantization: str, out_features: int, in_features: int, itemsize: int) -> int:
+    """Bytes one linear weight occupies as a quantized engine holds it, scales included, in torchao 0.18's layouts
+    (sweep/backends/quantization.py); a weight the scheme leaves alone keeps the run's dtype."""
+    n, k = out_features, in_features
+    if quantization == "int8_weight_only":  # Int8Tensor per row: int8 values, a float32 scale, an int8 zero point
+        return n * k + 5 * n
+    if quantization == "int4_weight_only" and k % INT4_GROUP_SIZE == 0:
+        # Int4TilePackedTo4dTensor (tinygemm): rows padded to a multiple of 8, columns to 1024, two values a byte,
+        # and a bfloat16 scale and zero point per group of each padded row
+        n, k = round_up(n, 8), round_up(k, 1024)
+        return n * k // 2 + (k // INT4_GROUP_SIZE) * n * 2 * 2
+    if quantization == "fp8" and n % 16 == 0 and k % 16 == 0:  # Float8Tensor per row: fp8 values, a float32 scale
+        return n * k + 4 * n
+    return n * k * itemsize
+
+
+def model_sizes(
+    model: ModelSource, dtype: str, quantization: str = "none", kv_cache_dtype: str = "auto"
+) -> dict[str, int]:
+    """Parameter count and the bytes the engine holds them in (from the safetensors headers, no weights read): the
+    decoder's linear weights as `quantization` packs them, the rest in `dtype`; KV bytes per token (one byte an
+    element for an fp8 KV cache), and the bytes of the input embedding table that a decode step does not read whole."""
     from safetensors import safe_open
 
-    numel = 0
+    itemsize = 4 if dtype == "float32" else 2
+    numel = weight_bytes = 0
     for file in model.path.glob("*.safetensors"):
         try:
             with safe_open(file, framework="np") as f:
                 for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
                     n = 1
-                    for dim in f.get_slice(name).get_shape():
+                    for dim in shape:
                         n *= dim
                     numel += n
+                    if quantization != "none" and is_decoder_linear_weight(name, len(shape)):
+                        weight_bytes += linear_weight_bytes(quantization, shape[0], shape[1], itemsize)
+                    else:
+                        weight_bytes += n * itemsize
         except Exception as exc:  # safetensors raises its own error types for a damaged header or a short file
             raise ConfigError(f"{file} is not a readable safetensors file ({exc}); the checkpoint is damaged") from None
-    itemsize = 4 if dtype == "float32" else 2
     s = model.shape
+    kv_itemsize = 1 if kv_cache_dtype == "fp8" else itemsize
     return {
         "model_params": numel,
-        "model_bytes": numel * itemsize,
-        "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * itemsize,
+        "model_bytes": weight_bytes,
+        "kv_bytes_per_token": 2 * s.num_layers * s.num_kv_heads * s.head_dim * kv_itemsize,
         # A decode step reads one row of the input embedding table per sequence, not the table; a tied table is
         # also the LM head, which reads all of it, so then nothing is left out of the decode floor.
         "input_embedding_bytes": 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size * itemsize,

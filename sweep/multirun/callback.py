@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweep.config.errors import ConfigError
 from sweep.job.artifacts import JOB_ERROR_FILE, RESULT_FILE, shown
 from sweep.job.execute import UI_PARAMS
+from sweep.job.validate import check_sweep
 from sweep.measure.figures import HEADLINE, lookup
 from sweep.measure.summary import headline
 from sweep.multirun.grid import check_grid, is_grid
@@ -74,20 +75,21 @@ class ParentRunCallback(Callback):
         self.config = config
         RUNNING.append(self)
         sweeper_class = get_class(config.hydra.sweeper._target_)
-        # A sweeper that can check its settings does so now, so that a set-up error records nothing; a grid's
-        # points are checked here, every one before the first runs.
+        # Every multirun's objectives, and the settings of a sweeper that can check its own, are checked now, so
+        # that a set-up error records nothing; a grid's points are checked here, every one before the first runs.
         check = getattr(sweeper_class, "check_config", None)
         if is_grid(config):
             check = lambda config: check_grid(config, set(sweeps(config)))
-        if check is not None:
-            try:
+        try:
+            check_sweep(config, sweeps(config))
+            if check is not None:
                 check(config)
-            except ConfigError as exc:
-                log.error("%s", exc)
-                sys.exit(2)
-            except Exception as exc:  # e.g. an unreachable storage: Hydra would only warn and run the sweep anyway
-                log.error("the sweep could not be set up: %s", redact(f"{type(exc).__name__}: {exc}"))
-                sys.exit(1)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
+        except Exception as exc:  # e.g. an unreachable storage: Hydra would only warn and run the sweep anyway
+            log.error("the sweep could not be set up: %s", redact(f"{type(exc).__name__}: {exc}"))
+            sys.exit(1)
         if config.tracker.name == "none" or os.environ.get(PARENT_RUN_ENV):
             return  # nothing to record, or an outer sweep already owns the parent
         share = getattr(sweeper_class, "shared_parent_run_id", None)
@@ -108,7 +110,8 @@ class ParentRunCallback(Callback):
             sys.exit(1)
         os.environ[PARENT_RUN_ENV] = self.run.run_id
         os.environ[SWEPT_KEYS_ENV] = ",".join(sweeps(config))
-        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING.
+        # A sweep that raises never reaches on_multirun_end: end the parent FAILED at exit instead of RUNNING, or
+        # KILLED when Ctrl-C or SIGTERM stopped it (interrupted, from the CLI).
         atexit.register(self._end, "FAILED")
 
     def _start_parent(self, config: DictConfig, owned: bool) -> Any:
@@ -118,8 +121,8 @@ class ParentRunCallback(Callback):
         kind = "grid" if is_grid(config) else "search"  # a search's sweeper renames it after its study
         swept = sweeps(config)
         name = config.tracker.run_name or f"{kind}: {' '.join(swept.values()) or ' '.join(overrides)}"[:250]
-        self.run = self.tracker.start_run(redact(name), tags, owned=owned)
-        self.run.log_params({"sweep.overrides": redact(" ".join(overrides)), "sweep.dir": config.hydra.sweep.dir})
+        self.run = self.tracker.start_run(name, tags, owned=owned)  # the tracker takes user info out of URIs
+        self.run.log_params({"sweep.overrides": " ".join(overrides), "sweep.dir": config.hydra.sweep.dir})
         self.run.log_text(OmegaConf.to_yaml(config.hydra.sweeper), "sweeper.yaml")
         return self.run
 
@@ -175,8 +178,8 @@ class ParentRunCallback(Callback):
         sys.exit(1)
 
     def _report(self, config: DictConfig) -> Any:
-        """The comparison report (sweep/report/build.py), logged to the parent so the UI shows it beside the runs."""
-        from sweep.report.build import ReportError, build_report
+        """The comparison report (sweep/report/), logged to the parent so the UI shows it beside the runs."""
+        from sweep.report import ReportError, build_report
         from trackers.mlflow_tracker import default_uri
 
         try:

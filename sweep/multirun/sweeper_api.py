@@ -28,11 +28,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sweep.config.errors import ConfigError
+from sweep.config.schema import SLO_KEYS
 from sweep.job.artifacts import RESULT_FILE, JobResult, read_result, write_result
 from sweep.job.execute import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun
 from sweep.job.naming import PROBE_TAG, SWEPT_KEYS_ENV, TRIAL_TAG
 from sweep.job.plan import make_plan, resolve_device
-from sweep.job.validate import check_figure, check_sweep
+from sweep.job.validate import check_figure
 from sweep.measure.figures import metric_names
 from sweep.measure.gpus import GPU_ENV, free_gpu_memory_bytes, gpu_groups
 from sweep.model.source import model_identity
@@ -67,7 +68,7 @@ __all__ = [
     "best_config_path",
     "check_storage_reachable",
     "check_figure",
-    "check_sweep",
+    "SLO_KEYS",
     "figure_unit",
     "gpu_groups",
     "infeasible",

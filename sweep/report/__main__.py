@@ -2,6 +2,6 @@
 
 import sys
 
-from sweep.report.build import main
+from sweep.report.cli import main
 
 sys.exit(main())

@@ -6,7 +6,9 @@ trtllm-bench's dataset format: one object per line with task_id, prompt or input
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from sweep.config.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,44 @@ def make_workload(wcfg: Any, tokenizer: Any, vocab_size: int) -> Workload:
     n_total = wcfg.warmup_requests + wcfg.num_requests
     if wcfg.dataset:
         requests = read_dataset(Path(wcfg.dataset), tokenizer, vocab_size)
-        if len(requests) < n_total:  # cycle the file so warm-up and measured requests are all there
-            requests = [requests[i % len(requests)] for i in range(n_total)]
-        requests = requests[:n_total]
+        if len(requests) != n_total:
+            log.warning(
+                "workload.dataset=%r holds %d requests and the run takes %d (workload.warmup_requests=%d + "
+                "workload.num_requests=%d): %s",
+                str(wcfg.dataset),
+                len(requests),
+                n_total,
+                wcfg.warmup_requests,
+                wcfg.num_requests,
+                f"the first {n_total} are used"
+                if len(requests) > n_total
+                else "the file is cycled, each repeat under an id of its own (<task_id>#2, #3, ...)",
+            )
+        # cycle the file so warm-up and measured requests are all there
+        requests = unique_ids([requests[i % len(requests)] for i in range(n_total)])
     else:
         requests = synthetic_requests(wcfg, vocab_size, tokenizer.all_special_ids)
     return Workload(warmup=requests[: wcfg.warmup_requests], measured=requests[wcfg.warmup_requests :])
+
+
+def unique_ids(requests: list[Request]) -> list[Request]:
+    """Every request under an id of its own (engines and the per-request records key on it): a repeat of an id, by
+    cycling or in the file itself, becomes <id>#2, <id>#3, ..."""
+    taken = {r.id for r in requests}
+    seen: dict[str, int] = {}
+    unique = []
+    for r in requests:
+        seen[r.id] = seen.get(r.id, 0) + 1
+        if seen[r.id] == 1:
+            unique.append(r)
+            continue
+        n = seen[r.id]
+        while f"{r.id}#{n}" in taken:  # a file whose own ids look like repeats
+            n += 1
+        seen[r.id] = n
+        taken.add(f"{r.id}#{n}")
+        unique.append(dataclasses.replace(r, id=f"{r.id}#{n}"))
+    return unique
 
 
 def sample_lengths(rng: np.random.Generator, mean: int, std: float, n: int, distribution: str) -> list[int]:

@@ -18,12 +18,21 @@ import asyncio
 import math
 import threading
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
 from sweep.workload.requests import Request
 from sweep.workload.timing import RequestTiming
+
+
+def arrival_schedule_s(wcfg: Any) -> float:
+    """Seconds over which an open loop's arrivals are spread, the warm-up and every iteration together (their mean
+    gaps of 1/request_rate); 0 for a closed loop or everything at t0."""
+    if wcfg.scenario != "rate" or math.isinf(wcfg.request_rate):
+        return 0.0
+    gaps = max(wcfg.warmup_requests - 1, 0) + wcfg.iterations * max(wcfg.num_requests - 1, 0)
+    return gaps / wcfg.request_rate
 
 
 def open_loop_offsets(n: int, rate: float, burstiness: float, seed: int) -> list[float]:

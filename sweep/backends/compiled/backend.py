@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import transformers
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, DecodeLoop, Generation, TokenScores
 from sweep.backends.compiled.config import SCHEDULERS
 from sweep.backends.compiled.engine import (
     StaticState,
@@ -46,6 +46,7 @@ from sweep.backends.compiled.engine import (
     describe,
     left_pad_batch,
     make_steps,
+    sequence_logits,
     stream_tokens,
     warm_up,
     warm_up_widths,
@@ -60,6 +61,7 @@ from sweep.backends.compiled.inflight import (
 )
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
 from sweep.backends.hf.backend import load_hf_model
+from sweep.backends.quantization import quantize_model, torchao_refusals
 from sweep.config.errors import ConfigError
 from sweep.workload.requests import Request, Workload
 from sweep.workload.stream import RequestStream
@@ -67,12 +69,13 @@ from sweep.workload.stream import RequestStream
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE = "compile_cache.bin"  # torch.compiler.save_cache_artifacts() bytes, inside the engine dir
-STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs")
+STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs", "quantization")
 INFLIGHT_OPTIONS = (*STATIC_OPTIONS, "max_num_tokens", "cuda_graph_batch_sizes")
 
 
 class CompiledBackend(Backend):
     name = "compiled"
+    scores = "full"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -91,6 +94,9 @@ class CompiledBackend(Backend):
 
     def artifact_settings(self) -> dict[str, Any]:
         return {"scheduler": self.cfg.backend.scheduler}
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        return torchao_refusals(self.device, self.dtype)
 
     def check(self, workload: Workload) -> None:
         e = self.cfg.engine
@@ -156,6 +162,7 @@ class CompiledBackend(Backend):
                 "bytes": self.state.cache_bytes,
             },
             "attention": ATTENTION[e.attn_implementation],
+            "weights": self.quantized,
             "compile_and_warmup_s": self.warmup_s,
             "model_load_s": self.model_load_s,
         }
@@ -203,6 +210,7 @@ class CompiledBackend(Backend):
         model, tokenizer = load_hf_model(self.model.path, self.dtype, ATTENTION[e.attn_implementation], self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fuse_projections(model)
+        self.quantized = quantize_model(model, e.quantization)  # the fused projections, each quantized as one
         self.model_load_s = time.perf_counter() - start
 
         log.info(
@@ -246,6 +254,36 @@ class CompiledBackend(Backend):
             with torch.inference_mode():
                 warm_up_widths(self.state, self.run_prefill, widths)
 
+    def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
+        """Static: every row decodes, over the whole cache. In flight: `batch` rows, a captured size, over `span`
+        columns, one of the captured attention spans (None: the whole row)."""
+        state = self.state
+        if not self.inflight:
+            if batch != state.batch or span not in (None, state.max_seq_len):
+                raise ConfigError(
+                    f"backend.scheduler=static decodes all engine.max_batch_size={state.batch} rows over all "
+                    f"{state.max_seq_len} columns; batch={batch}, span={span} asked for"
+                )
+
+            def reset_static() -> None:
+                state.pad_len.zero_()
+                state.input_pos.fill_(context)
+
+            return DecodeLoop(self.run_decode, reset_static, state.max_seq_len)
+        span = span or self.spans[-1]
+        if (batch, span) not in self.scheduler.run_decode:
+            raise ConfigError(
+                f"batch={batch}, span={span} is not a captured decode of this engine: batch sizes {self.sizes}, "
+                f"attention spans {self.spans}"
+            )
+
+        def reset_rows() -> None:
+            state.reset_rows()
+            state.pos[:batch].fill_(context)
+            state.live[:batch].fill_(1)
+
+        return DecodeLoop(self.scheduler.run_decode[(batch, span)], reset_rows, span)
+
     def engine_figures(self) -> dict[str, float]:
         """On a miss these are the build's; on a hit, what loading the model and compiling from the cache cost."""
         return {"compile_and_warmup_s": self.warmup_s, "model_load_s": self.model_load_s}
@@ -271,6 +309,13 @@ class CompiledBackend(Backend):
             Generation(token_ids=rows[row][: req.output_len], token_times=times[: req.output_len])
             for row, req in enumerate(requests)
         ]
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        with torch.inference_mode():
+            return [
+                TokenScores(sequence_logits(self.state, ids)[start - 1 : len(ids) - 1].float().log_softmax(-1).cpu())
+                for ids, start in zip(sequences, starts)
+            ]
 
     def serve(self, stream: RequestStream, max_batch: int) -> None:
         if self.inflight:

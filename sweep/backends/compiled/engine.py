@@ -72,9 +72,9 @@ def attention_mask(state: StaticState, query_cols, pad_len):
     return mask
 
 
-def forward_last(state: StaticState, input_ids, position_ids, mask, cache):
-    """transformers' layers over the static cache (`cache.update` writes each layer's new keys and values);
-    logits of the last position only (all the next token needs)."""
+def decoder_hidden(state: StaticState, input_ids, position_ids, mask, cache):
+    """transformers' layers over a static cache (`cache.update` writes each layer's new keys and values); the last
+    layer's hidden states, before the final norm."""
     base = state.model.model
     hidden = base.embed_tokens(input_ids)
     position_embeddings = base.rotary_emb(hidden, position_ids)
@@ -87,8 +87,30 @@ def forward_last(state: StaticState, input_ids, position_ids, mask, cache):
             **{state.cache_kwarg: cache},
         )
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
-    hidden = base.norm(hidden[:, -1:])
-    return state.model.lm_head(hidden)[:, -1]
+    return hidden
+
+
+def forward_last(state: StaticState, input_ids, position_ids, mask, cache):
+    """Logits of the last position only (all the next token needs)."""
+    hidden = decoder_hidden(state, input_ids, position_ids, mask, cache)
+    return state.model.lm_head(state.model.model.norm(hidden[:, -1:]))[:, -1]
+
+
+def sequence_logits(state: StaticState, ids: list[int]):
+    """Logits at every position of one sequence through the engine's own weights and attention, over a cache of its
+    own (the engine's rows stay as they are): what a teacher-forced quality check reads. Eager, after the benchmark."""
+    n = len(ids)
+    _, kv_heads, _, head_dim = state.keys[0].shape
+    layer_shape = (1, kv_heads, n, head_dim)
+    keys = [torch.zeros(layer_shape, dtype=state.dtype, device=state.device) for _ in state.keys]
+    values = [torch.zeros(layer_shape, dtype=state.dtype, device=state.device) for _ in state.values]
+    cols = torch.arange(n, device=state.device)
+    mask = (cols[None, :] <= cols[:, None])[None, None]  # causal: [1, 1, n, n]
+    if state.additive_mask:
+        mask = torch.where(mask, 0.0, torch.finfo(state.dtype).min).to(state.dtype)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=state.device)
+    hidden = decoder_hidden(state, input_ids, cols[None, :], mask, StaticKVCache(keys, values, cols))
+    return state.model.lm_head(state.model.model.norm(hidden))[0]
 
 
 def prefill(state: StaticState, input_ids):

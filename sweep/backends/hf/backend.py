@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, Generation, TokenScores
+from sweep.backends.quantization import quantize_model, torchao_refusals
 from sweep.workload.requests import Request
 
 log = logging.getLogger(__name__)
@@ -55,19 +57,50 @@ def left_pad(requests: list[Request], pad_id: int, device: str):
     return ids.to(device), mask.to(device)
 
 
+def teacher_forced(model, sequences: list[list[int]], starts: list[int], device: str) -> list[TokenScores]:
+    """Log-probabilities over the vocabulary of every token from start on, one sequence per forward pass."""
+    scores = []
+    with torch.inference_mode():
+        for ids, start in zip(sequences, starts):
+            logits = model(torch.tensor([ids], device=device)).logits[0, start - 1 : len(ids) - 1]
+            scores.append(TokenScores(logits.float().log_softmax(-1).cpu()))
+    return scores
+
+
 class HFBackend(Backend):
     name = "hf"
-    honoured_options = ("dtype", "max_batch_size", "max_input_len", "max_seq_len", "attn_implementation")
-    artifact_options = ()  # it builds nothing: one cache entry per model, dtype and device
+    honoured_options = (
+        "dtype",
+        "max_batch_size",
+        "max_input_len",
+        "max_seq_len",
+        "attn_implementation",
+        "quantization",
+    )
+    # It builds nothing: one cache entry per model, dtype, device and quantization (applied as the model loads; in
+    # the key only when set).
+    artifact_options = ("quantization",)
+    scores = "full"
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        return torchao_refusals(self.device, self.dtype)
 
     def build(self, engine_dir: Path) -> dict[str, Any]:
         log.info("hf builds nothing: it serves the checkpoint as it is")
-        return {"artifact": "none", "note": "hf runs the checkpoint as it is; nothing is built"}
+        return {
+            "artifact": "none",
+            "note": "hf runs the checkpoint as it is, its linear layers quantized as it loads; nothing is built",
+            "quantization": self.cfg.engine.quantization,
+        }
 
     def load(self, engine_dir: Path) -> None:
         e = self.cfg.engine
         self.model_, self.tokenizer = load_hf_model(self.model.path, self.dtype, e.attn_implementation, self.device)
+        quantize_model(self.model_, e.quantization)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        return teacher_forced(self.model_, sequences, starts, self.device)
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         ids, mask = left_pad(requests, self.pad_id, self.device)
@@ -93,3 +126,6 @@ class HFBackend(Backend):
 
     def close(self) -> None:
         self.model_ = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()  # the next engine in this process finds the memory free, and its peak is its own

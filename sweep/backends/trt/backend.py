@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sweep.backends.base import Backend, Generation
+from sweep.backends.quantization import fp8_refusal, gpu_capability
 from sweep.backends.trt import runtime
 from sweep.backends.trt.options import (
     LOG_LEVELS,
@@ -38,6 +39,7 @@ from sweep.backends.trt.options import (
     mapped_kwargs,
     plugin_config_kwargs,
     predicted_overrides,
+    quant_config_kwargs,
     sampling_kwargs,
     trtllm_build_argv,
 )
@@ -82,20 +84,32 @@ class TRTBackend(Backend):
         build_kw, plugin_kw, plugin_defaults = self.check_against_installed(version)
         self.check_prompt_fits(workload, build_kw, {**plugin_defaults, **plugin_kw})
         architecture = self.model.shape.architecture
-        self.warnings = predicted_overrides(build_kw, plugin_kw, plugin_defaults, architecture)
+        engine = self.engine_options()
+        fp8 = engine["quantization"] == "fp8" or engine["kv_cache_dtype"] == "fp8"
+        self.warnings = predicted_overrides(build_kw, plugin_kw, plugin_defaults, architecture, fp8=fp8)
         for note in self.warnings:
             log.warning("tensorrt_llm will override: %s", note)
 
     def check_against_installed(self, version: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """BuildConfig and PluginConfig keywords, checked against the installed classes; PluginConfig's defaults."""
+        """BuildConfig, PluginConfig and QuantConfig keywords, checked against the installed classes; PluginConfig's
+        defaults."""
         from tensorrt_llm.builder import BuildConfig
+        from tensorrt_llm.llmapi import QuantConfig
         from tensorrt_llm.plugin import PluginConfig
 
         engine = self.engine_options()
         build_kw, plugin_kw = build_config_kwargs(engine), plugin_config_kwargs(engine)
         check_fields(build_kw, field_names(BuildConfig), "BuildConfig", version)
         check_fields(plugin_kw, field_names(PluginConfig), "PluginConfig", version)
+        check_fields(quant_config_kwargs(engine) or {}, field_names(QuantConfig), "QuantConfig", version)
         return build_kw, plugin_kw, runtime.plugin_field_defaults(PluginConfig)
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        fp8 = fp8_refusal(self.device, gpu_capability(self.device))
+        return {"none": None, "int8_weight_only": None, "int4_weight_only": None, "fp8": fp8}
+
+    def kv_cache_dtype_refusals(self) -> dict[str, str | None]:
+        return {"auto": None, "fp8": fp8_refusal(self.device, gpu_capability(self.device))}
 
     def check_runtime_settings(self) -> None:
         b = self.cfg.backend
@@ -137,11 +151,14 @@ class TRTBackend(Backend):
         import tensorrt_llm
         from tensorrt_llm._tensorrt_engine import LLM
         from tensorrt_llm.builder import BuildConfig
+        from tensorrt_llm.llmapi import QuantConfig
         from tensorrt_llm.plugin import PluginConfig
 
         engine = self.engine_options()
         build_kw, plugin_kw = build_config_kwargs(engine), plugin_config_kwargs(engine)
+        quant_kw = quant_config_kwargs(engine)
         build_config = BuildConfig(**build_kw, plugin_config=PluginConfig(**plugin_kw))
+        quantized = {"quant_config": QuantConfig(**quant_kw)} if quant_kw else {}
         log_path = engine_dir / "build.log"
         log.info("building a TensorRT-LLM engine from %s; build log: %s", self.model.path, log_path)
         self.set_log_level()
@@ -149,7 +166,11 @@ class TRTBackend(Backend):
             with runtime.output_to(log_path), runtime.worker_environment(self.cfg.backend):
                 start = time.perf_counter()
                 self.llm = LLM(
-                    model=str(self.model.path), dtype=self.dtype, build_config=build_config, **self.runtime_kwargs()
+                    model=str(self.model.path),
+                    dtype=self.dtype,
+                    build_config=build_config,
+                    **quantized,
+                    **self.runtime_kwargs(),
                 )
                 constructed = time.perf_counter()
                 self.llm.save(str(engine_dir))
@@ -168,6 +189,7 @@ class TRTBackend(Backend):
             "llm_kwargs": mapped_kwargs(engine, "llm"),
             "build_config": build_kw,
             "plugin_config": plugin_kw,
+            "quant_config": quant_kw,
             "trtllm_build_command": shlex.join(trtllm_build_argv(engine)),
             "convert_checkpoint": convert_checkpoint_note(self.dtype),
             "warnings": self.warnings,

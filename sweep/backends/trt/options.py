@@ -36,7 +36,7 @@ class OptionMapping:
     """Where one engine.* option goes: a field of BuildConfig, PluginConfig or the LLM call, and a trtllm-build flag."""
 
     option: str
-    target: str  # "build_config", "plugin_config" or "llm"
+    target: str  # "build_config", "plugin_config", "llm" or "quant_config" (the LLM call's QuantConfig)
     field: str
     flag: Optional[str]  # None: trtllm-build takes it from the checkpoint (dtype is fixed at conversion)
 
@@ -53,7 +53,22 @@ OPTION_MAP: tuple[OptionMapping, ...] = (
     # trtllm-build calls --paged_kv_cache deprecated and points to --kv_cache_type paged|continuous.
     OptionMapping("paged_kv_cache", "plugin_config", "paged_kv_cache", "--kv_cache_type"),
     OptionMapping("tokens_per_block", "plugin_config", "tokens_per_block", "--tokens_per_block"),
+    # Quantized while the LLM API converts the checkpoint (trtllm-build takes an already quantized one).
+    OptionMapping("quantization", "quant_config", "quant_algo", None),
+    OptionMapping("kv_cache_dtype", "quant_config", "kv_cache_quant_algo", None),
 )
+# engine.quantization -> QuantAlgo (tensorrt_llm/quantization/mode.py). W8A16 and W4A16 are per-channel weight-only
+# and FP8_PER_CHANNEL_PER_TOKEN is fp8 weights per channel with fp8 activations per token: none of the three needs
+# calibration data (QuantConfig._requires_calibration).
+QUANT_ALGOS = {
+    "none": None,
+    "int8_weight_only": "W8A16",
+    "int4_weight_only": "W4A16",
+    "fp8": "FP8_PER_CHANNEL_PER_TOKEN",
+}
+# engine.kv_cache_dtype -> kv_cache_quant_algo. An FP8 KV cache is calibrated by ModelOpt while the LLM API
+# converts the checkpoint (its CalibConfig: a calibration dataset, from the hub unless calib_config names a local one).
+KV_CACHE_QUANT_ALGOS = {"auto": None, "fp8": "FP8"}
 
 
 # -- pure functions: engine options -> tensorrt_llm arguments ----------------------------------------------------
@@ -65,11 +80,23 @@ def plugin_value(value: Any) -> Any:
 
 
 def mapped_kwargs(engine: Mapping[str, Any], target: str) -> dict[str, Any]:
-    """The keyword arguments that `target` ("build_config", "plugin_config" or "llm") gets from the engine options."""
+    """The keyword arguments that `target` ("build_config", "plugin_config", "llm" or "quant_config") gets from the
+    engine options."""
     kwargs = {m.field: engine[m.option] for m in OPTION_MAP if m.target == target}
     if target == "plugin_config":
         kwargs = {k: plugin_value(v) for k, v in kwargs.items()}
+    if target == "quant_config":
+        kwargs = {
+            "quant_algo": QUANT_ALGOS[kwargs["quant_algo"]],
+            "kv_cache_quant_algo": KV_CACHE_QUANT_ALGOS[kwargs["kv_cache_quant_algo"]],
+        }
     return kwargs
+
+
+def quant_config_kwargs(engine: Mapping[str, Any]) -> dict[str, Any] | None:
+    """QuantConfig keywords for the LLM call; None for an unquantized engine (no quant_config passed at all)."""
+    kwargs = mapped_kwargs(engine, "quant_config")
+    return kwargs if any(v is not None for v in kwargs.values()) else None
 
 
 def build_config_kwargs(engine: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,23 +285,22 @@ def fusion_overrides(plugin: Mapping[str, Any], architecture: str, tp_size: int)
         reduce_fusion = False
     if plugin["user_buffer"] and not reduce_fusion:
         notes.append("user_buffer is forced off because reduce_fusion is off")
-    if plugin["norm_quant_fusion"]:  # the builder keeps it for an NVFP4-quantized Llama only; sweep never quantizes
+    if plugin["norm_quant_fusion"]:  # the builder keeps it for an NVFP4-quantized Llama only; sweep never uses NVFP4
         notes.append(
-            f"norm_quant_fusion is forced off (only an NVFP4-quantized Llama keeps it; architecture {architecture}, "
-            "unquantized)"
+            f"norm_quant_fusion is forced off (only an NVFP4-quantized Llama keeps it; architecture {architecture})"
         )
     return notes
 
 
-def fmha_overrides(plugin: Mapping[str, Any]) -> list[str]:
-    """builder.build() for an unquantized model: which context-FMHA variants survive."""
+def fmha_overrides(plugin: Mapping[str, Any], fp8: bool) -> list[str]:
+    """builder.build(): which context-FMHA variants survive (FP8 context FMHA only with FP8 weights or KV cache)."""
     if not plugin["context_fmha"]:
         return [
             "context_fmha is off, so the builder also turns off use_paged_context_fmha and use_fp8_context_fmha "
             "(no KV cache reuse, no chunked context)"
         ]
-    if plugin["use_fp8_context_fmha"]:
-        return ["use_fp8_context_fmha (on by default) is forced off: the model is not FP8-quantized"]
+    if plugin["use_fp8_context_fmha"] and not fp8:
+        return ["use_fp8_context_fmha (on by default) is forced off: neither the weights nor the KV cache are FP8"]
     return []
 
 
@@ -284,7 +310,9 @@ def predicted_overrides(
     plugin_defaults: Mapping[str, Any],
     architecture: str,
     tp_size: int = 1,
+    fp8: bool = False,
 ) -> list[str]:
-    """Known silent overrides of the build, as warnings, for an unquantized checkpoint (the only kind sweep builds)."""
+    """Known silent overrides of the build, as warnings (`fp8`: FP8 weights or an FP8 KV cache)."""
     plugin = {**plugin_defaults, **plugin_kw}
-    return length_overrides(build_kw, plugin) + fusion_overrides(plugin, architecture, tp_size) + fmha_overrides(plugin)
+    overrides = length_overrides(build_kw, plugin) + fusion_overrides(plugin, architecture, tp_size)
+    return overrides + fmha_overrides(plugin, fp8)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, Generation, TokenScores
+from sweep.backends.cache import final_dir
 from sweep.backends.vllm import options, runtime
 from sweep.config.errors import ConfigError
 from sweep.workload.requests import Request, Workload
@@ -29,6 +31,8 @@ from sweep.workload.stream import RequestStream, serve_in_flight
 log = logging.getLogger(__name__)
 
 VLLM_CACHE = "vllm_cache"  # VLLM_CACHE_ROOT inside the engine directory
+# vLLM's index of its compiled graphs; on a GPU each entry holds the absolute path of the graph's saved artifact.
+COMPILE_INDEX = "vllm_compile_cache.py"
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's default (5 s) SIGKILLs a CPU engine core that is still tearing down
 CPU_MEMORY_HEADROOM = 2 * options.GIB  # what vLLM's CPU worker takes of the node (torch, weights) before it checks
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -46,6 +50,8 @@ class VLLMBackend(Backend):
         "compile_mode",
         "cuda_graphs",
         "cuda_graph_batch_sizes",
+        "quantization",
+        "kv_cache_dtype",
     )
     # What vLLM's compile cache depends on (it hashes the same config into its own directory names).
     artifact_options = (
@@ -56,7 +62,10 @@ class VLLMBackend(Backend):
         "compile_mode",
         "cuda_graphs",
         "cuda_graph_batch_sizes",
+        "quantization",
+        "kv_cache_dtype",
     )
+    scores = f"top-{options.PROMPT_LOGPROBS} prompt logprobs"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -65,6 +74,7 @@ class VLLMBackend(Backend):
         self.environ = ExitStack()  # os.environ as vLLM wants it, for the engine's lifetime
         self.request_ids = itertools.count()
         self.deltas = self.multi_token_deltas = 0
+        self.build_dir: Path | None = None  # the engine cache's temporary directory, when this process built
 
     # -- before anything is built ---------------------------------------------------------------------------
     @classmethod
@@ -77,9 +87,14 @@ class VLLMBackend(Backend):
         return {"vllm": options.installed_version(), "torch": torch.__version__}
 
     def kv_bytes_per_token(self) -> int:
-        kv_dtype = self.cfg.backend.kv_cache_dtype
-        dtype_bytes = 1 if kv_dtype.startswith("fp8") else DTYPE_BYTES.get(kv_dtype, DTYPE_BYTES[self.dtype])
+        dtype_bytes = 1 if self.cfg.engine.kv_cache_dtype == "fp8" else DTYPE_BYTES[self.dtype]
         return options.kv_bytes_per_token(self.model.shape, dtype_bytes)
+
+    def quantization_refusals(self) -> dict[str, str | None]:
+        return options.quantization_refusals(self.device, self.dtype)
+
+    def kv_cache_dtype_refusals(self) -> dict[str, str | None]:
+        return options.kv_cache_dtype_refusals(self.device)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return options.engine_kwargs(self.cfg, str(self.model.path), self.device, self.dtype, self.kv_bytes_per_token())
@@ -178,7 +193,9 @@ class VLLMBackend(Backend):
             return extra
         cache_root = engine_dir / VLLM_CACHE
         start = time.perf_counter()
+        self.build_dir = engine_dir
         self.start(cache_root)  # compiles into cache_root; this engine then serves the run (load keeps it)
+        relocate_compile_index(cache_root, engine_dir, final_dir(engine_dir))
         files = sorted(str(p.relative_to(cache_root)) for p in cache_root.rglob("*") if p.is_file())
         extra.update(
             artifact=f"vLLM's torch.compile cache ({VLLM_CACHE}/, its VLLM_CACHE_ROOT)",
@@ -193,6 +210,7 @@ class VLLMBackend(Backend):
             self.start(engine_dir / VLLM_CACHE)
 
     def start(self, cache_root: Path) -> None:
+        cache_root = cache_root.absolute()  # vLLM writes the paths it is given into its compile-cache index
         self.environ.enter_context(runtime.vllm_environ(self.cfg.backend.log_level, cache_root))
         try:
             config = runtime.engine_config(self.engine_kwargs())
@@ -254,6 +272,31 @@ class VLLMBackend(Backend):
 
         return self.loop.run_until_complete(all_at_once())
 
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
+        """vLLM returns no logits: each sequence's prompt logprobs, its top PROMPT_LOGPROBS tokens per position."""
+        import torch
+        from vllm import SamplingParams
+        from vllm.inputs import tokens_input
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, prompt_logprobs=options.PROMPT_LOGPROBS, detokenize=False
+        )
+
+        async def one(ids: list[int]) -> Any:
+            request_id = f"score-{next(self.request_ids)}"
+            async for output in self.engine.generate(tokens_input(ids), params, request_id=request_id):
+                last = output
+            return last.prompt_logprobs
+
+        async def every() -> list[Any]:
+            return list(await asyncio.gather(*(one(ids) for ids in sequences)))
+
+        scores = []
+        for positions, ids, start in zip(self.loop.run_until_complete(every()), sequences, starts):
+            token_ids, logprobs = options.top_k_rows(positions[start : len(ids)], options.PROMPT_LOGPROBS)
+            scores.append(TokenScores(torch.tensor(logprobs), torch.tensor(token_ids)))
+        return scores
+
     def serve(self, stream: RequestStream, max_batch: int) -> None:
         """Requests go to vLLM as they arrive (up to `max_batch` in flight); its scheduler admits them between
         steps (up to max_num_seqs). `admitted` is when a request was handed to vLLM: its queue is not visible."""
@@ -290,3 +333,18 @@ class VLLMBackend(Backend):
             self.loop.close()
             self.loop = None
         self.environ.close()
+        if self.build_dir is not None and final_dir(self.build_dir).is_dir():
+            # The engine cache renamed the build directory; what vLLM compiled afterwards (the sampler's logprob-rank
+            # helper, on the quality check's prompt logprobs) went to the old path, which only this process knows.
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+            self.build_dir = None
+
+
+def relocate_compile_index(cache_root: Path, built_in: Path, served_from: Path) -> None:
+    """Point vLLM's compile-cache index at the engine's final directory: the build runs in a temporary directory that
+    the engine cache renames, and vLLM loads each compiled graph from the absolute path its index recorded."""
+    old, new = str(built_in.absolute()), str(served_from.absolute())
+    for index in cache_root.rglob(COMPILE_INDEX):
+        text = index.read_text()
+        if old in text:
+            index.write_text(text.replace(old, new))

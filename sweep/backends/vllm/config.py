@@ -23,7 +23,7 @@ class VLLMBackendConfig(BackendConfig):
     enable_chunked_prefill: bool = True
     # Off for benchmarks, or repeated prompts skip their prefill (like trt's block reuse).
     enable_prefix_caching: bool = False
-    # vLLM's kv_cache_dtype: auto (the model's dtype), fp8, fp8_e4m3, fp8_e5m2, ...
-    kv_cache_dtype: str = "auto"
+    # vLLM's attention_backend (FLASH_ATTN, TRITON_ATTN, FLASHINFER, CPU_ATTN, ...); null: vLLM picks for the device.
+    attention_backend: Optional[str] = None
     # Level of vLLM's records in sweep's log (its engine processes print warnings and errors to stderr).
     log_level: str = "WARNING"

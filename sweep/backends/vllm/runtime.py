@@ -15,6 +15,7 @@ through one more hop; here they are stamped the moment the front end hands them 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -39,6 +40,8 @@ def vllm_environ(log_level: str, cache_root: Optional[Path] = None) -> Iterator[
     """os.environ for vLLM (and the processes it spawns) inside, as it was before on exit."""
     saved = os.environ.copy()
     os.environ.update(ENGINE_ENV)
+    if importlib.util.find_spec("flashinfer") is None:  # vLLM's GPU sampler would import it at the first request
+        os.environ["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     for name in UNSET:
         os.environ.pop(name, None)
     if cache_root is not None:  # vLLM's torch.compile cache (and its model-info files) go here

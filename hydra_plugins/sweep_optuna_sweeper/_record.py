@@ -1,5 +1,5 @@
 """What a person sees of a search: one progress line per trial, the parent run's settings, summary and plots,
-and the best trial as a config to rerun."""
+and the best trial as a config to rerun (or why there is none)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import optuna
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.sweep_optuna_sweeper.space import settings_text, space_identity
-from hydra_plugins.sweep_optuna_sweeper.study import best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper._budget import Budget
+from hydra_plugins.sweep_optuna_sweeper._prepare import Prepared
+from hydra_plugins.sweep_optuna_sweeper._space import settings_text, space_identity
+from hydra_plugins.sweep_optuna_sweeper._study import best_trials, tally
+from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
 from sweep.multirun import sweeper_api
-
-if TYPE_CHECKING:
-    from hydra_plugins.sweep_optuna_sweeper._impl import Budget, OptunaSearch, SearchSettings
 
 log = logging.getLogger(__name__)
 CONFIG_GROUPS = ("model", "backend", "workload", "tracker")
@@ -82,27 +82,80 @@ def minutes(seconds: float) -> str:
 def best_config_yaml(study_name: str, trial: optuna.trial.FrozenTrial, choices: dict, overrides: list[str]) -> str:
     """A package-global config: the trial's group choices go to the defaults list, its values to their keys.
 
-    A deletion (`~key`) cannot be written in a config: the header names it for the command line.
+    A deletion (`~key`) or a key added to the config (`+key=value`) cannot be written in a config (the schema has no
+    such key): the header's rerun command carries it.
     """
     defaults: list[Any] = [{f"override /{group}": choices[group]} for group in CONFIG_GROUPS if group in choices]
     values = OmegaConf.create({})
-    deletions = []
+    on_command_line = []
     for item in overrides:
-        if item.startswith("~"):
-            deletions.append(item)
+        key, _, value = item.partition("=")
+        if key.lstrip("+~").startswith(("hydra.", "tracker.tags.")):  # the sweep's own settings, the trial's tags
             continue
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
+        if key.startswith(("~", "+")):
+            on_command_line.append(item)
+            continue
         group_choice = key in CONFIG_GROUPS or key == "search"  # already in the defaults list, or the sweep itself
-        if not group_choice and not key.startswith(("hydra.", "tracker.tags.")):
+        if not group_choice:
             OmegaConf.update(values, key, yaml.safe_load(value), force_add=True)
     body = {"defaults": defaults + ["_self_"], **OmegaConf.to_container(values)}
-    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in deletions)
+    rerun = f"python -m sweep --config-dir conf +best={study_name}" + "".join(f" '{d}'" for d in on_command_line)
     header = (
         f"# @package _global_\n# Best trial {trial.number} of study {study_name}: {trial.values}\n"
         f"# Rerun from the directory above conf/: {rerun}\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def write_best_config(
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    choices: dict,
+    overrides: list[str],
+    best_config_dir: str | None,
+    parent: ParentRun,
+) -> Path:
+    """The best trial as conf/best/<study>.yaml (and in the parent run), with the command that reruns it."""
+    text = sweeper_api.redact(best_config_yaml(study.study_name, trial, choices, overrides))
+    path = sweeper_api.best_config_path(best_config_dir, study.study_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    parent.log_text(text, "best_config.yaml")
+    log.info(
+        "best trial %d %s written to %s; rerun it with: python -m sweep --config-dir %s +best=%s",
+        trial.number,
+        trial.values,
+        path,
+        path.parent.parent,
+        study.study_name,
+    )
+    return path
+
+
+def no_best_reason(
+    study: optuna.Study, objectives: dict[str, str], constraints: dict[str, tuple[str, float]], config: DictConfig
+) -> str:
+    """Why a search ends without a best trial (best_trials is empty), and what to loosen."""
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+    if not complete:
+        return "no trial completed (their errors are above, and in trials.csv of the parent run)"
+    if not feasible:
+        bounds = ", ".join(f"{name}{op}{bound:g}" for name, (op, bound) in constraints.items())
+        return f"no completed trial met the constraints ({bounds}): loosen hydra.sweeper.constraints"
+    scored = ", ".join(f"{name}=0" for name, direction in objectives.items() if direction == "maximize")
+    slo = {k: v for k, v in OmegaConf.to_container(config.slo).items() if k != "name" and v is not None}
+    if not slo:
+        return f"no setting met the objective: every feasible trial scored {scored}; search other settings"
+    preset = f"slo={config.slo.name}: " if config.slo.name != "none" else ""
+    targets = preset + " ".join(f"slo.{k}={v:g}" for k, v in slo.items())
+    loosen = f"loosen the SLO (larger {', '.join(f'slo.{k}' for k in slo)})"
+    if config.workload.scenario == "rate":
+        loosen += f", offer less load (now workload.request_rate={config.workload.request_rate:g})"
+    return (
+        f"no setting met the objective or the SLO: every feasible trial scored {scored} under the SLO ({targets}); "
+        f"{loosen}, or search other settings"
+    )
 
 
 class ParentRun:
@@ -119,27 +172,29 @@ class ParentRun:
         if self.run_id:
             self.run.log_text(text, name)
 
-    def log_settings(self, search: OptunaSearch, s: SearchSettings, study: optuna.Study) -> None:
+    def log_settings(self, st: OptunaSweeperConf, prepared: Prepared, study: optuna.Study) -> None:
+        """The sweeper's settings, its sampler's, and the search they resolved to."""
         if not self.run_id:
             return
+        search = prepared.search
         # the parent is named after the study it searched (the multirun callback opened it before the study existed)
         self.run.set_tags(
             {"sweep.kind": "optuna", "optuna.study": study.study_name, "mlflow.runName": study.study_name}
         )
-        st = search.settings
         self.run.log_params(
             {
-                "optuna.sampler": search.sampler_name,
-                "optuna.seed": search.seed,
-                "optuna.n_trials": s.n_trials,
-                "optuna.n_jobs": search.n_jobs,
-                "optuna.workers": st["workers"],
-                "optuna.objectives": json.dumps(s.objectives),
-                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in s.constraints.items()}),
-                "optuna.search_space": json.dumps(space_identity(s.space)),
-                "optuna.fixed_overrides": " ".join(s.fixed),
+                "optuna.sampler": prepared.sampler.name,
+                "optuna.sampler_settings": json.dumps(prepared.sampler.settings, sort_keys=True),
+                "optuna.seed": st.seed,
+                "optuna.n_trials": search.n_trials,
+                "optuna.n_jobs": st.n_jobs,
+                "optuna.workers": st.workers,
+                "optuna.objectives": json.dumps(search.objectives),
+                "optuna.constraints": json.dumps({k: f"{op}{b}" for k, (op, b) in search.constraints.items()}),
+                "optuna.search_space": json.dumps(space_identity(search.space)),
+                "optuna.fixed_overrides": " ".join(search.fixed),
                 **{
-                    f"optuna.{k}": st[k]
+                    f"optuna.{k}": getattr(st, k)
                     for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes", "gpus_per_trial")
                 },
             }
@@ -168,7 +223,7 @@ class ParentRun:
         run.end("FINISHED" if state == "PRUNED" else "FAILED")
 
     def log_summary(
-        self, search: OptunaSearch, study: optuna.Study, budget: Budget, job_s: float | None = None
+        self, objectives: dict[str, str], study: optuna.Study, budget: Budget, job_s: float | None = None
     ) -> None:
         """The study's outcome into the parent; job_s: the job seconds of all the session's workers (else this
         process's)."""
@@ -177,7 +232,6 @@ class ParentRun:
         value = "values" if len(study.directions) > 1 else "value"
         table = study.trials_dataframe(attrs=("number", "state", value, "params", "user_attrs", "constraints"))
         self.run.log_text(table.to_csv(index=False), "trials.csv")
-        objectives = search.s.objectives
         best = best_trials(study)
         if best:
             metrics = {f"best.{name}": value for name, value in zip(objectives, best[0].values)}

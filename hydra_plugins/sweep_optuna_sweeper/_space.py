@@ -1,15 +1,16 @@
 """The search space: Hydra's sweep syntax as Optuna distributions, the grid, constraints, a trial's overrides and
-name, and the warm-start point (trtllm-bench's memory heuristic). Functions of the overrides and the study only."""
+name, and the warm start (trtllm-bench's memory heuristic picks the first trial of a new study)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 from decimal import Decimal
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -20,7 +21,11 @@ from optuna.trial import TrialState
 from sweep.multirun import sweeper_api
 from sweep.multirun.sweeper_api import ConfigError
 
+log = logging.getLogger(__name__)
+
 CONSTRAINT = re.compile(r"^\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+SWEEPS = "choice(a,b,...), range(start,stop[,step]) or interval(low,high)"
+INTERVAL_TAGS = ("log", "int")  # a log scale; integer values (int(interval(...)) says the same)
 WARM_START_KEYS = ("engine.max_batch_size", "engine.max_num_tokens")
 
 
@@ -31,10 +36,22 @@ def float_range(start: float, stop: float, step: float) -> list[float]:
     return [float(d_start + i * d_step) for i in range(count)]
 
 
+def refuse(override: Override, why: str, allowed: str) -> ConfigError:
+    return ConfigError(f"{override.input_line} is not allowed: {why}; {allowed}")
+
+
 def distribution_for(override: Override) -> BaseDistribution:
     """Hydra sweep syntax → an Optuna distribution. Hydra's range() excludes its stop, like Python's."""
     sweep = override.value()
-    key = override.get_key_element()
+    if not isinstance(sweep, (ChoiceSweep, RangeSweep, IntervalSweep)):  # glob(): a group's options by pattern
+        why = f"{type(sweep).__name__.lower()}() has no Optuna distribution"
+        raise refuse(override, why, f"hydra/sweeper=optuna takes {SWEEPS} (a group's options: choice(a,b))")
+    allowed_tags = INTERVAL_TAGS if isinstance(sweep, IntervalSweep) else ()
+    unknown = sorted(set(sweep.tags) - set(allowed_tags))
+    if unknown:
+        allowed = "interval() takes tag(log, ...) and tag(int, ...)"
+        why = f"the tag {unknown[0]!r} means nothing to the sweeper" if allowed_tags else "only interval() takes tags"
+        raise refuse(override, why, allowed)
     log_scale = "log" in sweep.tags
     try:
         if isinstance(sweep, ChoiceSweep):
@@ -50,16 +67,17 @@ def distribution_for(override: Override) -> BaseDistribution:
             if isinstance(low, int):
                 return IntDistribution(low, high, step=step)
             return FloatDistribution(low, high, step=step)
-        if isinstance(sweep, IntervalSweep):
-            # int(interval(a,b)) gives int bounds; tag(int, interval(a,b)) the project's older spelling
-            if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
-                return IntDistribution(int(sweep.start), int(sweep.end), log=log_scale)
-            return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
+        if "int" in sweep.tags or (isinstance(sweep.start, int) and isinstance(sweep.end, int)):
+            low, high = math.ceil(sweep.start), math.floor(sweep.end)  # the integers within the bounds
+            if sweep.start <= sweep.end and low > high:
+                why = "an integer interval holds no integer between these bounds"
+                raise refuse(override, why, "give bounds with an integer between them, or drop int for floats")
+            return IntDistribution(low, high, log=log_scale)
+        return FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
     except ConfigError:
         raise
     except ValueError as exc:  # Optuna's own check (low > high, log of a bound <= 0): name the key
         raise ConfigError(f"{override.input_line}: {exc}") from None
-    raise ConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range() or interval()")
 
 
 def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistribution], list[str]]:
@@ -78,6 +96,11 @@ def split_overrides(overrides: Sequence[Override]) -> tuple[dict[str, BaseDistri
             space.pop(key, None)
             fixed[key] = override.input_line  # exactly as given, with any +/~ prefix
     return space, list(fixed.values())
+
+
+def command_keys(overrides: Sequence[Override]) -> dict[str, str]:
+    """Each swept key as a trial's command line writes it: `+note` for a key added to the config with `+`."""
+    return {o.key_or_group: o.get_key_element() for o in overrides if o.is_sweep_override()}
 
 
 def grid_values(space: dict[str, BaseDistribution]) -> dict[str, list]:
@@ -134,9 +157,11 @@ def override_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value) else str(value)
 
 
-def overrides_for(fixed: list[str], params: dict[str, Any]) -> list[str]:
-    """The command-line overrides of one point of the space: the fixed ones, then the sampled values."""
-    return fixed + [f"{k}={override_value(v)}" for k, v in params.items()]
+def overrides_for(fixed: list[str], params: dict[str, Any], keys: dict[str, str] | None = None) -> list[str]:
+    """The command-line overrides of one point of the space: the fixed ones, then the sampled values, each under
+    its key as `keys` (command_keys) writes it."""
+    keys = keys or {}
+    return fixed + [f"{keys.get(k, k)}={override_value(v)}" for k, v in params.items()]
 
 
 def settings_text(params: dict[str, Any]) -> str:
@@ -223,3 +248,32 @@ def warm_start_point(
             if key not in point and holds(dist, value):
                 point[key] = value
     return point
+
+
+def warm_start(
+    study: optuna.Study,
+    space: dict[str, BaseDistribution],
+    fixed: list[str],
+    compose: Callable[[list[str]], DictConfig],
+) -> None:
+    """On a new study, enqueue the point a memory model predicts, before the sampler takes over.
+
+    compose(overrides) is the config a trial with those overrides would run: here, the search's fixed ones.
+    """
+    if study.trials or not any(key in space for key in WARM_START_KEYS):
+        return
+    try:
+        defaults = compose(fixed)
+        inputs = sweeper_api.memory_for_warm_start(defaults)
+    except Exception as exc:  # a hint, never a reason to stop: the trials report their own errors
+        inputs = f"{type(exc).__name__}: {exc}"
+    if isinstance(inputs, str):
+        log.info("warm start skipped: %s", inputs)
+        return
+    point = warm_start_point(space, inputs, defaults)
+    if not point:
+        log.info("warm start skipped: not one request fits in the %s", inputs.memory_source)
+        return
+    why = f"trtllm-bench's heuristic on {inputs.free_bytes / 1e9:.1f} GB of {inputs.memory_source}"
+    study.enqueue_trial(point, user_attrs={"warm_start": why})
+    log.info("warm start: the first trial tries %s (%s)", settings_text(point), why)
