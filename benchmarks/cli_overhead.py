@@ -6,9 +6,9 @@ the run leaves in its output directory (the figures a sweeper reads, sweep.multi
 Overhead = wall time - model load - generation (warm-up + measured iterations) - the one-off import of torch and
 transformers, which is measured separately in a bare process.
 
-With --console it times what answers at once instead: `--help`, a value out of range and a Hydra error (an
-unknown option), each the fastest of N processes, wall and CPU seconds; --repo times another checkout the same
-way (a before/after comparison).
+With --console it times what answers at once instead: `--help`, a value out of range, a Hydra error (an unknown
+option) and a grid with a point out of range, each the fastest of N processes, wall and CPU seconds; --repo times
+another checkout the same way (a before/after comparison).
 
     python benchmarks/cli_overhead.py [--runs 3] [--work DIR]
     python benchmarks/cli_overhead.py --console [--runs 5] [--repo /path/to/other/checkout]
@@ -33,6 +33,7 @@ CONSOLE_COMMANDS = {
     "--help": ["--help"],
     "a bad value": ["engine.max_batch_size=0"],
     "a Hydra error": ["backend=no_such_backend"],
+    "a bad grid point": ["-m", "engine.max_batch_size=0,2", "tracker=none"],
 }
 
 

@@ -190,6 +190,11 @@ class Backend(ABC):
                     stream.tokens(req.id, 1, at=t)
                 stream.finished(req.id, at=gen.token_times[-1])
 
+    def warm_up(self, workload: Workload) -> None:
+        """Before anything is timed, run the shape classes of this engine that serving the workload once (which the
+        harness does next, untimed) might not reach: e.g. every prompt width a compiled prefill can be given. The
+        engine is warm from load() for what does not depend on the workload. Nothing by default."""
+
     def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
         """Decode steps of `batch` rows from cache column `context`, attending over `span` columns (None: the
         engine's choice); after generate() filled those rows. Engines whose decode step is not their own refuse."""

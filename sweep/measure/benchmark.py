@@ -1,4 +1,5 @@
-"""Benchmark: warm up, then offer the workload `iterations` times under the NVML sampler, and compute the figures.
+"""Benchmark: warm up (every shape the timed part will use, once: warm_up), then offer the workload `iterations`
+times under the NVML sampler, and compute the figures.
 
 The scenario decides when each request is offered (sweep/workload/stream.py); the backend serves them as they arrive.
 """
@@ -63,13 +64,29 @@ def run_once(backend: Backend, requests: list[Request], wcfg: Any, batch_size: i
     return stream.results()
 
 
+def warm_up(backend: Backend, workload: Workload, wcfg: Any, batch_size: int) -> None:
+    """Run, untimed, every shape class the timed part will use, so that no timed request pays for a first pass over
+    one (a compile or recompile, a CUDA graph capture, a kernel's plan for a new shape): a process's first run would
+    otherwise measure colder than the same point run later.
+
+    In order: the backend's own classes (Backend.warm_up: e.g. every prompt width a compiled prefill serves), the
+    warm-up requests, then the measured requests offered exactly as the first timed iteration offers them, so that
+    the batches, prompt chunks and decode sizes its scheduler forms from them have all run once.
+    """
+    with tqdm(total=3, desc="warm-up", unit="pass", leave=False) as bar:
+        backend.warm_up(workload)
+        bar.update()
+        if workload.warmup:
+            run_once(backend, workload.warmup, wcfg, batch_size, iteration=-1)
+        bar.update()
+        run_once(backend, workload.measured, wcfg, batch_size, iteration=0)
+        bar.update()
+
+
 def run_benchmark(
     backend: Backend, workload: Workload, wcfg: Any, batch_size: int, slo: dict[str, float]
 ) -> BenchmarkResult:
-    if workload.warmup:
-        with tqdm(total=1, desc="warm-up", unit="pass", leave=False) as bar:
-            run_once(backend, workload.warmup, wcfg, batch_size, iteration=-1)
-            bar.update()
+    warm_up(backend, workload, wcfg, batch_size)
     if backend.device == "cuda":
         import torch
 

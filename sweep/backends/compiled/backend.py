@@ -49,6 +49,7 @@ from sweep.backends.compiled.engine import (
     sequence_logits,
     stream_tokens,
     warm_up,
+    warm_up_widths,
 )
 from sweep.backends.compiled.inflight import (
     InflightScheduler,
@@ -244,6 +245,14 @@ class CompiledBackend(Backend):
                 self.graphs.append(graph)
         warm_up_inflight(self.state, run_decode)
         self.scheduler = InflightScheduler(self.state, run_decode, e.max_num_tokens)
+
+    def warm_up(self, workload: Workload) -> None:
+        """Static: every width a timed batch can have (its longest prompt's). In flight every decode size and span
+        was captured at load, and prompt chunks run eager: the harness's untimed pass over the workload runs them."""
+        if not self.inflight:
+            widths = sorted({r.input_len for r in workload.warmup + workload.measured})
+            with torch.inference_mode():
+                warm_up_widths(self.state, self.run_prefill, widths)
 
     def decode_loop(self, batch: int, context: int, span: int | None = None) -> DecodeLoop:
         """Static: every row decodes, over the whole cache. In flight: `batch` rows, a captured size, over `span`

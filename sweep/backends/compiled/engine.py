@@ -226,6 +226,17 @@ def warm_up(state: StaticState, run_prefill: Callable, run_decode: Callable) -> 
         torch.cuda.synchronize()
 
 
+def warm_up_widths(state: StaticState, run_prefill: Callable, widths: list[int]) -> None:
+    """Prefill at each of these prompt widths once (a batch is as wide as its longest prompt): a width the compiled
+    prefill has not seen may recompile it (width 1 always does: dynamo specialises it), which a timed request must not
+    pay for."""
+    state.pad_len.zero_()
+    for width in widths:
+        run_prefill(torch.zeros((state.batch, width), dtype=torch.long, device=state.device))
+    if state.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 # -- host side ------------------------------------------------------------------------------------------------
 def left_pad_batch(requests: list[Request], batch: int, pad_id: int):
     """[batch, width] prompt ids, left-padded, and each row's padding; rows past the requests are one-token dummies."""
