@@ -102,3 +102,23 @@ def test_every_worked_example_in_help_composes(tmp_path):
         first_points = [o.split(",")[0] for o in overrides]  # a grid's first point
         cfg = compose(first_points)
         assert cfg.backend.name and cfg.workload.scenario
+
+
+def imported_by_command(tmp_path, *args: str) -> set[str]:
+    """The heavy libraries a `python -m sweep` command imports (Python's own import log, -X importtime)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sweep", *args],
+        cwd=tmp_path,
+        env=sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    return modules & set(HEAVY)
+
+
+def test_a_bad_value_and_a_bad_grid_point_are_refused_without_torch(tmp_path):
+    assert imported_by_command(tmp_path, "engine.max_batch_size=0") == set()
+    assert imported_by_command(tmp_path, "-m", "engine.max_batch_size=0,2", "tracker=none") == set()

@@ -82,10 +82,10 @@ class RunResult:
 
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
     """Run one configuration end to end: plan, build or reuse the engine, benchmark it, record it."""
-    from sweep.measure.quality import SCORES_FILE, prepare, save_scores  # imports torch: not for a refused config
-
     t_start = time.perf_counter()
     p = make_plan(cfg)
+    from sweep.measure.quality import SCORES_FILE, prepare, save_scores  # imports torch: after the config's checks
+
     tracker = make_tracker(cfg.tracker)
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
     tags = {
