@@ -50,9 +50,11 @@ def test_help_with_an_override_that_does_not_compose_says_so_in_one_line(tmp_pat
     assert result.stderr.count("\n") == 1 and "Could not find 'backend/no_such_backend'" in result.stderr
 
 
-def readme_command_keys() -> set[str]:
-    """Every `key=value` key the README's `python -m sweep` command lines set (continued lines included)."""
-    lines = (REPO / "README.md").read_text().splitlines()
+def documented_command_keys() -> set[str]:
+    """Every `key=value` key the `python -m sweep` command lines of the README and docs/ set (continued lines
+    included)."""
+    docs = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    lines = [line for doc in docs for line in doc.read_text().splitlines()]
     keys: set[str] = set()
     for i, line in enumerate(lines):
         if "python -m sweep " not in line:
@@ -65,14 +67,15 @@ def readme_command_keys() -> set[str]:
     return keys
 
 
-def test_help_names_every_key_the_readme_sets_and_every_sweeper_setting(tmp_path):
+def test_help_names_every_key_the_docs_set_and_every_sweeper_setting(tmp_path):
     from hydra_plugins.sweep_max_rate_sweeper.max_rate_sweeper import MaxRateSweeperConf
     from hydra_plugins.sweep_optuna_sweeper.optuna_sweeper import OptunaSweeperConf
-    from sweep.job.compose import help_text, known_keys
+    from sweep.job.command_line import known_keys
+    from sweep.job.compose import help_text
 
     text = help_text()
     words = set(re.findall(r"[\w.]+", text))
-    keys = {k for k in readme_command_keys() if k.startswith("hydra.") or k in known_keys()}
+    keys = {k for k in documented_command_keys() if k.startswith("hydra.") or k in known_keys()}
     assert {"workload.concurrency", "workload.request_rate", "backend.scheduler"} <= keys  # the probe reads them
     for key in keys:  # by its whole name, or by its last parts under a `section.*` line
         if re.search(r"\.(objectives|constraints)\.\w+$", key):  # a figure's name under a dict of figures
@@ -84,7 +87,8 @@ def test_help_names_every_key_the_readme_sets_and_every_sweeper_setting(tmp_path
         assert key in words or (tail and section), key
     settings = [f.name for conf in (OptunaSweeperConf, MaxRateSweeperConf) for f in dataclasses.fields(conf)]
     settings += ["kv_blocks", "kv_memory_fraction", "memory_fraction", "single_process_worker", "burstiness"]
-    unnamed = [name for name in settings if name != "_target_" and not re.search(rf"\b{name}\b", text)]
+    settings = [name for name in settings if not name.startswith("_") and name != "defaults"]  # Hydra's own
+    unnamed = [name for name in settings if not re.search(rf"\b{name}\b", text)]
     assert unnamed == []
 
 
@@ -98,3 +102,23 @@ def test_every_worked_example_in_help_composes(tmp_path):
         first_points = [o.split(",")[0] for o in overrides]  # a grid's first point
         cfg = compose(first_points)
         assert cfg.backend.name and cfg.workload.scenario
+
+
+def imported_by_command(tmp_path, *args: str) -> set[str]:
+    """The heavy libraries a `python -m sweep` command imports (Python's own import log, -X importtime)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sweep", *args],
+        cwd=tmp_path,
+        env=sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    return modules & set(HEAVY)
+
+
+def test_a_bad_value_and_a_bad_grid_point_are_refused_without_torch(tmp_path):
+    assert imported_by_command(tmp_path, "engine.max_batch_size=0") == set()
+    assert imported_by_command(tmp_path, "-m", "engine.max_batch_size=0,2", "tracker=none") == set()

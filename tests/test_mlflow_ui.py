@@ -56,3 +56,13 @@ def test_a_grids_parent_shows_the_best_figures_in_the_runs_table_and_its_runs_op
         assert "throughput: every request at t0" in text.splitlines()[1]
         assert text.splitlines()[3].startswith("**output throughput ")
         assert "```\n---" in text and "TTFT" in text
+
+
+def test_a_description_leads_with_the_reports_headline_then_its_table():
+    from sweep.multirun.callback import table_first
+
+    table = "| run | y |\n| --- | ---: |"
+    load = f"# load sweep\n\n**8 req/s** held\n\n- **model**: tiny\n\nRates ascending.\n\n{table}\n"
+    assert table_first(load).split("\n\n") == ["**8 req/s** held", "Rates ascending.", table, "- **model**: tiny\n"]
+    grid = f"# sweep comparison\n\n- **selection**: x\n\nBest first by y.\n\n{table}\n"
+    assert table_first(grid).split("\n\n") == ["Best first by y.", table, "- **selection**: x\n"]

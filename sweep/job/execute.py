@@ -25,7 +25,6 @@ from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
 from sweep.measure.metrics import roofline_figures
-from sweep.measure.quality import SCORES_FILE, prepare, save_scores
 from sweep.measure.summary import headline, summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
 from sweep.model.source import model_identity
@@ -85,6 +84,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
     """Run one configuration end to end: plan, build or reuse the engine, benchmark it, record it."""
     t_start = time.perf_counter()
     p = make_plan(cfg)
+    from sweep.measure.quality import SCORES_FILE, prepare, save_scores  # imports torch: after the config's checks
+
     tracker = make_tracker(cfg.tracker)
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
     tags = {

@@ -20,7 +20,6 @@ from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
 from sweep.config.errors import ConfigError
 from sweep.job.validate import validate
-from sweep.measure.quality import check_quality
 from sweep.measure.telemetry import environment
 from sweep.model.source import ModelSource, model_sizes, resolve_model
 from sweep.workload.requests import Workload, make_workload
@@ -111,7 +110,11 @@ def make_plan(cfg: DictConfig) -> Plan:
     dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
     cache = EngineCache(Path(cfg.cache_dir).resolve())
     model = resolve_model(cfg.model, cache.root, dtype, device)
+    # Here, not at the top: the CLI's --help and config errors load no torch or transformers (the quality module
+    # imports torch).
     from transformers import AutoTokenizer
+
+    from sweep.measure.quality import check_quality
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     workload = make_workload(cfg.workload, tokenizer, model.shape.vocab_size)

@@ -203,7 +203,8 @@ class ParentRunCallback(Callback):
             self.run.set_description("\n".join(lines + ["no run finished with figures"]))
             return
         best = report.best
-        lines += [f"best: **{best['tags.mlflow.runName']}**  ", best_line(report), ""]
+        if report.baseline is not None:  # rival set-ups; a load sweep's report leads with its own headline
+            lines += [f"best: **{best['tags.mlflow.runName']}**  ", best_line(report), ""]
         self.run.set_description("\n".join(lines) + "\n" + table_first(report.files["comparison.md"].read_text()))
         names = dict.fromkeys([*HEADLINE, report.objective])
         self.run.log_metrics({m: best[f"metrics.{m}"] for m in names if is_figure(best.get(f"metrics.{m}"))})
@@ -253,14 +254,15 @@ def best_line(report: Any) -> str:
 
 
 def table_first(comparison: str) -> str:
-    """The comparison report's Markdown with its table first: a run page shows the first lines of a Description and
-    folds the rest. Its title goes (the run's own name says what it is); any other layout is kept as it is."""
-    sections = comparison.strip().split("\n\n")
-    sections = [s for s in sections if not s.startswith("# ")]
+    """The comparison report's Markdown with its table first (after its headline, if it has one): a run page shows
+    the first lines of a Description and folds the rest. Its title goes (the run's own name says what it is); any
+    other layout is kept as it is."""
+    sections = [s for s in comparison.strip().split("\n\n") if not s.startswith("# ")]
     table = next((i for i, s in enumerate(sections) if s.startswith("| ")), None)
     if table is None:
         return "\n\n".join(sections)
-    first = sections[max(table - 1, 0) : table + 1]  # the line saying how the table is ordered, and the table
+    headline = sections[:1] if sections[0].startswith("**") else []
+    first = headline + sections[max(table - 1, 0) : table + 1]  # how the table is ordered, and the table
     return "\n\n".join(first + [s for s in sections if s not in first]) + "\n"
 
 
