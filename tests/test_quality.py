@@ -23,14 +23,15 @@ from sweep.measure.quality import (
     quality_figures,
 )
 
-# Four prompts of 16 tokens, each scored on a 32-token greedy continuation: 128 positions.
+# Four prompts of 16 tokens, each scored on a 32-token greedy continuation: 128 positions (output_len 33 leaves
+# the continuation its 32 tokens: one token short of output_len).
 SCORED = [
     "workload=throughput",
     "workload.num_requests=4",
     "workload.warmup_requests=0",
     "workload.iterations=1",
     "workload.input_len=16",
-    "workload.output_len=32",
+    "workload.output_len=33",
     "quality.prompts=4",
     "quality.tokens=32",
 ]

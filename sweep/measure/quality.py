@@ -2,10 +2,10 @@
 
 Reference: the checkpoint loaded with plain transformers in the run's dtype on the run's device. For each of the
 workload's first K measured prompts (quality.prompts) it generates a greedy continuation of T tokens (quality.tokens,
-at most the request's output_len), then scores prompt + continuation in one forward pass: its log-probabilities of
-the next token at each of the T continuation positions. Cached on disk under <cache_dir>/quality/, per model
-identity, dtype, device, prompts and T, so a sweep computes it once; it is computed before the engine loads, so the
-two never share the device.
+at most one short of the request's output_len), then scores prompt + continuation in one forward pass: its
+log-probabilities of the next token at each of the T continuation positions. Cached on disk under
+<cache_dir>/quality/, per model identity, dtype, device, prompts and T, so a sweep computes it once; it is computed
+before the engine loads, so the two never share the device.
 
 Engine: `backend.score()` on the same sequences, after the benchmark (never inside the timed part). Figures, over
 every scored position:
@@ -52,9 +52,11 @@ class Reference:
 
 
 def scored_prompts(quality: Any, workload: Workload) -> tuple[list[list[int]], list[int]]:
-    """The first quality.prompts measured prompts, and how many continuation tokens each is scored on."""
+    """The first quality.prompts measured prompts, and how many continuation tokens each is scored on: at most one
+    short of its output_len, so that prompt + continuation leaves room for one more token within engine.max_seq_len
+    (vLLM scores a prompt only as part of a request that generates a token)."""
     requests = workload.measured[: quality.prompts]
-    return [list(r.input_ids) for r in requests], [min(quality.tokens, r.output_len) for r in requests]
+    return [list(r.input_ids) for r in requests], [min(quality.tokens, max(r.output_len - 1, 1)) for r in requests]
 
 
 def check_quality(cfg: Any, backend: Backend, workload: Workload, vocab_size: int) -> None:
