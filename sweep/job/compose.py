@@ -118,7 +118,8 @@ def sweeps_help() -> str:
                                 an Optuna search over choice(), range(), interval(); other overrides stay fixed
   -m search=throughput          a preset in conf/search/: {presets}
   {SAMPLER_GROUP}=<name>  the Optuna sampler: ${{sweep_samplers:}};
-                                its settings as hydra.sweeper.sampler.<setting>=...
+                                its settings as hydra.sweeper.sampler.<setting>=..., e.g.
+                                hydra.sweeper.sampler.n_startup_trials=5 (tpe)
   hydra.sweeper.*               seed, n_trials, n_jobs, study_name, storage,
                                 objectives.<figure>=maximize|minimize, constraints.<figure>='<=x' or '>=x',
                                 max_failure_rate, best_config_dir
