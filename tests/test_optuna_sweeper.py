@@ -555,6 +555,16 @@ def test_a_search_preset_sets_the_objective_it_names(preset, metric):
     assert compose(["search=goodput", "objective.metric=ttft_ms_p99"]).objective.metric == "ttft_ms_p99"
 
 
+def test_the_vllm_preset_searches_only_settings_vllm_honours():
+    config = sweeper_config("search=vllm_goodput")
+    assert config.backend.name == "vllm" and config.objective.metric == "goodput_req_s"
+    from sweep.backends.registry import BACKENDS
+
+    honoured = BACKENDS["vllm"].load().honoured_options
+    searched = [key.removeprefix("engine.") for key in config.hydra.sweeper.params]
+    assert searched and all(key in honoured for key in searched), (searched, honoured)
+
+
 # -- samplers as a config group ----------------------------------------------------------------------------------
 def sweeper_config(*overrides: str):
     """`python -m sweep -m <overrides>`'s full config, Hydra's part (the sweeper's settings) included."""

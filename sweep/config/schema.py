@@ -140,3 +140,4 @@ class SweepConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     device: str = "auto"
     cache_dir: str = "engines_cache"
+    reuse_open_engine: bool = True

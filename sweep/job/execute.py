@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweep.backends.cache import engine_key
 from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
+from sweep.job import held_engine
 from sweep.job.artifacts import record_artifacts, run_artifacts, save_locally, shown, write_job_error, write_result
 from sweep.job.naming import run_name
 from sweep.job.plan import Plan, make_plan, start_engine
@@ -83,8 +84,18 @@ class RunResult:
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
     """Run one configuration end to end: plan, build or reuse the engine, benchmark it, record it."""
     t_start = time.perf_counter()
-    p = make_plan(cfg)
-    from sweep.measure.quality import SCORES_FILE, prepare, save_scores  # imports torch: after the config's checks
+    keep_open = cfg.reuse_open_engine and in_multirun()
+    if not keep_open:
+        held_engine.close_held()
+    held = held_engine.take(cfg) if keep_open else None
+    p = make_plan(cfg, open_backend=held.backend if held else None)
+    # Imports torch: after the config's checks.
+    from sweep.measure.quality import SCORES_FILE, prepare, reference_ready, save_scores
+
+    if held and not reference_ready(cfg, p.backend, p.model, p.dtype, p.workload, p.cache.root):
+        held_engine.close_held()  # the reference loads the unquantized model on the device: never beside an engine
+        held = None
+        p = make_plan(cfg)
 
     tracker = make_tracker(cfg.tracker)
     phases = {"phase_prepare_s": time.perf_counter() - t_start}
@@ -112,15 +123,24 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         quality_s = time.perf_counter() - t
         rec.set_tags(quality.tags(p.backend) if quality else {"quality.skipped": no_quality})
         log.info("starting the %s engine for %s on %s (%s)", p.backend.name, p.model.name, p.device, p.dtype)
-        started = start_engine(p)
+        started = start_engine(p, held)
         entry = started.entry
         phases.update(phase_build_s=started.build_s, phase_load_s=started.load_s)
-        rec.set_tags({"engine.cache_hit": entry.hit, "engine.key": engine_key(p.key_inputs)})
-        engine_figures = p.backend.engine_figures()
+        from_cache = entry.hit or started.reused  # a reused engine was built, if at all, by the job that loaded it
+        rec.set_tags(
+            {
+                "engine.cache_hit": from_cache,
+                "engine.key": engine_key(p.key_inputs),
+                "engine.reused_open": started.reused,
+            }
+        )
+        # What loading cost (compilation, graph capture): paid by the job that loaded the engine, not by one reusing it.
+        engine_figures = {} if started.reused else p.backend.engine_figures()
         limit_key = "workload.batch_size" if cfg.workload.batch_size else "engine.max_batch_size"
         if changed := engine_changes_workload(cfg.workload, p.batch_size, limit_key):
             log.warning("%s", changed)
             rec.set_tags({"workload.changed": changed})
+        served = False
         try:
             t = time.perf_counter()
             result = run_benchmark(p.backend, p.workload, cfg.workload, p.batch_size, slo_targets(cfg))
@@ -129,14 +149,18 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
                 t = time.perf_counter()
                 quality.score(p.backend)
                 phases["phase_quality_s"] = quality_s + time.perf_counter() - t
+            served = True
         finally:
-            p.backend.close()
+            if served and keep_open:
+                held_engine.hold(cfg, p.backend, entry)
+            else:  # an engine that failed may be broken: the next job starts its own
+                held_engine.close(p.backend)
 
         figures = dict(result.figures)
         if quality:
             figures.update(quality.figures())
-        figures["build_time_s"] = 0.0 if entry.hit else entry.build_time_s
-        figures["engine_cache_hit"] = float(entry.hit)
+        figures["build_time_s"] = 0.0 if from_cache else entry.build_time_s
+        figures["engine_cache_hit"] = float(from_cache)
         figures.update(engine_figures)
         figures.update(p.sizes)
         if bandwidth and "tpot_ms_p50" in figures:
@@ -207,7 +231,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
     if rec.run_id:
         command = tracker.ui_command()
         print(f"run {rec.run_id}: {tracker.run_url(rec.run_id)}" + (f"  (after: {command})" if command else ""))
-    return RunResult(figures, rec.run_id, out, entry.hit, p, result.timings)
+    return RunResult(figures, rec.run_id, out, from_cache, p, result.timings)
 
 
 SATURATION = 0.95  # an open-loop run whose achieved rate falls below this share of the offered rate is saturated

@@ -19,6 +19,7 @@ from sweep.backends.base import QUANTIZATION_DEFAULTS, Backend
 from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
 from sweep.config.errors import ConfigError
+from sweep.job.held_engine import HeldEngine
 from sweep.job.validate import validate
 from sweep.measure.telemetry import environment
 from sweep.model.source import ModelSource, model_sizes, resolve_model
@@ -50,6 +51,7 @@ class StartedEngine:
     entry: CacheEntry
     build_s: float  # cache look-up plus the build on a miss
     load_s: float
+    reused: bool = False  # the engine the job before left open (sweep/job/held_engine.py): neither built nor loaded
 
 
 def resolve_device(device: str) -> str:
@@ -96,8 +98,9 @@ def warn_long_schedule(wcfg: Any) -> None:
         )
 
 
-def make_plan(cfg: DictConfig) -> Plan:
-    """Every check a run makes before it builds or records anything; a ConfigError says what to change."""
+def make_plan(cfg: DictConfig, open_backend: Backend | None = None) -> Plan:
+    """Every check a run makes before it builds or records anything; a ConfigError says what to change.
+    `open_backend`: an engine loaded for this config already (sweep/job/held_engine.py), checked, not made anew."""
     validate(cfg)
     if cfg.tracker.name == "mlflow":  # before anything is prepared: a dead server would only fail at the end
         try:
@@ -122,7 +125,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     warn_long_schedule(cfg.workload)
     w = cfg.workload
     batch_size = 1 if w.scenario == "latency" else (w.batch_size or cfg.engine.max_batch_size)
-    backend = backend_cls(cfg, model, device, dtype)
+    backend = open_backend or backend_cls(cfg, model, device, dtype)
     backend.check(workload)
     check_quality(cfg, backend, workload, model.shape.vocab_size)
     env = environment(device)
@@ -153,8 +156,12 @@ def make_plan(cfg: DictConfig) -> Plan:
     return Plan(cfg, device, dtype, cache, model, workload, batch_size, backend, env, sizes, key_inputs)
 
 
-def start_engine(plan: Plan) -> StartedEngine:
-    """Reuse the cached engine or build it, then load it: the backend is ready to serve."""
+def start_engine(plan: Plan, held: HeldEngine | None = None) -> StartedEngine:
+    """Reuse the cached engine or build it, then load it: the backend is ready to serve. A `held` engine (the one
+    plan.backend already is) is ready as it is."""
+    if held is not None:
+        log.info("reusing the %s engine the job before left open", plan.backend.name)
+        return StartedEngine(held.entry, 0.0, 0.0, reused=True)
     t = time.perf_counter()
     entry = plan.cache.get_or_build(plan.backend.name, plan.key_inputs, plan.backend.build)
     build_s = time.perf_counter() - t

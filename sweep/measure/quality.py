@@ -150,16 +150,28 @@ def compute_reference(
     return Reference(sequences, [len(p) for p in prompts], logprobs)
 
 
+def reference_dir(cfg: Any, model: ModelSource, dtype: str, device: str, workload: Workload, cache_root: Path) -> Path:
+    prompts, tokens = scored_prompts(cfg.quality, workload)
+    return cache_root / QUALITY_DIR / reference_key(model.identity, dtype, device, prompts, tokens)
+
+
+def reference_ready(cfg: Any, backend: Backend, model: ModelSource, dtype: str, workload: Workload, root: Path) -> bool:
+    """Whether the run's quality check needs no reference computed now (none is scored, or it is cached): computing
+    one loads the unquantized model on the run's device."""
+    if not cfg.quality.enabled or backend.scores is None:
+        return True
+    return (reference_dir(cfg, model, dtype, backend.device, workload, root) / REFERENCE_FILE).is_file()
+
+
 def reference_for(
     cfg: Any, model: ModelSource, dtype: str, device: str, workload: Workload, cache_root: Path
 ) -> tuple[Reference, Path]:
     """The cached reference of this run's prompts, computed (once, under a lock) when missing. Returns it and its
     file."""
     prompts, tokens = scored_prompts(cfg.quality, workload)
-    key = reference_key(model.identity, dtype, device, prompts, tokens)
-    directory = cache_root / QUALITY_DIR
+    final = reference_dir(cfg, model, dtype, device, workload, cache_root)
+    directory, key = final.parent, final.name
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / key
     with FileLock(str(directory / f"{key}.lock")):
         if (final / REFERENCE_FILE).is_file():
             try:

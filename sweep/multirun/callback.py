@@ -25,6 +25,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.config.errors import ConfigError
+from sweep.job import held_engine
 from sweep.job.artifacts import JOB_ERROR_FILE, RESULT_FILE, shown
 from sweep.job.execute import UI_PARAMS
 from sweep.job.validate import check_sweep
@@ -149,6 +150,7 @@ class ParentRunCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        held_engine.close_held()  # the last job's engine, before the report is built
         if self in RUNNING:
             RUNNING.remove(self)
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
+from sweep.job import held_engine
 from sweep.job.artifacts import RESULT_FILE, JobResult, read_result, write_result
 from sweep.job.execute import SUMMARY_TO_LOG_ENV, refuse_search_without_multirun
 from sweep.job.naming import PROBE_TAG, SWEPT_KEYS_ENV, TRIAL_TAG
@@ -100,9 +101,11 @@ def check_storage_reachable(url: str) -> None:
 
 
 def infeasible(cfg: DictConfig) -> str | None:
-    """Why a run of `cfg` would be refused before building (None when it would run)."""
+    """Why a run of `cfg` would be refused before building (None when it would run). The job checked is the next to
+    run: an engine left open that it would not reuse is closed now, so that its memory counts as free."""
+    held = held_engine.take(cfg)
     try:
-        make_plan(cfg)
+        make_plan(cfg, open_backend=held.backend if held else None)
     except ConfigError as exc:
         return str(exc)
     return None

@@ -110,7 +110,7 @@ class VLLMBackend(Backend):
             config = runtime.engine_config(self.engine_kwargs())
             if self.device == "cpu":
                 self.check_cpu(config)
-            else:
+            elif self.engine is None:  # a loaded engine (held open for the next job) holds its memory already
                 self.check_gpu_memory()
 
     def check_cpu(self, config: Any) -> None:
