@@ -38,7 +38,11 @@ _held: HeldEngine | None = None
 
 
 def engine_identity(cfg: DictConfig) -> str:
-    return json.dumps({k: OmegaConf.to_container(cfg, resolve=True)[k] for k in ENGINE_SECTIONS}, sort_keys=True)
+    """These sections alone, resolved: a sweeper's config also holds hydra's, which does not resolve outside a job."""
+    resolved = {}
+    for k in ENGINE_SECTIONS:
+        resolved[k] = OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+    return json.dumps(resolved, sort_keys=True)
 
 
 def take(cfg: DictConfig) -> HeldEngine | None:
