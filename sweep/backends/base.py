@@ -141,16 +141,11 @@ class Backend(ABC):
         return {key: None if key in self.honoured_options else why for key in PARALLEL_DEFAULTS}
 
     def check_parallelism(self) -> None:
-        """Refuse tp_size / pp_size above 1 where the backend cannot split the model, and a tp_size that does not
-        split the model's attention heads evenly. (Whether the GPUs are there is make_plan's check.)"""
+        """Refuse a tp_size that does not split the model's attention heads evenly (where the backend splits
+        models: a fact of the model, whatever else the run lacks), and tp_size / pp_size above 1 where the backend
+        cannot split the model here. (Whether the GPUs are there is make_plan's check.)"""
         e = self.cfg.engine
-        for key in PARALLEL_DEFAULTS:
-            if e[key] > 1 and (why := self.parallelism_refusals().get(key)):
-                raise ConfigError(
-                    f"engine.{key}={e[key]} is not allowed for backend={self.name} on {self.device}: {why}; "
-                    "allowed here: 1"
-                )
-        if e.tp_size > 1 and not self.splits_heads(e.tp_size):
+        if e.tp_size > 1 and "tp_size" in self.honoured_options and not self.splits_heads(e.tp_size):
             shape = self.model.shape
             allowed = [tp for tp in range(1, shape.num_heads + 1) if self.splits_heads(tp)]
             rule = (
@@ -163,6 +158,12 @@ class Backend(ABC):
                 f"its {shape.num_heads} attention heads and {shape.num_kv_heads} KV heads are split over the "
                 f"tensor-parallel ranks, so tp_size must {rule}; allowed: {', '.join(map(str, allowed))}"
             )
+        for key in PARALLEL_DEFAULTS:
+            if e[key] > 1 and (why := self.parallelism_refusals().get(key)):
+                raise ConfigError(
+                    f"engine.{key}={e[key]} is not allowed for backend={self.name} on {self.device}: {why}; "
+                    "allowed here: 1"
+                )
 
     def splits_heads(self, tp_size: int) -> bool:
         heads, kv_heads = self.model.shape.num_heads, self.model.shape.num_kv_heads
