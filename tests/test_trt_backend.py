@@ -44,6 +44,8 @@ ENGINE = {  # EngineConfig's defaults, dtype resolved as make_plan does on a GPU
     "tokens_per_block": 32,
     "quantization": "none",
     "kv_cache_dtype": "auto",
+    "tp_size": 1,
+    "pp_size": 1,
 }
 
 
@@ -726,3 +728,28 @@ def test_memory_estimate_does_not_reserve_kv_for_every_slot():
     assert backend.memory_estimate_bytes(model_bytes=15_000_000_000, kv_bytes_per_token=57_344) == (
         15_000_000_000 + 4096 * 57_344
     )
+
+
+def test_a_split_engine_is_built_and_loaded_on_its_ranks(monkeypatch, tmp_path):
+    from sweep.workload.requests import Workload
+
+    # Fake: the stand-in tensorrt_llm above; the build and the load are only recorded.
+    backend = fake_backend(monkeypatch, tmp_path, tp_size=4, pp_size=2)  # 28 heads, 4 KV heads
+    backend.check(Workload(warmup=[], measured=fake_requests()))
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    manifest = backend.build(engine_dir)
+    built = FakeLLM.instances[-1]
+    assert built.kwargs["tensor_parallel_size"] == 4 and built.kwargs["pipeline_parallel_size"] == 2
+    assert "--tp_size 4 --pp_size 2" in manifest["convert_checkpoint"]
+    assert manifest["llm_kwargs"] == {"dtype": "bfloat16", "tensor_parallel_size": 4, "pipeline_parallel_size": 2}
+    backend.close()
+    hit = TRTBackend(backend.cfg, backend.model, device="cuda", dtype="bfloat16")
+    hit.load(engine_dir)
+    loaded = FakeLLM.instances[-1]
+    assert loaded.kwargs["tensor_parallel_size"] == 4 and loaded.kwargs["pipeline_parallel_size"] == 2
+    hit.close()
+    # 28 heads and 4 KV heads: 8 is a multiple of the KV heads (each copied to two ranks) but does not divide 28
+    (tmp_path / "8").mkdir()
+    with pytest.raises(ConfigError, match=r"engine.tp_size=8 is not allowed .* allowed: 1, 2, 4, 28$"):
+        fake_backend(monkeypatch, tmp_path / "8", tp_size=8).check(Workload(warmup=[], measured=fake_requests()))

@@ -36,6 +36,10 @@ REUSING_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.Joblib
 # Ray reuses its workers too, unless a task asks for GPUs: then each gets a fresh one with its own GPUs.
 RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 RAY_GPUS_KEY = "hydra.launcher.ray.remote.num_gpus"
+# Launchers that ask a scheduler for hydra.sweeper.gpus_per_trial GPUs per trial, read from the config (conf/hydra/
+# launcher/slurm.yaml, ray_gpus.yaml): the sweeper cannot raise that request for them.
+SCHEDULED_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", RAY_LAUNCHER)
+PARALLEL_KEYS = ("engine.tp_size", "engine.pp_size")
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
@@ -60,6 +64,7 @@ class Prepared:
     model_id: str
     device: str
     gpu_slots: list[str] | None  # CUDA_VISIBLE_DEVICES of each job of a batch (see gpu_slots)
+    gpus_per_trial: int  # hydra.sweeper.gpus_per_trial, or the engine's GPUs where it follows them (trial_gpus)
 
 
 def check_numbers(st: OptunaSweeperConf) -> None:
@@ -73,6 +78,38 @@ def check_numbers(st: OptunaSweeperConf) -> None:
         raise ConfigError(f"hydra.sweeper.confirm_top_k={st.confirm_top_k} is not allowed; 0 or more")
     if st.budget_minutes is not None and st.budget_minutes <= 0:
         raise ConfigError(f"hydra.sweeper.budget_minutes={st.budget_minutes} is not allowed; above 0")
+
+
+def largest_value(key: str, config: DictConfig, space: dict[str, BaseDistribution], fixed: list[str]) -> int:
+    """The largest value an integer key takes in the search: swept, fixed on the command line, or the config's."""
+    if key in space:
+        values = grid_values({key: space[key]}).get(key) or [getattr(space[key], "high", 1)]
+    else:
+        given = [line.split("=", 1)[1] for line in fixed if line.lstrip("+~").split("=", 1)[0] == key]
+        values = given[-1:] or [OmegaConf.select(config, key, default=1)]
+    try:
+        return max(int(v) for v in values)
+    except (TypeError, ValueError):  # not an integer: each trial's own validation refuses it
+        return 1
+
+
+def trial_gpus(st: OptunaSweeperConf, config: DictConfig, space: dict[str, BaseDistribution], fixed: list[str]) -> int:
+    """The GPUs each trial gets: hydra.sweeper.gpus_per_trial, which at its default (1) follows the search's largest
+    engine.tp_size x largest engine.pp_size; a value set below that is refused, as is the default with a launcher
+    that asks its scheduler for the configured number."""
+    tp, pp = (largest_value(key, config, space, fixed) for key in PARALLEL_KEYS)
+    need = tp * pp
+    if need <= st.gpus_per_trial:
+        return st.gpus_per_trial
+    launcher = OmegaConf.select(config, "hydra.launcher._target_")
+    if st.gpus_per_trial != 1 or launcher in SCHEDULED_LAUNCHERS:
+        where = " (the launcher asks its scheduler for that many)" if launcher in SCHEDULED_LAUNCHERS else ""
+        raise ConfigError(
+            f"hydra.sweeper.gpus_per_trial={st.gpus_per_trial} is not allowed: this search's engines go up to "
+            f"engine.tp_size={tp} x engine.pp_size={pp} = {need} GPUs, and each trial must get them{where}; set "
+            f"hydra.sweeper.gpus_per_trial >= {need}"
+        )
+    return need
 
 
 def gpu_slots(config: DictConfig, n_jobs: int, gpus_per_trial: int, device: str) -> list[str] | None:
@@ -182,10 +219,12 @@ def prepare(st: OptunaSweeperConf, config: DictConfig, arguments: Sequence[str],
             "it through sqlite:///<file> (one host) or postgresql://<user>@<host>/<database> (any number of hosts)"
         )
     sweeper_api.check_storage_reachable(storage_url)
+    gpus_per_trial = trial_gpus(st, config, space, fixed)
     if st.workers > 1:  # each worker gets its own GPUs: refuse what does not fit before anything runs
-        sweeper_api.gpu_groups(st.workers, st.gpus_per_trial, "hydra.sweeper.workers")
+        sweeper_api.gpu_groups(st.workers, gpus_per_trial, "hydra.sweeper.workers")
     keys = command_keys(overrides)
     s = SearchSettings(space, fixed, objectives, constraints, study_name, storage_url, n_trials, keys)
     check_resume(s, model_id, st.resume_mismatched)
     device = sweeper_api.resolve_device(config.device)
-    return Prepared(s, sampler, model_id, device, gpu_slots(config, st.n_jobs, st.gpus_per_trial, device))
+    slots = gpu_slots(config, st.n_jobs, gpus_per_trial, device)
+    return Prepared(s, sampler, model_id, device, slots, gpus_per_trial)

@@ -195,8 +195,9 @@ class ParentRun:
                 "optuna.fixed_overrides": " ".join(search.fixed),
                 **{
                     f"optuna.{k}": getattr(st, k)
-                    for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes", "gpus_per_trial")
+                    for k in ("allow_repeats", "confirm_top_k", "warm_start", "budget_minutes")
                 },
+                "optuna.gpus_per_trial": prepared.gpus_per_trial,  # what each trial got: it follows engine.tp_size
             }
         )
 

@@ -112,7 +112,7 @@ class OptunaSearch:
         if st.warm_start and self.prepared.sampler.name != GRID:
             with worker.lock(study):
                 warm_start(study, s.space, s.fixed, self.compose)
-        budget = Budget(st.budget_minutes, self.prepared.device, st.gpus_per_trial)
+        budget = Budget(st.budget_minutes, self.prepared.device, self.prepared.gpus_per_trial)
         counted = tally(study).counted
         log.info(
             "study %s: %d of %d trials done, %d to run (storage %s)",
@@ -193,7 +193,7 @@ class OptunaSearch:
         """hydra.sweeper.workers=N: N worker processes on this host (_session.run_workers); waits for them."""
         s, st = self.s, self.settings
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        codes = run_workers(st.workers, st.gpus_per_trial, sweep_dir, s.study_name, s.storage_url)
+        codes = run_workers(st.workers, self.prepared.gpus_per_trial, sweep_dir, s.study_name, s.storage_url)
         failed = [f"worker {i} exited with {code}" for i, code in enumerate(codes, start=1) if code != 0]
         counted = tally(study).counted
         if failed and counted < s.n_trials:

@@ -119,7 +119,8 @@ class OptunaSweeperConf:
     workers: int = 1
     # GPUs each trial (and each worker) gets: the sweeper pins them (CUDA_VISIBLE_DEVICES) with
     # hydra/launcher=submitit_local and hydra.sweeper.workers, the slurm and ray_gpus launcher presets ask their
-    # scheduler for them (docs/scaling-out.md)
+    # scheduler for them (docs/scaling-out.md). At 1, a search of engines on several GPUs (engine.tp_size x
+    # engine.pp_size) gives each trial its largest; a value set below that is refused.
     gpus_per_trial: int = 1
     # default: "<search preset or experiment>-<model>-<backend>-<hash of model identity, space and objectives>"
     study_name: Optional[str] = None

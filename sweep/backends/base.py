@@ -15,6 +15,15 @@ from sweep.workload.requests import Request, Workload
 from sweep.workload.stream import RequestStream
 
 QUANTIZATION_DEFAULTS = {"quantization": EngineConfig.quantization, "kv_cache_dtype": EngineConfig.kv_cache_dtype}
+PARALLEL_DEFAULTS = {"tp_size": EngineConfig.tp_size, "pp_size": EngineConfig.pp_size}
+# Options that enter the engine's cache key only when set away from their default, so that the key of an engine that
+# does not use them is what it is without them.
+KEYED_WHEN_SET = {**QUANTIZATION_DEFAULTS, **PARALLEL_DEFAULTS}
+
+
+def engine_gpus(engine: Any) -> int:
+    """The GPUs (or CPU processes) one engine runs on: tp_size x pp_size."""
+    return engine.tp_size * engine.pp_size
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Backend(ABC):
     # What score() returns: "full" (log-probabilities over the vocabulary) or "top-<k> ..." (the engine's k most
     # likely tokens); None: the engine cannot be teacher-forced, and its runs record no quality figure.
     scores: ClassVar[str | None] = None
+    # Whether the engine copies KV heads across its tensor-parallel ranks when engine.tp_size is a multiple of the
+    # model's KV heads (vLLM, TensorRT-LLM); otherwise tp_size must divide the KV heads as it divides the heads.
+    replicates_kv_heads: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg
@@ -74,6 +86,7 @@ class Backend(ABC):
     def check(self, workload: Workload) -> None:
         """Raise ConfigError for an engine that could not serve this workload. Backends may add checks."""
         self.check_refusals()
+        self.check_parallelism()
         self.check_head_size()
         e = self.cfg.engine
         max_position_embeddings = self.model.shape.max_position_embeddings
@@ -122,6 +135,42 @@ class Backend(ABC):
                     f"{why}; allowed here: {allowed}"
                 )
 
+    def parallelism_refusals(self) -> dict[str, str | None]:
+        """engine.tp_size / engine.pp_size -> why this backend cannot run a value above 1 here (None: it can)."""
+        why = f"backend={self.name} runs the model in one process on one device"
+        return {key: None if key in self.honoured_options else why for key in PARALLEL_DEFAULTS}
+
+    def check_parallelism(self) -> None:
+        """Refuse a tp_size that does not split the model's attention heads evenly (where the backend splits
+        models: a fact of the model, whatever else the run lacks), and tp_size / pp_size above 1 where the backend
+        cannot split the model here. (Whether the GPUs are there is make_plan's check.)"""
+        e = self.cfg.engine
+        if e.tp_size > 1 and "tp_size" in self.honoured_options and not self.splits_heads(e.tp_size):
+            shape = self.model.shape
+            allowed = [tp for tp in range(1, shape.num_heads + 1) if self.splits_heads(tp)]
+            rule = (
+                "divide both, or be a multiple of the KV heads that divides the heads"
+                if self.replicates_kv_heads
+                else "divide both"
+            )
+            raise ConfigError(
+                f"engine.tp_size={e.tp_size} is not allowed for model {self.model.name!r} on backend={self.name}: "
+                f"its {shape.num_heads} attention heads and {shape.num_kv_heads} KV heads are split over the "
+                f"tensor-parallel ranks, so tp_size must {rule}; allowed: {', '.join(map(str, allowed))}"
+            )
+        for key in PARALLEL_DEFAULTS:
+            if e[key] > 1 and (why := self.parallelism_refusals().get(key)):
+                raise ConfigError(
+                    f"engine.{key}={e[key]} is not allowed for backend={self.name} on {self.device}: {why}; "
+                    "allowed here: 1"
+                )
+
+    def splits_heads(self, tp_size: int) -> bool:
+        heads, kv_heads = self.model.shape.num_heads, self.model.shape.num_kv_heads
+        if heads % tp_size:
+            return False
+        return kv_heads % tp_size == 0 or (self.replicates_kv_heads and tp_size % kv_heads == 0)
+
     def check_head_size(self) -> None:
         allowed, head_dim = self.supported_head_sizes, self.model.shape.head_dim
         if allowed is not None and head_dim not in allowed:
@@ -136,16 +185,21 @@ class Backend(ABC):
         return model_bytes + e.max_batch_size * e.max_seq_len * kv_bytes_per_token
 
     def check_memory(self, model_bytes: int, kv_bytes_per_token: int, where: str, memory_bytes: float | None) -> None:
-        """Refuse an engine larger than the device's memory (`where`: GPU, or host for a CPU run)."""
+        """Refuse an engine larger than the device's memory (`where`: GPU, or host for a CPU run). On GPUs, an engine
+        split over tp_size x pp_size of them holds about its share of the weights and KV cache on each; on the CPU
+        every rank shares the one host."""
         if memory_bytes is None:
             return
+        e = self.cfg.engine
         need = self.memory_estimate_bytes(model_bytes, kv_bytes_per_token)
-        if need > memory_bytes:
-            e = self.cfg.engine
+        gpus = engine_gpus(e) if self.device == "cuda" else 1
+        if need / gpus > memory_bytes:
+            share = f" ({need / gpus / 1e9:.1f} GB on each of its {gpus} GPUs)" if gpus > 1 else ""
             raise ConfigError(
                 f"engine.max_batch_size={e.max_batch_size} x engine.max_seq_len={e.max_seq_len} needs about "
-                f"{need / 1e9:.1f} GB (weights + KV cache) by the {self.name} backend's estimate, more than the "
+                f"{need / 1e9:.1f} GB (weights + KV cache) by the {self.name} backend's estimate{share}, more than the "
                 f"{where}'s {memory_bytes / 1e9:.1f} GB; lower either"
+                + (", or raise engine.tp_size" if self.device == "cuda" and "tp_size" in self.honoured_options else "")
             )
 
     def ignored_options(self) -> list[str]:

@@ -65,6 +65,11 @@ class EngineConfig:
     # their own API and refuse what they or the device cannot run.
     quantization: str = "none"
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto (the run's dtype) or fp8, where a backend has it
+    # The engine's ranks: its weights split over tp_size GPUs (tensor parallel) and its layers over pp_size stages
+    # (pipeline parallel), tp_size x pp_size GPUs in all (processes on the CPU). A backend that cannot split a model
+    # refuses values above 1 (docs/backends.md).
+    tp_size: int = 1
+    pp_size: int = 1
 
 
 @dataclass

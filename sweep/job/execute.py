@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sweep.backends.base import engine_gpus
 from sweep.backends.cache import engine_key
 from sweep.config.errors import ConfigError
 from sweep.config.schema import SLO_KEYS
@@ -25,7 +26,7 @@ from sweep.job.naming import run_name
 from sweep.job.plan import Plan, make_plan, start_engine
 from sweep.measure.benchmark import engine_changes_workload, run_benchmark
 from sweep.measure.figures import HEADLINE
-from sweep.measure.metrics import roofline_figures
+from sweep.measure.metrics import per_gpu_figures, roofline_figures
 from sweep.measure.summary import headline, summary_table, unsteady_figures, workload_header
 from sweep.measure.telemetry import device_bandwidth
 from sweep.model.source import model_identity
@@ -163,6 +164,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         figures["engine_cache_hit"] = float(from_cache)
         figures.update(engine_figures)
         figures.update(p.sizes)
+        if p.device == "cuda":  # CPU ranks are processes sharing one host, not devices of their own
+            figures.update(per_gpu_figures(figures, engine_gpus(cfg.engine)))
         if bandwidth and "tpot_ms_p50" in figures:
             mean_context = sum(r.input_len + r.output_len / 2 for r in p.workload.measured) / len(p.workload.measured)
             figures["device_bandwidth_gb_s"] = bandwidth["bytes_per_s"] / 1e9
@@ -175,6 +178,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
                     mean_context,
                     bandwidth["bytes_per_s"],
                     figures["tpot_ms_p50"] / 1e3,
+                    tp_size=cfg.engine.tp_size,
                 )
             )
         if cfg.objective.metric not in figures:  # make_plan refuses what it can foresee; never record without it

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sweep.backends.base import QUANTIZATION_DEFAULTS, Backend
+from sweep.backends.base import KEYED_WHEN_SET, QUANTIZATION_DEFAULTS, Backend, engine_gpus
 from sweep.backends.cache import CacheEntry, EngineCache, progress
 from sweep.backends.registry import BACKENDS
 from sweep.config.errors import ConfigError
@@ -64,9 +64,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_gpu_count(engine: Any, device: str) -> None:
+    """An engine split over tp_size x pp_size GPUs needs that many visible to this process (CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    gpus = engine_gpus(engine)
+    if device != "cuda" or gpus == 1:
+        return
+    visible = torch.cuda.device_count()
+    if gpus > visible:
+        raise ConfigError(
+            f"engine.tp_size={engine.tp_size} x engine.pp_size={engine.pp_size} needs {gpus} GPUs, and {visible} "
+            f"{'is' if visible == 1 else 'are'} visible to this run; allowed: tp_size x pp_size <= {visible} "
+            "(a sweep's trial gets hydra.sweeper.gpus_per_trial GPUs)"
+        )
+
+
 # Figures a run records only with at least one measured request of two or more output tokens, or only on a GPU.
 NEEDS_TWO_OUTPUT_TOKENS = ("tpot_ms", "itl_ms", "roofline_efficiency")
-NEEDS_GPU = ("gpu_", "energy_j", "tokens_per_j", "torch_max_", "roofline_", "decode_floor_ms", "device_bandwidth")
+NEEDS_GPU = (
+    "gpu_",
+    "energy_j",
+    "tokens_per_j",
+    "torch_max_",
+    "roofline_",
+    "decode_floor_ms",
+    "device_bandwidth",
+    "output_throughput_tok_s_per_gpu",
+)
 
 
 def check_objective_recordable(metric: str, workload: Workload, device: str) -> None:
@@ -110,6 +135,7 @@ def make_plan(cfg: DictConfig, open_backend: Backend | None = None) -> Plan:
     backend_cls = BACKENDS[cfg.backend.name].load()
     backend_cls.check_installed()  # before the model is fetched or generated
     device = resolve_device(cfg.device)
+    check_gpu_count(cfg.engine, device)  # before the model is written or read on a device
     dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else (cfg.model.dtype if device == "cuda" else "float32")
     cache = EngineCache(Path(cfg.cache_dir).resolve())
     model = resolve_model(cfg.model, cache.root, dtype, device)
@@ -142,11 +168,12 @@ def make_plan(cfg: DictConfig, open_backend: Backend | None = None) -> Plan:
         "model": model.identity,
         "backend": backend.name,
         "libraries": backend.library_versions(),
-        # engine.quantization and kv_cache_dtype only when set: an unquantized engine's key does not depend on them
+        # quantization, kv_cache_dtype, tp_size and pp_size only when set: an unquantized engine on one device has
+        # the key it has without them
         "options": {
             k: cfg.engine[k]
             for k in backend.artifact_options
-            if not (k in QUANTIZATION_DEFAULTS and cfg.engine[k] == QUANTIZATION_DEFAULTS[k])
+            if not (k in KEYED_WHEN_SET and cfg.engine[k] == KEYED_WHEN_SET[k])
         },
         "dtype": dtype,
         "gpu": gpu,

@@ -106,7 +106,15 @@ def validate(cfg: Any) -> None:
     choice("engine.gpt_attention_plugin", e.gpt_attention_plugin, PLUGIN_DTYPES)
     choice("engine.quantization", e.quantization, QUANTIZATIONS)
     choice("engine.kv_cache_dtype", e.kv_cache_dtype, KV_CACHE_DTYPES)
-    for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
+    for key in (
+        "max_batch_size",
+        "max_input_len",
+        "max_seq_len",
+        "max_num_tokens",
+        "tokens_per_block",
+        "tp_size",
+        "pp_size",
+    ):
         at_least(f"engine.{key}", e[key], 1)
     for size in e.cuda_graph_batch_sizes or ():
         if not 1 <= size <= e.max_batch_size:

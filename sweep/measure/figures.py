@@ -59,6 +59,13 @@ FIGURES: tuple[Figure, ...] = (
         spread=True,
     ),
     Figure(
+        "output_throughput_tok_s_per_gpu",
+        "output throughput per GPU",
+        "tok/s",
+        "higher",
+        "output throughput / (engine.tp_size x engine.pp_size): the engine's GPUs; recorded on a GPU only",
+    ),
+    Figure(
         "total_token_throughput_tok_s",
         "total token throughput",
         "tok/s",
@@ -118,7 +125,8 @@ FIGURES: tuple[Figure, ...] = (
         "roofline efficiency (all weights)",
         "",
         "higher",
-        "(every weight + KV bytes) / bandwidth / TPOT P50: gpt-fast's count, the input embedding table included",
+        "(every weight + KV bytes) / (tp_size x bandwidth) / TPOT P50: gpt-fast's count, the input embedding table "
+        "included",
     ),
     Figure(
         "decode_bytes_per_step",
@@ -127,14 +135,21 @@ FIGURES: tuple[Figure, ...] = (
         "",
         "weights - input embedding table + one table row and the KV cache at the mean context, per sequence",
     ),
-    Figure("decode_floor_ms", "decode floor per step", "ms", "", "bytes read per decode step / device bandwidth"),
+    Figure(
+        "decode_floor_ms",
+        "decode floor per step",
+        "ms",
+        "",
+        "bytes read per decode step / (engine.tp_size x device bandwidth): tensor-parallel GPUs read their shards at "
+        "once; pipeline stages read theirs one after another, so pp_size adds no bandwidth to one step",
+    ),
     Figure("roofline_floor_tok_s", "roofline throughput", "tok/s", "", "batch / decode floor"),
     Figure(
         "device_bandwidth_gb_s",
         "device bandwidth",
         "GB/s",
         "",
-        "1 and 4 GiB device copies (read + write) on an idle device, best median; cached per board",
+        "one board's: 1 and 4 GiB device copies (read + write) on an idle device, best median; cached per board",
     ),
     Figure("device_bandwidth_spread_pct", "device bandwidth spread", "%", "", "(max - min) / median of its repeats"),
     Figure("model_params", "parameters", "", "", "parameters in the checkpoint"),

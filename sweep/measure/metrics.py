@@ -97,6 +97,11 @@ def load_figures(timings: list[RequestTiming]) -> dict[str, float]:
     return {"offered_rate_req_s": statistics.median(offered), "achieved_rate_req_s": statistics.median(achieved)}
 
 
+def per_gpu_figures(figures: Mapping[str, float], gpus: int) -> dict[str, float]:
+    """Output throughput per GPU of an engine on `gpus` GPUs (tp_size x pp_size)."""
+    return {"output_throughput_tok_s_per_gpu": figures["output_throughput_tok_s"] / gpus}
+
+
 def benchmark_figures(timings: list[RequestTiming], slo: dict[str, float] | None = None) -> dict[str, float]:
     """Every per-request and per-run figure, flattened to `<figure>_<stat>` names. `slo` (any of ttft_ms, tpot_ms,
     e2e_ms) adds goodput."""
@@ -145,10 +150,22 @@ def decode_step_bytes(
 
 
 def roofline_figures(
-    sizes: Mapping[str, float], vocab_size: int, batch_size: int, mean_context: float, bandwidth: float, tpot_s: float
+    sizes: Mapping[str, float],
+    vocab_size: int,
+    batch_size: int,
+    mean_context: float,
+    bandwidth: float,
+    tpot_s: float,
+    tp_size: int = 1,
 ) -> dict[str, float]:
-    """Decode is memory-bound: its floor per step is the bytes it must read over the device bandwidth."""
+    """Decode is memory-bound: its floor per step is the bytes it must read over the bandwidth that reads them.
+
+    `bandwidth` is one board's. An engine split over tp_size GPUs reads each step's bytes on all of them at once
+    (each its shard), so its floor is over tp_size x bandwidth; pipeline stages read their layers one after
+    another within a step, so pipeline parallelism adds no bandwidth to a step and does not enter here.
+    """
     read, all_weights = decode_step_bytes(sizes, vocab_size, batch_size, mean_context)
+    bandwidth *= tp_size
     floor_s = read / bandwidth
     return {
         "decode_bytes_per_step": read,

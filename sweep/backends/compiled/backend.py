@@ -98,6 +98,14 @@ class CompiledBackend(Backend):
     def quantization_refusals(self) -> dict[str, str | None]:
         return torchao_refusals(self.device, self.dtype)
 
+    def parallelism_refusals(self) -> dict[str, str | None]:
+        why = (
+            "the engine is built for one device: it fuses q/k/v and gate/up into single weights, which transformers' "
+            "tensor-parallel plan (one shard per projection) cannot split, and captures its steps in CUDA graphs on "
+            "that device; use backend=hf, vllm or trt to split a model"
+        )
+        return {"tp_size": why, "pp_size": why}
+
     def check(self, workload: Workload) -> None:
         e = self.cfg.engine
         scheduler = self.cfg.backend.scheduler

@@ -102,6 +102,14 @@ class HFPagedBackend(Backend):
     def check_installed(cls) -> None:
         check_transformers_version(importlib.metadata.version("transformers"))
 
+    def parallelism_refusals(self) -> dict[str, str | None]:
+        why = (
+            "its continuous-batching manager schedules in a background thread of this one process, and running one "
+            "in lockstep on every rank of a split model is not wired here; use backend=hf, vllm or trt to split a "
+            "model"
+        )
+        return {"tp_size": why, "pp_size": why}
+
     def check(self, workload: Workload) -> None:
         super().check(workload)
         e, b = self.cfg.engine, self.cfg.backend

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from sweep.backends.base import Backend, Generation
+from sweep.backends.base import Backend, Generation, engine_gpus
 from sweep.backends.quantization import fp8_refusal, gpu_capability
 from sweep.backends.trt import runtime
 from sweep.backends.trt.options import (
@@ -55,6 +55,8 @@ class TRTBackend(Backend):
     honoured_options = tuple(m.option for m in OPTION_MAP)
     artifact_options = tuple(m.option for m in OPTION_MAP if m.option != "dtype")
     supported_head_sizes = MMHA_HEAD_SIZES
+    # tensorrt_llm's checkpoint converters duplicate a KV head for each rank when tp_size exceeds the KV heads.
+    replicates_kv_heads = True
 
     def __init__(self, cfg: Any, model: Any, device: str, dtype: str):
         super().__init__(cfg, model, device, dtype)
@@ -86,7 +88,9 @@ class TRTBackend(Backend):
         architecture = self.model.shape.architecture
         engine = self.engine_options()
         fp8 = engine["quantization"] == "fp8" or engine["kv_cache_dtype"] == "fp8"
-        self.warnings = predicted_overrides(build_kw, plugin_kw, plugin_defaults, architecture, fp8=fp8)
+        self.warnings = predicted_overrides(
+            build_kw, plugin_kw, plugin_defaults, architecture, tp_size=engine["tp_size"], fp8=fp8
+        )
         for note in self.warnings:
             log.warning("tensorrt_llm will override: %s", note)
 
@@ -120,6 +124,12 @@ class TRTBackend(Backend):
         if b.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"backend.log_level={b.log_level!r} is not allowed; choose one of: {', '.join(LOG_LEVELS)}"
+            )
+        if b.single_process_worker and engine_gpus(self.cfg.engine) > 1:
+            raise ConfigError(
+                f"backend.single_process_worker=true is not allowed with engine.tp_size={self.cfg.engine.tp_size} x "
+                f"engine.pp_size={self.cfg.engine.pp_size}: the worker in this process drives one GPU; an engine on "
+                "several needs MPI's worker processes"
             )
 
     def check_prompt_fits(self, workload: Workload, build_kw: Mapping[str, Any], plugin: Mapping[str, Any]) -> None:
@@ -167,7 +177,7 @@ class TRTBackend(Backend):
                 start = time.perf_counter()
                 self.llm = LLM(
                     model=str(self.model.path),
-                    dtype=self.dtype,
+                    **mapped_kwargs(engine, "llm"),  # dtype, tensor_parallel_size, pipeline_parallel_size
                     build_config=build_config,
                     **quantized,
                     **self.runtime_kwargs(),
@@ -191,12 +201,18 @@ class TRTBackend(Backend):
             "plugin_config": plugin_kw,
             "quant_config": quant_kw,
             "trtllm_build_command": shlex.join(trtllm_build_argv(engine)),
-            "convert_checkpoint": convert_checkpoint_note(self.dtype),
+            "convert_checkpoint": convert_checkpoint_note(self.dtype, engine["tp_size"], engine["pp_size"]),
             "warnings": self.warnings,
             "build_steps_s": dict(steps),
             **self.timings,
             "engine_files": sorted(p.name for p in engine_dir.iterdir()),
         }
+
+    def parallel_kwargs(self) -> dict[str, Any]:
+        """The ranks a saved engine is loaded on: the ones it was built for (the LLM API checks them against the
+        engine's config.json)."""
+        llm = mapped_kwargs(self.engine_options(), "llm")
+        return {k: llm[k] for k in ("tensor_parallel_size", "pipeline_parallel_size")}
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """What the LLM call gets beyond the engine: the KV cache and chunked prefill (backend.*)."""
@@ -230,7 +246,12 @@ class TRTBackend(Backend):
         start = time.perf_counter()
         with runtime.worker_environment(self.cfg.backend):
             # llm.save copies the checkpoint's tokenizer* files too, but the checkpoint stays the one source of it.
-            self.llm = LLM(model=str(engine_dir), tokenizer=str(self.model.path), **self.runtime_kwargs())
+            self.llm = LLM(
+                model=str(engine_dir),
+                tokenizer=str(self.model.path),
+                **self.parallel_kwargs(),
+                **self.runtime_kwargs(),
+            )
         self.timings = {"model_load_s": time.perf_counter() - start}
 
     def engine_figures(self) -> dict[str, float]:

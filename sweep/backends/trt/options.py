@@ -56,6 +56,10 @@ OPTION_MAP: tuple[OptionMapping, ...] = (
     # Quantized while the LLM API converts the checkpoint (trtllm-build takes an already quantized one).
     OptionMapping("quantization", "quant_config", "quant_algo", None),
     OptionMapping("kv_cache_dtype", "quant_config", "kv_cache_quant_algo", None),
+    # BaseLlmArgs.tensor_parallel_size / pipeline_parallel_size: the LLM API converts the checkpoint into one shard
+    # per rank and builds rank<N>.engine for each (by hand: convert_checkpoint.py --tp_size / --pp_size).
+    OptionMapping("tp_size", "llm", "tensor_parallel_size", None),
+    OptionMapping("pp_size", "llm", "pipeline_parallel_size", None),
 )
 # engine.quantization -> QuantAlgo (tensorrt_llm/quantization/mode.py). W8A16 and W4A16 are per-channel weight-only
 # and FP8_PER_CHANNEL_PER_TOKEN is fp8 weights per channel with fp8 activations per token: none of the three needs
@@ -131,11 +135,12 @@ def trtllm_build_argv(
     return argv
 
 
-def convert_checkpoint_note(dtype: str) -> str:
+def convert_checkpoint_note(dtype: str, tp_size: int = 1, pp_size: int = 1) -> str:
     return (
         "trtllm-build reads a TensorRT-LLM checkpoint, not a Hugging Face one: first run the model family's "
         f"convert_checkpoint.py from the TensorRT-LLM examples with --model_dir <hf_dir> --dtype {dtype} "
-        "--output_dir <trtllm_checkpoint_dir> (the LLM API does this conversion itself)"
+        f"--tp_size {tp_size} --pp_size {pp_size} --output_dir <trtllm_checkpoint_dir> (the LLM API does this "
+        "conversion itself)"
     )
 
 

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sweep.backends.base import Backend, Generation, TokenScores
+from sweep.backends.base import Backend, Generation, TokenScores, engine_gpus
 from sweep.backends.cache import final_dir
 from sweep.backends.vllm import options, runtime
 from sweep.config.errors import ConfigError
@@ -52,6 +52,8 @@ class VLLMBackend(Backend):
         "cuda_graph_batch_sizes",
         "quantization",
         "kv_cache_dtype",
+        "tp_size",
+        "pp_size",
     )
     # What vLLM's compile cache depends on (it hashes the same config into its own directory names).
     artifact_options = (
@@ -64,8 +66,11 @@ class VLLMBackend(Backend):
         "cuda_graph_batch_sizes",
         "quantization",
         "kv_cache_dtype",
+        "tp_size",
+        "pp_size",
     )
     scores = f"top-{options.PROMPT_LOGPROBS} prompt logprobs"
+    replicates_kv_heads = True  # vllm/model_executor/models/{llama,qwen2}.py: tp_size % total_num_kv_heads == 0
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -87,8 +92,10 @@ class VLLMBackend(Backend):
         return {"vllm": options.installed_version(), "torch": torch.__version__}
 
     def kv_bytes_per_token(self) -> int:
-        dtype_bytes = 1 if self.cfg.engine.kv_cache_dtype == "fp8" else DTYPE_BYTES[self.dtype]
-        return options.kv_bytes_per_token(self.model.shape, dtype_bytes)
+        """KV cache bytes per token of one worker (its share of the layers and KV heads): vLLM sizes each one's."""
+        e = self.cfg.engine
+        dtype_bytes = 1 if e.kv_cache_dtype == "fp8" else DTYPE_BYTES[self.dtype]
+        return options.kv_bytes_per_token(self.model.shape, dtype_bytes, e.tp_size, e.pp_size)
 
     def quantization_refusals(self) -> dict[str, str | None]:
         return options.quantization_refusals(self.device, self.dtype)
@@ -143,26 +150,30 @@ class VLLMBackend(Backend):
         node = get_memory_node_info(0)  # vLLM binds its CPU worker's memory to node 0 and sizes it from there
         free = node.available_memory - CPU_MEMORY_HEADROOM
         cache = config.cache_config
+        workers = engine_gpus(e)  # a split engine's workers each take their share, all on this host
         if cache.kv_cache_memory_bytes is None:
-            want = cache.gpu_memory_utilization * node.total_memory
+            want = cache.gpu_memory_utilization * node.total_memory * workers
             if want > free:
                 raise ConfigError(
-                    f"backend.memory_fraction={cache.gpu_memory_utilization} asks vLLM's CPU worker for "
+                    f"backend.memory_fraction={cache.gpu_memory_utilization} asks vLLM's CPU "
+                    f"{'worker' if workers == 1 else f'workers ({workers})'} for "
                     f"{want / options.GIB:.1f} GiB of NUMA node 0's {node.total_memory / options.GIB:.1f} GiB, more "
                     f"than the {max(free, 0) / options.GIB:.1f} GiB free (after {CPU_MEMORY_HEADROOM // options.GIB} "
                     "GiB for the worker itself); lower it, or size the KV cache with backend.kv_cache_gb"
                 )
             return
-        kv = cache.kv_cache_memory_bytes
+        kv = cache.kv_cache_memory_bytes * workers
         key = "backend.kv_cache_gb" if b.kv_cache_gb is not None else "engine.max_batch_size x engine.max_seq_len"
         if kv > free:
             raise ConfigError(
-                f"{key} asks for a KV cache of {kv / options.GIB:.2f} GiB, more than the "
+                f"{key} asks for a KV cache of {kv / options.GIB:.2f} GiB"
+                + (f" ({workers} workers' together)" if workers > 1 else "")
+                + ", more than the "
                 f"{max(free, 0) / options.GIB:.1f} GiB free on NUMA node 0 (after "
                 f"{CPU_MEMORY_HEADROOM // options.GIB} GiB for the worker); lower it"
             )
         one_sequence = options.full_kv_cache_bytes(e, self.kv_bytes_per_token(), 1)
-        if kv < one_sequence:
+        if cache.kv_cache_memory_bytes < one_sequence:
             raise ConfigError(
                 f"backend.kv_cache_gb={b.kv_cache_gb} cannot hold one sequence of engine.max_seq_len={e.max_seq_len} "
                 f"({one_sequence / options.GIB:.4f} GiB); raise it or lower max_seq_len"

@@ -70,8 +70,13 @@ def compiles(engine: Any, device: str) -> bool:
     return engine.compile_mode != "none" or (engine.cuda_graphs and device == "cuda")
 
 
-def kv_bytes_per_token(shape: Any, dtype_bytes: int) -> int:
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes
+def kv_bytes_per_token(shape: Any, dtype_bytes: int, tp_size: int = 1, pp_size: int = 1) -> int:
+    """KV cache bytes per token of one worker: its pipeline stage's layers (the first stages take the extra one of
+    an uneven split) and its KV heads (one at least: vLLM copies a KV head to several ranks when tp_size exceeds
+    them)."""
+    layers = -(-shape.num_layers // pp_size)
+    kv_heads = max(shape.num_kv_heads // tp_size, 1)
+    return 2 * layers * kv_heads * shape.head_dim * dtype_bytes
 
 
 def full_kv_cache_bytes(engine: Any, bytes_per_token: int, sequences: int) -> int:
@@ -150,6 +155,8 @@ def engine_kwargs(cfg: Any, model_path: str, device: str, dtype: str, bytes_per_
         "tokenizer": model_path,
         "dtype": dtype,
         "seed": 0,
+        "tensor_parallel_size": e.tp_size,
+        "pipeline_parallel_size": e.pp_size,
         "max_model_len": e.max_seq_len,
         "max_num_seqs": e.max_batch_size,
         "max_num_batched_tokens": e.max_num_tokens,
