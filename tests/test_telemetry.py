@@ -48,3 +48,33 @@ def test_nvml_samples_the_gpu_cuda_calls_device_0(monkeypatch, visible, expected
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert nvml_handle(RecordingNvml()) == expected
+
+
+def test_process_memory_counts_the_engines_worker_processes(monkeypatch):
+    # vLLM serves from an engine-core process of its own: its device memory is the run's too. NVML is faked (no GPU
+    # here); the worker is a real child process, found through /proc.
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        me = __import__("os").getpid()
+        assert {me, worker.pid} <= telemetry.process_tree(me)
+
+        class ProcessNvml:
+            NVMLError = RuntimeError
+
+            def nvmlDeviceGetComputeRunningProcesses(self, handle):
+                return [
+                    SimpleNamespace(pid=me, usedGpuMemory=1e9),
+                    SimpleNamespace(pid=worker.pid, usedGpuMemory=15e9),
+                    SimpleNamespace(pid=1, usedGpuMemory=40e9),  # another user's process on the same GPU
+                ]
+
+        sampler = telemetry.GPUSampler.__new__(telemetry.GPUSampler)
+        sampler.nvml, sampler.handle, sampler.pids = ProcessNvml(), None, telemetry.process_tree(me)
+        assert sampler._process_memory() == 16e9
+    finally:
+        worker.kill()
+        worker.wait()

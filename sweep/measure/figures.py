@@ -109,7 +109,7 @@ FIGURES: tuple[Figure, ...] = (
         "peak GPU memory (NVML)",
         "GB",
         "lower",
-        "this process's device memory (else device used - idle), max over the window",
+        "device memory of this process and its workers (else device used - idle), max over the window",
     ),
     Figure("gpu_sm_clock_mhz_mean", "SM clock (mean)", "MHz", "", "NVML SM clock over the window"),
     Figure("gpu_power_w_mean", "GPU power (mean)", "W", "lower", "NVML power over the window"),

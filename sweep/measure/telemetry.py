@@ -50,6 +50,7 @@ class GPUSampler:
 
     def __enter__(self) -> GPUSampler:
         if self.nvml:
+            self.pids = process_tree(os.getpid())  # the engine's workers are running by now
             self._energy_start = self._energy_mj()
             self._t_start = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
@@ -70,11 +71,17 @@ class GPUSampler:
             return None
 
     def _process_memory(self) -> float:
-        nvml, pid = self.nvml, os.getpid()
+        """Device memory of this process and the processes below it: vLLM's engine core and hf's tensor-parallel
+        ranks hold the engine's memory in processes of their own."""
+        nvml = self.nvml
         try:
-            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    return float(proc.usedGpuMemory)
+            used = [
+                float(proc.usedGpuMemory)
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                if proc.pid in self.pids and proc.usedGpuMemory is not None
+            ]
+            if used:
+                return sum(used)
         except nvml.NVMLError:
             pass
         # Containers often hide PIDs from NVML: fall back to the device's use above the idle baseline.
@@ -112,6 +119,24 @@ class GPUSampler:
             if energy_j > 0:
                 figures["tokens_per_j"] = output_tokens / energy_j
         return figures
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and every live process below it, from /proc (Linux, where NVML runs)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
+        except (OSError, IndexError, ValueError):  # the process ended while being read
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += children.get(pid, [])
+    return tree
 
 
 def torch_memory_figures(device: str) -> dict[str, float]:
