@@ -15,12 +15,15 @@ the LM head stay in the run's dtype.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 from sweep.model.source import INT4_GROUP_SIZE, is_decoder_linear_weight
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: fp8 tensor cores
 INT4_MIN_CAPABILITY = (8, 0)  # tinygemm's tensor-core int4 kernel
+log = logging.getLogger(__name__)
+
 TORCHAO_HINT = "pip install 'torchao>=0.18' (or pip install -e '.[quant]')"
 
 
@@ -88,10 +91,17 @@ def torchao_config(quantization: str) -> Any:
     raise ValueError(f"no torchao config for engine.quantization={quantization!r}")
 
 
-def quantize_model(model: Any, quantization: str) -> dict[str, Any]:
-    """Quantize the decoder's linear layers in place (on their device); what the manifest records of it."""
+def quantize_model(model: Any, quantization: str, compiled: bool) -> dict[str, Any]:
+    """Quantize the decoder's linear layers in place (on their device); what the manifest records of it. `compiled`:
+    whether torch.compile will run the model (it fuses int8 weight-only dequantization into the matmul)."""
     if quantization == "none":
         return {"quantization": "none"}
+    if quantization == "int8_weight_only" and not compiled:
+        log.warning(
+            "engine.quantization=int8_weight_only without torch.compile dequantizes every weight to the run's dtype "
+            "before its matmul: decode is slower than unquantized, not faster (docs/quantization.md); on "
+            "backend=compiled leave engine.compile_mode at a compiling mode to fuse it"
+        )
     import torch
     import torchao
     from torchao.quantization import quantize_

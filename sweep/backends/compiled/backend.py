@@ -217,8 +217,8 @@ class CompiledBackend(Backend):
         start = time.perf_counter()
         model, tokenizer = load_hf_model(self.model.path, self.dtype, ATTENTION[e.attn_implementation], self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        fuse_projections(model)
-        self.quantized = quantize_model(model, e.quantization)  # the fused projections, each quantized as one
+        fuse_projections(model)  # before quantizing: each fused projection is quantized as one
+        self.quantized = quantize_model(model, e.quantization, compiled=e.compile_mode != "none")
         self.model_load_s = time.perf_counter() - start
 
         log.info(

@@ -156,7 +156,7 @@ class HFBackend(Backend):
             self.tokenizer = AutoTokenizer.from_pretrained(self.model.path)
         else:
             self.model_, self.tokenizer = load_hf_model(self.model.path, self.dtype, e.attn_implementation, self.device)
-            quantize_model(self.model_, e.quantization)
+            quantize_model(self.model_, e.quantization, compiled=False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[TokenScores]:
