@@ -91,8 +91,8 @@ def print_help(argv: list[str]) -> bool:
         return False
     try:
         print(render_help(args.overrides, resolve=args.resolve))
-    except Exception as exc:  # an override that does not compose: Hydra's own message, on one line
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except Exception as exc:  # an override that does not compose: one line, as a run would say it
+        print(f"error: {hydra_error_message(exc) or ' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
     return True
 

@@ -47,7 +47,11 @@ def test_help_with_an_override_that_does_not_compose_says_so_in_one_line(tmp_pat
     result = run_sweep(tmp_path, "--help", "backend=no_such_backend")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "Could not find 'backend/no_such_backend'" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "backend='no_such_backend' is not allowed; choose one of: compiled, hf, hf_paged, trt, vllm" in result.stderr
+    wrong_type = run_sweep(tmp_path, "--help", "engine.max_batch_size=abc")
+    assert wrong_type.returncode == 2 and wrong_type.stderr.count("\n") == 1
+    assert "engine.max_batch_size='abc' is not allowed; it must be an integer" in wrong_type.stderr
 
 
 def documented_command_keys() -> set[str]:
