@@ -368,6 +368,25 @@ def test_resuming_a_named_study_with_another_space_is_refused_unless_asked(tmp_p
     assert make_search(storage=storage, study_name="mine", resume_mismatched=True).prepare(compose(), wider)
 
 
+def test_workers_opening_one_study_together_draw_different_points(tmp_path):
+    # Two workers that open a fresh study before either has asked see the same trial count; seeded on it alone,
+    # they would draw the same points (and one would measure what the other does). The study is real (SQLite).
+    space = ["engine.max_batch_size=choice(1,2,4,8,16,32,64,128)", "engine.max_num_tokens=range(64,8193,64)"]
+
+    def first_draws(study_name: str) -> list[list]:
+        searches = [make_search(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name=study_name, sampler="random")]
+        searches.append(make_search(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name=study_name, sampler="random"))
+        studies = [s.open_study(s.prepare(compose(), space)) for s in searches]  # both open before either asks
+        distributions = searches[0].s.space
+        return [
+            [study.sampler.sample_independent(study, None, k, d) for k, d in distributions.items()] for study in studies
+        ]
+
+    a, b = first_draws("together")
+    assert a != b
+    assert first_draws("again") == [a, b]  # the same sweep started again draws the same points
+
+
 def test_best_config_of_a_search_with_a_deletion():
     trial = optuna.trial.create_trial(params={}, distributions={}, value=1.0)
     text = best_config_yaml("s", trial, {"model": "tiny"}, ["~engine.max_input_len", "engine.max_batch_size=4"])

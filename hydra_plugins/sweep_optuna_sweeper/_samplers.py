@@ -100,6 +100,11 @@ def check_sampler(choice: SamplerChoice, n_objectives: int) -> None:
         raise ConfigError(f"hydra.sweeper.sampler ({choice.name}): {exc}") from None
 
 
-def sampler_seed(seed: int | None, trials_in_study: int) -> int | None:
-    """A seeded sampler replays its draws: resumed, the study would ask for the points it already holds."""
-    return None if seed is None else seed + trials_in_study
+def sampler_seed(seed: int | None, trials_in_study: int, opened_before: int) -> int | None:
+    """A seeded sampler replays its draws: resumed, the study would ask for the points it already holds, and two
+    workers opening it at once (the same trials) would ask for the same points; the openings before this one tell
+    them apart. Still reproducible: the same sweep started again draws the same points."""
+    return None if seed is None else seed + trials_in_study + OPENING_STRIDE * opened_before
+
+
+OPENING_STRIDE = 1_000_003  # a prime above any study's trial count: one opening's seeds never meet another's

@@ -140,6 +140,9 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             yield
 
 
+OPENINGS_ATTR = "openings"  # how many times the study was opened: each opening's sampler seed differs
+
+
 @dataclass
 class StudySpec:
     """What opening a study needs: the search's name, storage, objectives and space, and how it samples."""
@@ -177,7 +180,11 @@ def open_study(
             directions=list(spec.objectives.values()),
             load_if_exists=True,
         )
-    study.sampler = spec.sampler.make(sampler_seed(spec.seed, len(study.get_trials(deepcopy=False))))
+    with study_lock(storage, spec.name):  # each opening takes its own number, so workers starting together differ
+        opened_before = study.user_attrs.get(OPENINGS_ATTR, 0)
+        study.set_user_attr(OPENINGS_ATTR, opened_before + 1)
+        trials = len(study.get_trials(deepcopy=False))
+    study.sampler = spec.sampler.make(sampler_seed(spec.seed, trials, opened_before))
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", spec.identity)
     study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows the objectives by name
