@@ -66,6 +66,17 @@ def end_interrupted(reason: str) -> str | None:
     return RUNNING.pop().interrupted(reason) if RUNNING else None
 
 
+def remove_launcher_pickles(config: DictConfig) -> None:
+    """submitit pickles each job's function and config, and its result with the config again: with a password in a
+    URI, a file would hold it. They serve only while the job runs; the sweep's own files say what each job did."""
+    folder = config.hydra.launcher.get("submitit_folder") if "launcher" in config.hydra else None
+    if not folder:
+        return
+    root = Path(str(folder).split("%", 1)[0])  # submitit_folder names each job's folder with %j
+    for pickle in root.rglob("*.pkl") if root.is_dir() else ():
+        pickle.unlink(missing_ok=True)
+
+
 class ParentRunCallback(Callback):
     def __init__(self) -> None:
         self.run: Any = None
@@ -75,6 +86,7 @@ class ParentRunCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.config = config
         RUNNING.append(self)
+        atexit.register(remove_launcher_pickles, config)  # also when the sweep fails or is interrupted
         sweeper_class = get_class(config.hydra.sweeper._target_)
         # Every multirun's objectives, and the settings of a sweeper that can check its own, are checked now, so
         # that a set-up error records nothing; a grid's points are checked here, every one before the first runs.
@@ -151,6 +163,7 @@ class ParentRunCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         held_engine.close_held()  # the last job's engine, before the report is built
+        remove_launcher_pickles(config)
         if self in RUNNING:
             RUNNING.remove(self)
         redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
