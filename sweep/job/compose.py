@@ -76,8 +76,9 @@ KEYS = f"""\
                          (auto: model.dtype on a GPU, float32 on a CPU)
   engine.*               build options; each backend honours some and records the rest as ignored:
                          max_batch_size, max_input_len, max_seq_len, max_num_tokens, attn_implementation
-                         ({", ".join(ATTN_IMPLEMENTATIONS)}), compile_mode and cuda_graphs (compiled),
-                         gemm_plugin, gpt_attention_plugin, context_fmha, paged_kv_cache, tokens_per_block (trt)
+                         ({", ".join(ATTN_IMPLEMENTATIONS)}), compile_mode, cuda_graphs and cuda_graph_batch_sizes
+                         (compiled), gemm_plugin, gpt_attention_plugin, context_fmha, paged_kv_cache,
+                         tokens_per_block (trt), tp_size and pp_size (GPUs an engine splits over)
   engine.quantization    {", ".join(QUANTIZATIONS)} (fp8: weights and activations, a GPU of
                          compute capability 8.9+); engine.kv_cache_dtype {", ".join(KV_CACHE_DTYPES)} (vllm, trt)
   quality.*              enabled, prompts (K), tokens: each run scores the engine teacher-forced against the
@@ -95,6 +96,8 @@ KEYS = f"""\
   tracker.uri            an MLflow tracking URI (default $$MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db);
                          tracker.experiment, tracker.run_name (default: model, backend and what the sweep varies)
   cache_dir              where built engines are kept (engines_cache)
+  reuse_open_engine      true: a multirun's job reuses the engine the job before left open when only the workload,
+                         slo, objective, quality or tracker differ
   backend.*              the chosen backend's runtime settings (not part of the engine it builds):
 {backend_keys()}"""
 SAMPLER_GROUP = "hydra/sweeper/sampler"
