@@ -19,6 +19,7 @@ from hydra_plugins.sweep_optuna_sweeper._prepare import check_numbers, gpu_slots
 from hydra_plugins.sweep_optuna_sweeper.config import OptunaSweeperConf
 from sweep.config import CONF_DIR
 from sweep.config.errors import ConfigError
+from sweep.job.artifacts import RESULT_FILE
 from sweep.job.compose import register_configs
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -56,12 +57,15 @@ def test_a_batch_runs_at_once_in_processes_of_its_own_each_pinned_to_its_gpus(tm
     assert {n: r.data.tags["env.cuda_visible_devices"] for n, r in children.items()} == {0: "0,1", 1: "2,3"}
     assert len({r.data.tags["env.pid"] for r in children.values()}) == 2
 
-    # At once: each trial's run started before the other's ended; one after the other, they would not overlap.
-    first, second = children.values()
-    assert first.info.start_time < second.info.end_time and second.info.start_time < first.info.end_time
+    # At once: both jobs had started (Hydra writes a job's config as the job begins) before either wrote its
+    # result; one after the other, the second would start only after the first's result.
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
+    jobs = [d for d in sweep_dir.iterdir() if (d / RESULT_FILE).is_file()]
+    assert len(jobs) == 2
+    started = max((d / ".hydra" / "config.yaml").stat().st_mtime for d in jobs)
+    assert all(started < (d / RESULT_FILE).stat().st_mtime for d in jobs)
 
     # submitit's pickles hold each job's config (a URI's password with it): gone once the sweep ends; its logs stay
-    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     assert len([d for d in (sweep_dir / ".submitit").iterdir() if d.name != "%j"]) == 2
     assert list((sweep_dir / ".submitit").rglob("*.pkl")) == [] and list((sweep_dir / ".submitit").rglob("*.out"))
 
