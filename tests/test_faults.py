@@ -295,7 +295,8 @@ def wait_for_benchmark(workdir: Path, proc: subprocess.Popen) -> None:
 
 
 def start(workdir: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    # faulthandler: a process that hangs shows every thread's stack when `ended` aborts it
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [sys.executable, "-m", "sweep", *overrides],
@@ -310,11 +311,22 @@ def start(workdir: Path, *overrides: str) -> subprocess.Popen:
 LONG = ["workload.num_requests=2000", "workload.output_len=32"]
 
 
+def ended(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """The process's output once it exits; one still running after `timeout` fails the test with its threads'
+    stacks (SIGABRT through faulthandler), which say where it hung."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"still running {timeout:.0f} s after the signal; its threads:\n{stderr[-6000:]}")
+
+
 def test_sigterm_during_a_benchmark_ends_the_run_killed_and_says_so_in_one_line(tmp_path):
     proc = start(tmp_path, *LONG)
     wait_for_benchmark(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = ended(proc)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "KILLED", stderr[-3000:]
@@ -332,7 +344,7 @@ def test_ctrl_c_during_a_grid_ends_its_parent_and_the_running_job_killed_in_one_
     proc = start(tmp_path, "-m", "engine.max_batch_size=1,2", *LONG)
     wait_for_benchmark(tmp_path, proc)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = ended(proc)
     assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
     runs = {r.info.run_name: r for r in mlflow_runs(tmp_path)}
     parent, job = runs["grid: engine.max_batch_size=1,2"], runs["tiny/hf max_batch_size=1"]
