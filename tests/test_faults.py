@@ -305,7 +305,14 @@ def start(workdir: Path, *overrides: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hear_ctrl_c,
     )
+
+
+def hear_ctrl_c() -> None:
+    """Ctrl-C reaches the process as it reaches one started at a terminal: a suite started in the background
+    (`.ci/run &`) ignores SIGINT, and every process below it would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 LONG = ["workload.num_requests=2000", "workload.output_len=32"]
