@@ -155,10 +155,19 @@ def reference_dir(cfg: Any, model: ModelSource, dtype: str, device: str, workloa
     return cache_root / QUALITY_DIR / reference_key(model.identity, dtype, device, prompts, tokens)
 
 
+def why_no_quality(cfg: Any, backend: Backend) -> str | None:
+    """Why the run scores no quality (None: it does)."""
+    if not cfg.quality.enabled:
+        return "quality.enabled=false"
+    if backend.scores is None:
+        return f"backend={backend.name} cannot score tokens teacher-forced (no logits or prompt logprobs)"
+    return None
+
+
 def reference_ready(cfg: Any, backend: Backend, model: ModelSource, dtype: str, workload: Workload, root: Path) -> bool:
     """Whether the run's quality check needs no reference computed now (none is scored, or it is cached): computing
     one loads the unquantized model on the run's device."""
-    if not cfg.quality.enabled or backend.scores is None:
+    if why_no_quality(cfg, backend):
         return True
     return (reference_dir(cfg, model, dtype, backend.device, workload, root) / REFERENCE_FILE).is_file()
 
@@ -169,7 +178,7 @@ def reference_for(
     """The cached reference of this run's prompts, computed (once, under a lock) when missing. Returns it and its
     file."""
     prompts, tokens = scored_prompts(cfg.quality, workload)
-    final = reference_dir(cfg, model, dtype, device, workload, cache_root)
+    final = cache_root / QUALITY_DIR / reference_key(model.identity, dtype, device, prompts, tokens)
     directory, key = final.parent, final.name
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / f"{key}.lock")):
@@ -251,9 +260,7 @@ def prepare(
     cfg: Any, backend: Backend, model: ModelSource, dtype: str, device: str, workload: Workload, root: Path
 ) -> tuple[QualityCheck | None, str | None]:
     """The run's quality check, or None with why there is none."""
-    if not cfg.quality.enabled:
-        return None, "quality.enabled=false"
-    if backend.scores is None:
-        return None, f"backend={backend.name} cannot score tokens teacher-forced (no logits or prompt logprobs)"
+    if why := why_no_quality(cfg, backend):
+        return None, why
     reference, path = reference_for(cfg, model, dtype, device, workload, root)
     return QualityCheck(reference, path), None
