@@ -242,22 +242,25 @@ def test_decode_attends_over_the_smallest_span_that_covers_the_longest_running_s
 
     seen: list[tuple[int, int]] = []  # (key length given to attention, longest decoding sequence incl. new token)
     update = inflight.RowCache.update
+    engine = {}  # the engine under test, once started
 
-    def recording_update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        live = self.state.live[: self.n].bool()
-        if layer_idx == 0 and live.any():  # not the warm-up's steps, which decode no request
-            seen.append((keys.shape[2], int(self.state.pos[: self.n][live].max()) + 1))
+    def recording_update(self, key_states, value_states, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, *args, **kwargs)
+        state = engine.get("state")
+        live = state.live[: self.pos.shape[0]].bool() if state is not None else None
+        if state is not None and self.keys is state.keys[0] and live.any():  # layer 0, a step that decodes
+            seen.append((keys.shape[2], int(self.pos[live].max()) + 1))
         return keys, values
 
     monkeypatch.setattr(inflight.RowCache, "update", recording_update)
     compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3")  # max_seq_len 64
+    engine["state"] = compiled.state
     hf, _ = start(HFBackend, cpu_config(tiny_checkpoint, tmp_path, "backend=hf"), tmp_path)
     requests = make_requests([5, 20, 11], output_len=30)
     steps = []
     try:
-        assert compiled.spans == [8, 16, 32, 64]
-        # The 5-token prompt alone runs through every span (columns 6 to 35); then the three together (up to 50).
+        assert compiled.spans == [8, 16, 24, 32, 40, 48, 56, 64]
+        # The 5-token prompt alone runs through the spans up to 40 (columns 6 to 35); the three together up to 56.
         for batch in ([requests[0]], requests):
             got = [g.token_ids for g in compiled.generate(batch)]
             assert got == [g.token_ids for g in hf.generate(batch)]
@@ -267,7 +270,7 @@ def test_decode_attends_over_the_smallest_span_that_covers_the_longest_running_s
         hf.close()
     assert [span for span, _ in seen] == [s.span for s in steps]
     assert all(span == min(s for s in compiled.spans if s >= longest) for span, longest in seen)
-    assert {span for span, _ in seen} == {8, 16, 32, 64}
+    assert {span for span, _ in seen} == {8, 16, 24, 32, 40, 48, 56}
 
 
 def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):

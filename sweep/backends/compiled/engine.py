@@ -14,17 +14,21 @@ from sweep.workload.requests import Request
 
 
 class StaticKVCache:
-    """What transformers' attention calls: update(keys, values, layer) writes the new keys and values at the
-    step's cache columns, in place, and returns the whole layer cache (the mask hides what is not yet written)."""
+    """One layer's cache as transformers' attention calls it: update(keys, values, layer) writes the new keys and
+    values at the step's cache columns, in place, and returns the whole layer cache (the mask hides what is not yet
+    written). One object per layer, so that no layer index reaches the code that runs it."""
 
-    def __init__(self, keys: list, values: list, write_cols):
+    def __init__(self, keys, values, write_cols):
         self.keys, self.values, self.write_cols = keys, values, write_cols
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.write_cols, key_states)
-        values.index_copy_(2, self.write_cols, value_states)
-        return keys, values
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.write_cols, key_states)
+        self.values.index_copy_(2, self.write_cols, value_states)
+        return self.keys, self.values
+
+
+def static_caches(keys: list, values: list, write_cols) -> list[StaticKVCache]:
+    return [StaticKVCache(k, v, write_cols) for k, v in zip(keys, values)]
 
 
 # -- the engine's state: weights, cache and step buffers, all at fixed addresses ----------------------------
@@ -72,27 +76,32 @@ def attention_mask(state: StaticState, query_cols, pad_len):
     return mask
 
 
-def decoder_hidden(state: StaticState, input_ids, position_ids, mask, cache):
-    """transformers' layers over a static cache (`cache.update` writes each layer's new keys and values); the last
-    layer's hidden states, before the final norm."""
+def layer_forward(layer, hidden, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
+    """One transformers decoder layer over a static cache (`cache.update` writes its new keys and values)."""
+    out = layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        position_embeddings=position_embeddings,
+        **{cache_kwarg: cache},
+    )
+    return out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
+
+
+def decoder_hidden(state: StaticState, input_ids, position_ids, mask, caches: list, layer_fn: Callable = layer_forward):
+    """transformers' layers, layer i over caches[i] through `layer_fn` (layer_forward's arguments); the last layer's
+    hidden states, before the final norm."""
     base = state.model.model
     hidden = base.embed_tokens(input_ids)
     position_embeddings = base.rotary_emb(hidden, position_ids)
-    for layer in base.layers:
-        out = layer(
-            hidden,
-            attention_mask=mask,
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            **{state.cache_kwarg: cache},
-        )
-        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
+    for layer, cache in zip(base.layers, caches):
+        hidden = layer_fn(layer, hidden, mask, position_ids, position_embeddings, cache, state.cache_kwarg)
     return hidden
 
 
-def forward_last(state: StaticState, input_ids, position_ids, mask, cache):
+def forward_last(state: StaticState, input_ids, position_ids, mask, caches: list, layer_fn: Callable = layer_forward):
     """Logits of the last position only (all the next token needs)."""
-    hidden = decoder_hidden(state, input_ids, position_ids, mask, cache)
+    hidden = decoder_hidden(state, input_ids, position_ids, mask, caches, layer_fn)
     return state.model.lm_head(state.model.model.norm(hidden[:, -1:]))[:, -1]
 
 
@@ -109,7 +118,7 @@ def sequence_logits(state: StaticState, ids: list[int]):
     if state.additive_mask:
         mask = torch.where(mask, 0.0, torch.finfo(state.dtype).min).to(state.dtype)
     input_ids = torch.tensor([ids], dtype=torch.long, device=state.device)
-    hidden = decoder_hidden(state, input_ids, cols[None, :], mask, StaticKVCache(keys, values, cols))
+    hidden = decoder_hidden(state, input_ids, cols[None, :], mask, static_caches(keys, values, cols))
     return state.model.lm_head(state.model.model.norm(hidden))[0]
 
 
@@ -118,7 +127,7 @@ def prefill(state: StaticState, input_ids):
     cols = torch.arange(input_ids.shape[1], device=state.device)
     position_ids = (cols[None, :] - state.pad_len[:, None]).clamp(min=0)  # rope positions count real tokens only
     mask = attention_mask(state, cols, state.pad_len)
-    logits = forward_last(state, input_ids, position_ids, mask, StaticKVCache(state.keys, state.values, cols))
+    logits = forward_last(state, input_ids, position_ids, mask, static_caches(state.keys, state.values, cols))
     return logits.argmax(dim=-1)
 
 
@@ -128,7 +137,7 @@ def decode_step(state: StaticState) -> None:
     position_ids = (state.input_pos - state.pad_len)[:, None]
     mask = attention_mask(state, state.input_pos, state.pad_len)
     logits = forward_last(
-        state, state.token, position_ids, mask, StaticKVCache(state.keys, state.values, state.input_pos)
+        state, state.token, position_ids, mask, static_caches(state.keys, state.values, state.input_pos)
     )
     state.token.copy_(logits.argmax(dim=-1, keepdim=True))
     state.input_pos.add_(1)
@@ -138,26 +147,38 @@ def decode_step(state: StaticState) -> None:
 def compile_plan(compile_mode: str, cuda_graphs: bool, device: str, inflight: bool = False) -> dict[str, Any]:
     """What runs decode and prefill for these options. Prefill is never graphed: its width changes per batch.
 
-    In flight, prompt chunks run eager: a chunk's width, row and first column change every step, and compiling the
-    whole model for that (dynamic shapes, plus width 1 apart) kept an 8B model's build going for over 6 minutes on
-    an H200, against ~80 s for the static engine; a chunk of hundreds of tokens is compute-bound, so eager costs it
-    little, while decode, the step that sets TPOT, is still compiled and captured."""
+    Static: the whole decode step compiles as one graph (Inductor fuses across layers), captured by Inductor's
+    cudagraph trees for reduce-overhead / max-autotune, by a torch.cuda.CUDAGraph here otherwise.
+
+    In flight, decode compiles one decoder layer, whose code serves every layer (regional compilation), and each
+    (size, span) step is captured here in a torch.cuda.CUDAGraph, whatever the mode: the step must compile for
+    dynamic batch sizes and key lengths, and compiling the whole 8B model that way three times (static, dynamic,
+    size 1) kept a batch-32 build going for over 3 minutes on an H100, against seconds for one layer. Prompt chunks
+    run eager: a chunk's width, row and first column change every step, and a chunk of hundreds of tokens is
+    compute-bound, so eager costs it little."""
     graphs = cuda_graphs and device == "cuda"
     if compile_mode == "none":
-        return {"prefill": None, "decode": None, "graphs": "manual" if graphs else "off"}
+        return {"prefill": None, "decode": None, "graphs": "manual" if graphs else "off", "unit": "step"}
     if compile_mode == "max-autotune":
         decode_opts = {"max_autotune": True, "coordinate_descent_tuning": True}
     else:  # default and reduce-overhead compile alike
         decode_opts = {}
-    prefill_opts = None if inflight else dict(decode_opts)
+    if inflight:
+        return {"prefill": None, "decode": decode_opts, "graphs": "manual" if graphs else "off", "unit": "layer"}
+    prefill_opts = dict(decode_opts)
     if compile_mode in ("reduce-overhead", "max-autotune") and graphs:
         decode_opts["triton.cudagraphs"] = True  # Inductor's cudagraph trees capture and replay decode
-        return {"prefill": prefill_opts, "decode": decode_opts, "graphs": "cudagraph trees"}
-    return {"prefill": prefill_opts, "decode": decode_opts, "graphs": "manual" if graphs else "off"}
+        return {"prefill": prefill_opts, "decode": decode_opts, "graphs": "cudagraph trees", "unit": "step"}
+    return {"prefill": prefill_opts, "decode": decode_opts, "graphs": "manual" if graphs else "off", "unit": "step"}
 
 
 def describe(plan: dict[str, Any], compile_mode: str) -> dict[str, str]:
-    compiled = "eager" if plan["decode"] is None else f"torch.compile ({compile_mode})"
+    if plan["decode"] is None:
+        compiled = "eager"
+    elif plan["unit"] == "layer":
+        compiled = f"torch.compile ({compile_mode}) of one decoder layer, its code shared by every layer"
+    else:
+        compiled = f"torch.compile ({compile_mode}) of the whole step"
     graphs = {
         "off": "no CUDA graph",
         "manual": "captured once in a torch.cuda.CUDAGraph and replayed",

@@ -4,8 +4,9 @@ admission to its last token.
 Device side (what is compiled and captured):
 - `decode_rows(state, n, span)`: one token for each of rows 0..n-1, each at its own cache column `state.pos[row]`,
   attending over the first `span` columns of the cache; rows that are not decoding (free, or in the middle of their
-  prefill) compute a throw-away token, and only rows marked in `state.live` advance. Compiled for size 1, then with
-  n and span symbolic; one CUDA graph per (size, span) of `decode_sizes` x `attention_spans`.
+  prefill) compute a throw-away token, and only rows marked in `state.live` advance. Its decoder layer
+  (`decode_layer`) is what compiles, one code for every layer: for size 1, then with n and span symbolic; one CUDA
+  graph of the whole step per (size, span) of `decode_sizes` x `attention_spans`.
 - `prefill_chunk(state, row, ids, start)`: part of one prompt into the row's cache columns start..start+width-1,
   attending over columns 0..start+width-1, its last position's greedy token into `state.token[row]`. Eager
   (compile_plan says why).
@@ -20,6 +21,7 @@ its output length), so the host queues step i+1 before it waits for step i's tok
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -28,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from sweep.backends.compiled.engine import StaticState, forward_last
+from sweep.backends.compiled.engine import StaticState, forward_last, layer_forward
 from sweep.workload.requests import Request
 from sweep.workload.stream import RequestStream
 
@@ -62,31 +64,40 @@ def decode_sizes(requested, max_batch_size: int) -> list[int]:
 
 
 def attention_spans(max_seq_len: int) -> list[int]:
-    """The key lengths decode attends over: an eighth, a quarter, a half and all of max_seq_len (multiples of 8).
-    A step attends over the smallest span that covers its longest running sequence, so attention reads at most
-    twice the live part of the cache (above an eighth) instead of all max_seq_len columns of every row: on an H200,
-    batch 16 at max_seq_len 1536 with ~544 live columns, reading all of them cost ~1 ms of a 5.7 ms step."""
-    spans = {min(max_seq_len, -(-max_seq_len // (8 * part)) * 8) for part in (8, 4, 2)}
-    return sorted(spans | {max_seq_len})
+    """The key lengths decode attends over: sixteen even steps up to max_seq_len (multiples of 8). A step attends
+    over the smallest span that covers its longest running sequence, so attention reads at most a sixteenth of
+    max_seq_len past it instead of all max_seq_len columns of every row: on an H100, batch 32 of Llama-3.1-8B at
+    max_seq_len 2048 reads 8.6 GB of keys and values a step over the whole row, ~2.8 ms of a ~10 ms step. Each span
+    is one more CUDA graph per decode size; the compiled layer serves them all."""
+    step = -(-max_seq_len // 128) * 8  # max_seq_len / 16, rounded up to a multiple of 8
+    return sorted({min(max_seq_len, step * i) for i in range(1, 17)} | {max_seq_len})
 
 
 class RowCache:
-    """Decode over rows 0..n-1: row i writes its new key and value at its own column pos[i]; attention reads the
-    first `span` columns."""
+    """One layer's cache, decoding rows 0..n-1: row i writes its new key and value at its own column pos[i];
+    attention reads the first `span` columns."""
 
-    def __init__(self, state: SlotState, n: int, span: int):
-        self.state, self.n, self.span = state, n, span
-        self.rows = torch.arange(n, device=state.device)
+    def __init__(self, keys, values, pos, span):
+        self.keys, self.values, self.pos, self.span = keys, values, pos, span
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(self, key_states, value_states, *args, **kwargs):
         # Written through the whole layer cache, not through its view of rows [:n]: with n symbolic, Inductor
         # turned a write through the view into a copy of those rows' whole cache and back, every layer and step
         # (on an H200, batch 16 of Llama-3.1-8B at max_seq_len 1536: 4 of a step's 10 ms).
-        keys, values = self.state.keys[layer_idx], self.state.values[layer_idx]
-        pos = self.state.pos[: self.n]
-        keys[self.rows, :, pos] = key_states[:, :, 0]  # key_states: [n, kv_heads, 1, head_dim]
-        values[self.rows, :, pos] = value_states[:, :, 0]
-        return keys[: self.n, :, : self.span], values[: self.n, :, : self.span]
+        n = self.pos.shape[0]
+        rows = torch.arange(n, device=self.keys.device)
+        self.keys[rows, :, self.pos] = key_states[:, :, 0]  # key_states: [n, kv_heads, 1, head_dim]
+        self.values[rows, :, self.pos] = value_states[:, :, 0]
+        return self.keys[:n, :, : self.span], self.values[:n, :, : self.span]
+
+
+def decode_layer(layer, hidden, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
+    """One decoder layer of a decode step, `cache` the layer's (keys, values): what in-flight decode compiles. Its
+    arguments are tensors (and the layer, whose weights dynamo takes as inputs), the batch size and span are their
+    shapes, so one compiled code serves every layer, size and span."""
+    keys, values = cache
+    row_cache = RowCache(keys, values, position_ids[:, 0], mask.shape[-1])
+    return layer_forward(layer, hidden, mask, position_ids, position_embeddings, row_cache, cache_kwarg)
 
 
 def visible(state: StaticState, query_cols, span: int):
@@ -101,30 +112,30 @@ def as_mask(state: StaticState, allowed):
     return allowed
 
 
-def decode_rows(state: SlotState, n: int, span: int) -> None:
+def decode_rows(state: SlotState, n: int, span: int, layer_fn: Callable = decode_layer) -> None:
     """One token for each of rows 0..n-1, attending over columns 0..span-1, inputs and outputs in the state's
     buffers (no arguments but the two sizes, so each one's CUDA graph replays as captured)."""
     pos = state.pos[:n]
     mask = as_mask(state, visible(state, pos, span)[:, None, None, :])  # [n, 1, 1, span]
-    logits = forward_last(state, state.token[:n], pos[:, None], mask, RowCache(state, n, span))
+    caches = list(zip(state.keys, state.values))
+    logits = forward_last(state, state.token[:n], pos[:, None], mask, caches, layer_fn)
     state.token[:n].copy_(logits.argmax(dim=-1, keepdim=True))
     state.pos[:n].add_(state.live[:n])
 
 
 class ChunkCache:
-    """Prefill of one row: the chunk's keys and values go to columns start..start+width-1 of that row; attention
-    reads the row's columns up to the chunk's last."""
+    """One layer's cache, prefilling one row: the chunk's keys and values go to columns start..start+width-1 of
+    that row; attention reads the row's columns up to the chunk's last."""
 
-    def __init__(self, state: SlotState, row: int, start: int):
-        self.state, self.row, self.start = state, row, start
+    def __init__(self, keys, values, row: int, start: int):
+        self.keys, self.values = keys[row : row + 1], values[row : row + 1]
+        self.start = start
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys = self.state.keys[layer_idx][self.row : self.row + 1]
-        values = self.state.values[layer_idx][self.row : self.row + 1]
+    def update(self, key_states, value_states, *args, **kwargs):
         end = self.start + key_states.shape[2]  # key_states: [1, kv_heads, width, head_dim]
-        keys[:, :, self.start : end] = key_states
-        values[:, :, self.start : end] = value_states
-        return keys[:, :, :end], values[:, :, :end]
+        self.keys[:, :, self.start : end] = key_states
+        self.values[:, :, self.start : end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
@@ -134,7 +145,8 @@ def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
     end = start + input_ids.shape[0]
     cols = torch.arange(start, end, device=state.device)
     mask = as_mask(state, visible(state, cols, end)[None, None])  # [1, 1, width, end]
-    logits = forward_last(state, input_ids[None], cols[None, :], mask, ChunkCache(state, row, start))
+    caches = [ChunkCache(k, v, row, start) for k, v in zip(state.keys, state.values)]
+    logits = forward_last(state, input_ids[None], cols[None, :], mask, caches)
     state.token[row].copy_(logits.argmax(dim=-1))
     state.pos[row].fill_(end)
 
@@ -142,35 +154,22 @@ def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
 def make_decode_calls(
     state: SlotState, plan: dict, sizes: list[int], spans: list[int]
 ) -> dict[tuple[int, int], Callable]:
-    """One decode call per (size, span), compiled as `plan` says (prompt chunks run eager in flight: see
-    compile_plan); warm_up_inflight says in which order they compile."""
-    decode_fn = decode_rows
+    """One decode call per (size, span), its layers compiled as `plan` says (see compile_plan); warm_up_inflight
+    says in which order they compile."""
+    layer_fn = decode_layer
     if plan["decode"] is not None:
-        decode_fn = torch.compile(decode_rows, fullgraph=True, dynamic=None, options=plan["decode"])
-
-    def decode_call(n: int, span: int) -> Callable:
-        if plan["graphs"] == "cudagraph trees":
-
-            def run() -> None:
-                torch.compiler.cudagraph_mark_step_begin()
-                decode_fn(state, n, span)
-        else:
-
-            def run() -> None:
-                decode_fn(state, n, span)
-
-        return run
-
-    return {(n, span): decode_call(n, span) for n in sizes for span in spans}
+        layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=None, options=plan["decode"])
+    return {(n, span): functools.partial(decode_rows, state, n, span, layer_fn) for n in sizes for span in spans}
 
 
 def warm_up_inflight(state: SlotState, run_decode: dict[tuple[int, int], Callable]) -> None:
-    """Compile every decode (size, span) (cudagraph trees: a warm-up run, a recording, a replay) and run one prompt
-    chunk (cuBLAS and allocator set-up) before any timed request; then clear the rows.
+    """Run every decode (size, span) and one prompt chunk (cuBLAS and allocator set-up) before any timed request;
+    then clear the rows.
 
-    Compiles: the first call (size 1, the smallest span) compiles static; the next one, chosen to differ in both,
-    compiles with n and span symbolic and serves every other pair but size 1, which dynamo specialises and compiles
-    once more (span symbolic): at most three compiles however many pairs are captured."""
+    Compiles (decode's layer, see compile_plan): the first call (size 1, the smallest span) compiles static; the
+    next one, chosen to differ in both, compiles with n and span symbolic and serves every other pair but size 1,
+    which dynamo specialises and compiles once more (span symbolic): at most three compiles of one layer however
+    many pairs are captured. Graphs captured before this call compiled in their capture's warm-up runs."""
     width = max(2, min(16, state.max_seq_len // 4))
     prefill_chunk(state, 0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
     first, *rest = sorted(run_decode)
