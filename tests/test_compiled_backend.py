@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cpu_config, make_requests
+from torch._dynamo.utils import counters
 
 from sweep.backends.compiled.backend import CompiledBackend
 from sweep.backends.hf.backend import HFBackend
@@ -314,8 +315,18 @@ def test_cli_end_to_end_records_a_miss_then_a_hit(tiny_checkpoint, tmp_path):
     assert runs[0].data.params["backend.scheduler"] == "inflight" and runs[0].data.metrics["queue_ms_n"] == 3
 
 
-@pytest.mark.skipif(os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores")
-@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        pytest.param(
+            "static",
+            marks=pytest.mark.skipif(
+                os.environ.get("SWEEP_SLOW_TESTS") != "1", reason="Inductor's C++ build: about a minute on 2 cores"
+            ),
+        ),
+        "inflight",  # one decoder layer compiles: ~20 s on 2 cores
+    ],
+)
 def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpoint, tmp_path, scheduler):
     cfg = cpu_config(
         tiny_checkpoint,
@@ -327,13 +338,20 @@ def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpo
     )
     requests = make_requests([6, 4])
     hf, _ = start(HFBackend, cfg, tmp_path)
+    counters.clear()
     compiled, entry = start(CompiledBackend, cfg, tmp_path)
+    layers, decode_calls = len(compiled.state.model.model.layers), len(compiled.sizes) * len(compiled.spans)
     try:
         assert [g.token_ids for g in compiled.generate(requests)] == [g.token_ids for g in hf.generate(requests)]
     finally:
         hf.close()
         compiled.close()
     assert (entry.path / "compile_cache.bin").is_file() and entry.manifest["compile_cache_entries"]["inductor"] >= 2
+    if scheduler == "inflight":
+        # Both layers and all 16 (size, span) decode calls ran from at most three compiles of one layer.
+        assert layers == 2 and decode_calls == 16
+        assert counters["stats"]["unique_graphs"] <= 3
+        assert "one decoder layer" in entry.manifest["decode"]
 
 
 @gpu

@@ -12,15 +12,16 @@ head, loaded exactly as the hf backend loads them). What this backend adds aroun
   decode step has no inputs of its own and its CUDA graph replays without being captured again;
 - prefill (dynamic prompt width) and a decode step (forward + greedy argmax, written back into the buffers)
   compiled with torch.compile in engine.compile_mode;
-- CUDA graphs for decode (engine.cuda_graphs): Inductor's cudagraph trees for reduce-overhead / max-autotune,
-  a torch.cuda.CUDAGraph captured here for none / default;
+- CUDA graphs for decode (engine.cuda_graphs): static, Inductor's cudagraph trees for reduce-overhead /
+  max-autotune and a torch.cuda.CUDAGraph captured here for none / default; in flight, a torch.cuda.CUDAGraph per
+  decode size and attention span in every mode, around one compiled decoder layer (compile_plan says why);
 - the engine artifact: torch's compile caches (torch.compiler.save_cache_artifacts), hot-loaded on a cache hit
   so that a second run skips Inductor's code generation and Triton's kernel builds.
 
 Two schedulers (backend.scheduler), so that both can be compared in one call:
 - inflight (inflight.py): each cache row is a slot; a request joins the running batch at the next step after it
   arrives and leaves when it is done, prompts are prefilled in chunks under engine.max_num_tokens per step, and
-  decode is compiled and captured for each size in engine.cuda_graph_batch_sizes;
+  decode is captured for each size in engine.cuda_graph_batch_sizes and each attention span;
 - static (engine.py): every batch padded to max_batch_size, the one batch size compiled and captured, run to its
   end while new arrivals wait.
 The manifest says which.
@@ -81,7 +82,7 @@ class CompiledBackend(Backend):
         super().__init__(*args, **kwargs)
         self.inflight = self.cfg.backend.scheduler == "inflight"
         self.state: StaticState | None = None
-        self.graphs: list = []  # decode CUDA graphs, when captured here (compile_mode none or default)
+        self.graphs: list = []  # decode CUDA graphs captured here (plan["graphs"] == "manual")
         self.scheduler: InflightScheduler | None = None
 
     @property

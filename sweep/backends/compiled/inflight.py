@@ -42,7 +42,7 @@ class SlotState(StaticState):
 
     def __init__(self, model, batch: int, max_seq_len: int, attn_implementation: str):
         # Eight columns more than any span reads: a span that were the whole row would be a contiguous slice, which
-        # Inductor compiles as a case of its own (one more compile of the whole decode step).
+        # Inductor compiles as a case of its own (one more compile of the decode layer).
         super().__init__(model, batch, max_seq_len + 8, attn_implementation)
         self.max_seq_len = max_seq_len
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # the column the row's next token fills
