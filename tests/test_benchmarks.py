@@ -1,9 +1,9 @@
 """Every script in benchmarks/ run as a user runs it (`python benchmarks/<script>.py`, in a fresh directory), at
 tiny sizes on the CPU: its table must print measured numbers.
 
-The GPU scripts run their CPU rehearsal path (gpu_compare, inflight_decode, load_curve, hf_step_profile: the tiny
-shape, no roofline or kernel profile); roofline_order has none (its figures exist on a GPU only) and is run up to its
-GPU check, and ui_screenshots up to its browser check (CI has no Chromium).
+The GPU scripts run their CPU rehearsal path (gpu_compare, inflight_decode, inflight_steps, load_curve,
+hf_step_profile: the tiny shape, no roofline or kernel profile); roofline_order has none (its figures exist on a GPU
+only) and is run up to its GPU check, and ui_screenshots up to its browser check (CI has no Chromium).
 """
 
 from __future__ import annotations
@@ -105,6 +105,27 @@ def test_inflight_decode_times_static_and_in_flight_decode_on_the_cpu(tmp_path):
     assert len(in_flight) == 2  # the span that fits the steps, and the whole row
     for row in in_flight:
         assert numbers(row[4:5])[0] > 0 and row[-1] == "100%"  # the same tokens as the static engine
+
+
+def test_inflight_steps_splits_each_step_of_a_served_load_on_the_cpu(tmp_path):
+    # Six requests at once, at most 2 running and 12 tokens a step: prompts are chunked beside running decodes.
+    out = run_script(
+        "inflight_steps",
+        *("model.shape=tiny", "engine.compile_mode=none", "engine.max_batch_size=2", "engine.max_num_tokens=12"),
+        *("workload=throughput", "workload.num_requests=6", "workload.input_len=20", "workload.output_len=8"),
+        f"cache_dir={tmp_path / 'engines_cache'}",
+        cwd=tmp_path,
+    )
+    total = int(re.search(r"(\d+) steps in", out).group(1))
+    kinds = {row[0]: row for row in rows(out, "decode only") + rows(out, "decode + prompt")}
+    assert set(kinds) == {"decode only", "decode + prompt"}
+    for row in kinds.values():
+        steps, graph_rows, _, prompt_tokens, decode_ms = numbers(row[1:6])
+        assert steps >= 1 and 1 <= graph_rows <= 2 and decode_ms > 0
+        assert prompt_tokens <= 12
+    assert numbers(kinds["decode + prompt"][7:8])[0] > 0  # its prompt chunks took time
+    prompt_only = rows(out, "prompt only")
+    assert sum(int(r[1]) for r in [*kinds.values(), *prompt_only]) == total
 
 
 def test_roofline_order_needs_a_gpu_and_says_so(tmp_path):

@@ -195,12 +195,45 @@ class Running:
 @dataclass
 class StepRecord:
     """What one step processed: `decoded` + `prefilled` tokens never exceed max_num_tokens. `graph_rows` and
-    `span` are the decode graph's size and key length (rows not decoding in it compute a throw-away token)."""
+    `span` are the decode graph's size and key length (rows not decoding in it compute a throw-away token).
+    `marks` are when the step began, its decode ended and its prompt chunks ended: CUDA events on a GPU (when the
+    device reached them), perf_counter seconds on a CPU; step_phases turns them into milliseconds."""
 
     decoded: int
     prefilled: int
     graph_rows: int
     span: int
+    marks: tuple = ()
+
+
+class Marks:
+    """Timestamps of the device's progress: CUDA events recorded in stream order on a GPU, host times on a CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+
+
+def step_phases(steps: list[StepRecord], marks: Marks) -> list[dict[str, float]]:
+    """Each step's decode and prompt-chunk milliseconds, and the gap since the previous step ended (the device
+    waiting for the host). On a GPU, call it after the steps' work is done (it reads their events)."""
+    if marks.cuda:
+        torch.cuda.synchronize()
+    phases = []
+    for i, step in enumerate(steps):
+        start, decoded, end = step.marks
+        gap = marks.ms(steps[i - 1].marks[2], start) if i else 0.0
+        phases.append({"decode_ms": marks.ms(start, decoded), "prefill_ms": marks.ms(decoded, end), "gap_ms": gap})
+    return phases
 
 
 @dataclass
@@ -227,7 +260,8 @@ class InflightScheduler:
         self.cuda = state.device.type == "cuda"
         # Two host buffers for token snapshots: step i+1 is queued into one while step i's is read.
         self.buffers = [torch.empty(state.batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
-        self.steps: list[StepRecord] = []  # of the last serve() call, for logs and tests
+        self.steps: list[StepRecord] = []  # of the last serve() call, for logs, tests and step_phases
+        self.marks = Marks(self.cuda)
 
     def serve(self, stream: RequestStream, max_batch: int) -> dict[str, list[int]]:
         """Serve the stream until it is exhausted, with at most `max_batch` requests running; every request's
@@ -270,6 +304,7 @@ class InflightScheduler:
         report = Report(self.buffers[buffer], torch.cuda.Event() if self.cuda else None)
         decoding = [r for r in running.values() if r.prefilled == r.request.input_len]
         graph_rows = span = 0
+        began = self.marks.now()
         if decoding:
             top = max(r.row for r in decoding) + 1
             graph_rows = next(n for n in self.sizes if n >= top)
@@ -279,6 +314,7 @@ class InflightScheduler:
             for r in decoding:
                 r.generated += 1
             report.produced += decoding
+        decoded_at = self.marks.now()
         budget = self.max_num_tokens - len(decoding)
         prefilled = 0
         while prefilling and budget > 0:
@@ -296,6 +332,7 @@ class InflightScheduler:
             r.generated = 1  # its first token, from the prompt's last position
             report.produced.append(r)
             state.live[r.row].fill_(1)
+        ended = self.marks.now()
         report.host.copy_(state.token.view(-1), non_blocking=self.cuda)
         if report.event is not None:
             report.event.record()
@@ -307,7 +344,7 @@ class InflightScheduler:
                 state.pos[r.row].fill_(0)
                 free.append(r.row)
         free.sort()
-        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows, span))
+        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows, span, (began, decoded_at, ended)))
         return report
 
     @staticmethod
