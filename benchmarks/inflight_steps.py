@@ -26,12 +26,11 @@ import time
 import torch
 
 from sweep import compose, open_engine
-from sweep.backends.compiled.inflight import step_phases
+from sweep.backends.compiled.inflight import Marks, step_phases
 from sweep.measure.benchmark import request_stream
 from sweep.measure.metrics import roofline_figures
 from sweep.workload.stream import RequestStream
 
-log = logging.getLogger("inflight_steps")
 KINDS = ("decode only", "decode + prompt", "prompt only")
 
 
@@ -115,6 +114,7 @@ def main() -> None:
             warm = RequestStream(workload.warmup, offsets=[0.0] * len(workload.warmup))
             warm.start()
             backend.serve_tokens(warm, max_batch)
+        backend.scheduler.marks = Marks(engine.plan.device == "cuda")  # the measured serve's steps only
         stream = request_stream(workload.measured, cfg.workload, iteration=0)
         wall, profiler = serve(backend, stream, max_batch, args.profile and engine.plan.device == "cuda")
         steps = backend.scheduler.steps

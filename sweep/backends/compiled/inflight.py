@@ -196,8 +196,9 @@ class Running:
 class StepRecord:
     """What one step processed: `decoded` + `prefilled` tokens never exceed max_num_tokens. `graph_rows` and
     `span` are the decode graph's size and key length (rows not decoding in it compute a throw-away token).
-    `marks` are when the step began, its decode ended and its prompt chunks ended: CUDA events on a GPU (when the
-    device reached them), perf_counter seconds on a CPU; step_phases turns them into milliseconds."""
+    `marks`, when the scheduler records them, are when the step began, its decode ended and its prompt chunks ended:
+    CUDA events on a GPU (when the device reached them), perf_counter seconds on a CPU; step_phases turns them into
+    milliseconds."""
 
     decoded: int
     prefilled: int
@@ -261,7 +262,7 @@ class InflightScheduler:
         # Two host buffers for token snapshots: step i+1 is queued into one while step i's is read.
         self.buffers = [torch.empty(state.batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.steps: list[StepRecord] = []  # of the last serve() call, for logs, tests and step_phases
-        self.marks = Marks(self.cuda)
+        self.marks: Marks | None = None  # set, each step records its marks (benchmarks/inflight_steps.py)
 
     def serve(self, stream: RequestStream, max_batch: int) -> dict[str, list[int]]:
         """Serve the stream until it is exhausted, with at most `max_batch` requests running; every request's
@@ -304,7 +305,7 @@ class InflightScheduler:
         report = Report(self.buffers[buffer], torch.cuda.Event() if self.cuda else None)
         decoding = [r for r in running.values() if r.prefilled == r.request.input_len]
         graph_rows = span = 0
-        began = self.marks.now()
+        began = self._mark()
         if decoding:
             top = max(r.row for r in decoding) + 1
             graph_rows = next(n for n in self.sizes if n >= top)
@@ -314,7 +315,7 @@ class InflightScheduler:
             for r in decoding:
                 r.generated += 1
             report.produced += decoding
-        decoded_at = self.marks.now()
+        decoded_at = self._mark()
         budget = self.max_num_tokens - len(decoding)
         prefilled = 0
         while prefilling and budget > 0:
@@ -332,7 +333,7 @@ class InflightScheduler:
             r.generated = 1  # its first token, from the prompt's last position
             report.produced.append(r)
             state.live[r.row].fill_(1)
-        ended = self.marks.now()
+        ended = self._mark()
         report.host.copy_(state.token.view(-1), non_blocking=self.cuda)
         if report.event is not None:
             report.event.record()
@@ -344,8 +345,12 @@ class InflightScheduler:
                 state.pos[r.row].fill_(0)
                 free.append(r.row)
         free.sort()
-        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows, span, (began, decoded_at, ended)))
+        marks = (began, decoded_at, ended) if self.marks is not None else ()
+        self.steps.append(StepRecord(len(decoding), prefilled, graph_rows, span, marks))
         return report
+
+    def _mark(self):
+        return self.marks.now() if self.marks is not None else None
 
     @staticmethod
     def _report(report: Report, stream: RequestStream, outputs: dict[str, list[int]]) -> None:
