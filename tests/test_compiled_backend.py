@@ -409,3 +409,33 @@ def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoin
         compiled.close()
     assert tokens == expected
     assert all(s.decoded + s.prefilled <= 6 for s in steps)
+
+
+def test_prompt_attention_never_runs_cudnn_and_decode_attention_reads_the_cache_once(monkeypatch):
+    """Prompt attention goes to SDPA with cuDNN's kernel off (it builds a graph per prompt length); decode attention of
+    grouped heads is computed here, equal to SDPA over repeated KV heads."""
+    from sweep.backends.compiled import patches
+
+    seen = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return query.transpose(1, 2), None
+
+    monkeypatch.setattr(patches, "sdpa_attention_forward", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool).tril(diagonal=2)
+    patches.static_cache_sdpa(None, query, key, value, mask)
+    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()  # off inside the prompt's attention only
+
+    step_query, step_mask = torch.randn(2, 4, 1, 8), torch.rand(2, 1, 1, 5) > 0.3
+    step_mask[..., 0] = True
+    out, _ = patches.static_cache_sdpa(
+        None, step_query, key.expand(2, -1, -1, -1), value.expand(2, -1, -1, -1), step_mask
+    )
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        step_query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=step_mask
+    )
+    assert seen == [False]  # decode did not go through SDPA
+    torch.testing.assert_close(out, expected.transpose(1, 2))

@@ -10,12 +10,16 @@ import sys
 import types
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 STATIC_SDPA = "sweep_static_sdpa"  # the attention function registered with transformers for attn_implementation=sdpa
 ATTENTION = {"sdpa": STATIC_SDPA, "eager": "eager"}  # engine.attn_implementation -> what the model is loaded with
+# Prompt attention never runs cuDNN's kernel: cuDNN builds a graph for every new prompt length (~1.4 ms of host
+# time per layer on an H100), so under a load of varied prompts the GPU waited on the host through every prefill.
+PROMPT_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # -- attention ------------------------------------------------------------------------------------------------
@@ -32,9 +36,10 @@ def static_cache_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or heads == kv_heads:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        with sdpa_kernel(PROMPT_KERNELS):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
     scale = head_dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h = kv * groups + g, as repeat_kv
     scores = (grouped @ key.transpose(-1, -2)).float() * scale  # [batch, kv_heads, groups, max_seq_len]
