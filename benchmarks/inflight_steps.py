@@ -13,7 +13,8 @@ then its measured requests with the scenario's arrivals. Each step's phases come
 in stream order (CUDA events on a GPU), so a phase that waited for the host shows it. Steps are grouped by what they
 did: decode only, decode and prompt chunks, prompt chunks only. On a GPU, each decode phase is set beside the floor
 of what its graph reads (its rows' weights share and keys and values over its span, at the bandwidth measured
-before the engine loaded); `--profile` adds torch.profiler's top GPU kernels over the measured serve.
+before the engine loaded); `--profile` adds torch.profiler's top GPU kernels over the measured serve, and
+`--cudnn-prompts` lets prompt attention run cuDNN's SDPA kernel again, to see what that kernel costs under traffic.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import time
 
 import torch
 
+from torch.nn.attention import SDPBackend
+
 from sweep import compose, open_engine
+from sweep.backends.compiled import patches
 from sweep.backends.compiled.inflight import Marks, step_phases
 from sweep.measure.benchmark import request_stream
 from sweep.measure.metrics import roofline_figures
@@ -70,7 +74,8 @@ def table(engine, steps, phases, wall: float) -> str:
     mean = lambda values: statistics.fmean(values) if values else 0.0  # noqa: E731
     lines = [
         f"{engine.device_name}, {engine.plan.model.name}, {len(engine.requests)} requests, "
-        f"{len(steps)} steps in {wall:.2f} s",
+        f"{len(steps)} steps in {wall:.2f} s, prompt attention on "
+        + ", ".join(kernel.name for kernel in patches.PROMPT_KERNELS),
         "| step kind | steps | decode rows (graph) | span | prompt tokens | decode ms | floor of its reads ms "
         "| prompt ms | gap before ms | share of wall time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -104,7 +109,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="python -m sweep overrides")
     parser.add_argument("--profile", action="store_true", help="a GPU kernel table of the measured serve")
+    parser.add_argument("--cudnn-prompts", action="store_true", help="let prompt attention run cuDNN's SDPA kernel")
     args = parser.parse_args()
+    if args.cudnn_prompts:
+        patches.PROMPT_KERNELS.append(SDPBackend.CUDNN_ATTENTION)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = compose(["backend=compiled", "backend.scheduler=inflight", "tracker=none", *args.overrides])
     with open_engine(cfg) as engine, torch.inference_mode():

@@ -107,15 +107,19 @@ def test_inflight_decode_times_static_and_in_flight_decode_on_the_cpu(tmp_path):
         assert numbers(row[4:5])[0] > 0 and row[-1] == "100%"  # the same tokens as the static engine
 
 
-def test_inflight_steps_splits_each_step_of_a_served_load_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_inflight_steps_splits_each_step_of_a_served_load_on_the_cpu(tmp_path, cudnn):
     # Six requests at once, at most 2 running and 12 tokens a step: prompts are chunked beside running decodes.
     out = run_script(
         "inflight_steps",
         *("model.shape=tiny", "engine.compile_mode=none", "engine.max_batch_size=2", "engine.max_num_tokens=12"),
         *("workload=throughput", "workload.num_requests=6", "workload.input_len=20", "workload.output_len=8"),
         f"cache_dir={tmp_path / 'engines_cache'}",
+        *(["--cudnn-prompts"] if cudnn else []),
         cwd=tmp_path,
     )
+    kernels = re.search(r"prompt attention on (.*)", out).group(1)
+    assert ("CUDNN_ATTENTION" in kernels) == cudnn and "FLASH_ATTENTION" in kernels
     total = int(re.search(r"(\d+) steps in", out).group(1))
     kinds = {row[0]: row for row in rows(out, "decode only") + rows(out, "decode + prompt")}
     assert set(kinds) == {"decode only", "decode + prompt"}
