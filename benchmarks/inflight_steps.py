@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-
 from torch.nn.attention import SDPBackend
 
 from sweep import compose, open_engine
