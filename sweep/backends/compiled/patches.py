@@ -17,8 +17,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 STATIC_SDPA = "sweep_static_sdpa"  # the attention function registered with transformers for attn_implementation=sdpa
 ATTENTION = {"sdpa": STATIC_SDPA, "eager": "eager"}  # engine.attn_implementation -> what the model is loaded with
-# Prompt attention never runs cuDNN's kernel: cuDNN builds a graph for every new prompt length (~1.4 ms of host
-# time per layer on an H100), so under a load of varied prompts the GPU waited on the host through every prefill.
+# What attention through SDPA may run (prompts; decode too where query and KV heads are as many). Never cuDNN's
+# kernel: it builds a graph for every new prompt length (~1.4 ms of host time per layer on an H100), so under a
+# load of varied prompts the GPU waited on the host through every prefill.
 PROMPT_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
