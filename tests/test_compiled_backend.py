@@ -148,6 +148,34 @@ def test_inflight_engines_that_cannot_run_are_refused_before_building(tiny_check
     assert not (tmp_path / "compiled").exists()
 
 
+@pytest.mark.parametrize("piecewise", [True, False])
+def test_decoder_layers_run_piecewise_only_where_their_forward_is_the_known_pre_norm_one(
+    tiny_checkpoint, tmp_path, monkeypatch, piecewise
+):
+    # The tiny model's Qwen2 layers run norm, attention and MLP one by one, each layer's last residual add left to
+    # the next; a layer class not listed runs its own forward. Both give hf's tokens.
+    from sweep.backends.compiled import engine
+
+    if not piecewise:
+        monkeypatch.setattr(engine, "PRE_NORM_LAYERS", frozenset())
+    cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
+    requests = make_requests([7, 3, 5])
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    expected = [g.token_ids for g in hf.generate(requests)]
+    hf.close()
+    compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=4")
+    layer_class = type(compiled.state.model.model.layers[0])
+    calls = []
+    own_forward = layer_class.forward
+    monkeypatch.setattr(layer_class, "forward", lambda self, *a, **k: calls.append(1) or own_forward(self, *a, **k))
+    try:
+        assert [g.token_ids for g in compiled.generate(requests)] == expected
+    finally:
+        compiled.close()
+    assert layer_class.__name__ == "Qwen2DecoderLayer"
+    assert (len(calls) == 0) == piecewise
+
+
 def inflight_engine(checkpoint: Path, cache_dir: Path, *overrides: str):
     cfg = cpu_config(checkpoint, cache_dir, "backend=compiled", "engine.compile_mode=none", *overrides)
     return start(CompiledBackend, cfg, cache_dir)[0]
@@ -159,12 +187,24 @@ def mixed_requests() -> list[Request]:
     return [Request(r.id, r.input_ids, out) for r, out in zip(make_requests([7, 3, 9, 2, 6, 5]), [9, 3, 6, 1, 8, 4])]
 
 
-def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_path):
+def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, monkeypatch):
     # Two clients in a closed loop: each finish sends that client's next request while the other one is decoding
     # (or prefilling), so requests join a running batch; a 4-token budget splits the longer prompts over steps.
+    # A prompt's first chunk attends causally with no mask (FlashAttention's case), a later chunk through one.
+    from sweep.backends.compiled import patches
+
+    chunks = []  # (starts at column 0, has a mask) of each prompt chunk's attention
+
+    def recording_sdpa(module, query, key, value, mask, **kwargs):
+        chunks.append((key.shape[2] == query.shape[2], mask is not None))
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    sdpa_attention_forward = patches.sdpa_attention_forward
+    monkeypatch.setattr(patches, "sdpa_attention_forward", recording_sdpa)
     cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none")
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled = inflight_engine(tiny_checkpoint, tmp_path, "engine.max_batch_size=3", "engine.max_num_tokens=4")
+    chunks.clear()  # warm-up's
     requests = mixed_requests()
     try:
         expected = {r.id: hf.generate([r])[0].token_ids for r in requests}
@@ -175,6 +215,7 @@ def test_inflight_tokens_equal_hf_with_arrivals_mid_decode(tiny_checkpoint, tmp_
         hf.close()
         compiled.close()
     assert tokens == expected
+    assert {(True, False), (False, True)} <= set(chunks) and (True, True) not in chunks
     records = {t.request_id: t for t in stream.results()}
     joined = [t for t in records.values() if t.arrival > stream.t0]  # sent by a finish, not at the start
     assert any(t.arrival < max(u.token_times[-1] for u in records.values() if u is not t) for t in joined)

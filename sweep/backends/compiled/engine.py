@@ -76,16 +76,25 @@ def attention_mask(state: StaticState, query_cols, pad_len):
     return mask
 
 
-def layer_forward(layer, hidden, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
-    """One transformers decoder layer over a static cache (`cache.update` writes its new keys and values)."""
-    out = layer(
-        hidden,
-        attention_mask=mask,
-        position_ids=position_ids,
-        position_embeddings=position_embeddings,
-        **{cache_kwarg: cache},
-    )
-    return out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
+# Decoder layers whose forward is transformers' pre-norm one (norm, attention, add; norm, MLP, add), which
+# layer_forward runs piece by piece; any other layer runs its own forward.
+PRE_NORM_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+
+
+def layer_forward(layer, hidden, residual, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
+    """One transformers decoder layer over a static cache (`cache.update` writes its new keys and values). Its input
+    is `hidden + residual`, and it returns its output the same way, as (hidden, residual): a pre-norm layer's last
+    residual add is left to the next layer, where it fuses with that layer's first norm into one kernel (the layer
+    compiled on its own would run it as a kernel of its own, once per layer per step)."""
+    hidden = hidden + residual
+    kwargs = {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": position_embeddings}
+    if type(layer).__name__ not in PRE_NORM_LAYERS:
+        out = layer(hidden, **kwargs, **{cache_kwarg: cache})
+        out = out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
+        return out, torch.zeros_like(out)
+    attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs, **{cache_kwarg: cache})
+    hidden = hidden + attention
+    return layer.mlp(layer.post_attention_layernorm(hidden)), hidden
 
 
 def decoder_hidden(state: StaticState, input_ids, position_ids, mask, caches: list, layer_fn: Callable = layer_forward):
@@ -94,9 +103,12 @@ def decoder_hidden(state: StaticState, input_ids, position_ids, mask, caches: li
     base = state.model.model
     hidden = base.embed_tokens(input_ids)
     position_embeddings = base.rotary_emb(hidden, position_ids)
+    residual = torch.zeros_like(hidden)
     for layer, cache in zip(base.layers, caches):
-        hidden = layer_fn(layer, hidden, mask, position_ids, position_embeddings, cache, state.cache_kwarg)
-    return hidden
+        hidden, residual = layer_fn(
+            layer, hidden, residual, mask, position_ids, position_embeddings, cache, state.cache_kwarg
+        )
+    return hidden + residual
 
 
 def forward_last(state: StaticState, input_ids, position_ids, mask, caches: list, layer_fn: Callable = layer_forward):

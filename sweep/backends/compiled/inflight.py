@@ -91,13 +91,13 @@ class RowCache:
         return self.keys[:n, :, : self.span], self.values[:n, :, : self.span]
 
 
-def decode_layer(layer, hidden, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
+def decode_layer(layer, hidden, residual, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
     """One decoder layer of a decode step, `cache` the layer's (keys, values): what in-flight decode compiles. Its
     arguments are tensors (and the layer, whose weights dynamo takes as inputs), the batch size and span are their
     shapes, so one compiled code serves every layer, size and span."""
     keys, values = cache
     row_cache = RowCache(keys, values, position_ids[:, 0], mask.shape[-1])
-    return layer_forward(layer, hidden, mask, position_ids, position_embeddings, row_cache, cache_kwarg)
+    return layer_forward(layer, hidden, residual, mask, position_ids, position_embeddings, row_cache, cache_kwarg)
 
 
 def visible(state: StaticState, query_cols, span: int):
@@ -144,7 +144,13 @@ def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
     compile_plan."""
     end = start + input_ids.shape[0]
     cols = torch.arange(start, end, device=state.device)
-    mask = as_mask(state, visible(state, cols, end)[None, None])  # [1, 1, width, end]
+    if start == 0 and end > 1 and not state.additive_mask:
+        # A prompt's first chunk sees exactly the causal square of its own columns: no mask lets SDPA run
+        # FlashAttention over the KV heads as they are (with a mask it repeats them per query head, and runs a
+        # kernel that reads the mask).
+        mask = None
+    else:
+        mask = as_mask(state, visible(state, cols, end)[None, None])  # [1, 1, width, end]
     caches = [ChunkCache(k, v, row, start) for k, v in zip(state.keys, state.values)]
     logits = forward_last(state, input_ids[None], cols[None, :], mask, caches)
     state.token[row].copy_(logits.argmax(dim=-1))
