@@ -176,6 +176,65 @@ def test_decoder_layers_run_piecewise_only_where_their_forward_is_the_known_pre_
     assert (len(calls) == 0) == piecewise
 
 
+def tiny_of_architecture(model_type: str, tokenizer_from: Path, where: Path) -> Path:
+    """A two-layer checkpoint of transformers' `model_type` with seeded random weights and the tiny tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(
+        vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, pad_token_id=0,
+    )  # fmt: skip
+    extra = {"granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22), "mistral": dict(sliding_window=None)}
+    config = AutoConfig.for_model(model_type, **sizes, **extra.get(model_type, {}))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(where)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, where / f.name)
+    return where
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3", "gemma", "phi3"])
+def test_each_listed_architecture_gives_hfs_tokens(tiny_checkpoint, tmp_path, model_type):
+    from sweep.backends.compiled.backend import ARCHITECTURES
+
+    checkpoint = tiny_of_architecture(model_type, tiny_checkpoint, tmp_path / model_type)
+    cfg = cpu_config(checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2")
+    requests = make_requests([7, 3], output_len=8)
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    compiled, _ = start(CompiledBackend, cfg, tmp_path)
+    try:
+        assert compiled.model.shape.architecture in ARCHITECTURES
+        assert [g.token_ids for g in compiled.generate(requests)] == [g.token_ids for g in hf.generate(requests)]
+    finally:
+        hf.close()
+        compiled.close()
+
+
+def test_an_architecture_whose_forward_does_more_is_refused_before_building(tiny_checkpoint, tmp_path, monkeypatch):
+    # Granite multiplies the embeddings in its model's forward, which the engine does not run: refused, and let
+    # through it gives other tokens than transformers.
+    from sweep.backends.compiled import backend
+
+    checkpoint = tiny_of_architecture("granite", tiny_checkpoint, tmp_path / "granite")
+    cfg = cpu_config(checkpoint, tmp_path, "backend=compiled", "engine.compile_mode=none", "engine.max_batch_size=2")
+    with pytest.raises(ConfigError, match=r"is a GraniteForCausalLM, which backend=compiled does not run .*Llama"):
+        make_plan(cfg)
+    assert not (tmp_path / "compiled").exists()
+
+    monkeypatch.setattr(backend, "ARCHITECTURES", (*backend.ARCHITECTURES, "GraniteForCausalLM"))
+    requests = make_requests([7, 3], output_len=8)
+    hf, _ = start(HFBackend, cfg, tmp_path)
+    compiled, _ = start(CompiledBackend, cfg, tmp_path)
+    try:
+        assert [g.token_ids for g in compiled.generate(requests)] != [g.token_ids for g in hf.generate(requests)]
+    finally:
+        hf.close()
+        compiled.close()
+
+
 def inflight_engine(checkpoint: Path, cache_dir: Path, *overrides: str):
     cfg = cpu_config(checkpoint, cache_dir, "backend=compiled", "engine.compile_mode=none", *overrides)
     return start(CompiledBackend, cfg, cache_dir)[0]

@@ -70,6 +70,17 @@ from sweep.workload.stream import RequestStream
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE = "compile_cache.bin"  # torch.compiler.save_cache_artifacts() bytes, inside the engine dir
+# The model classes whose forward is embeddings, decoder layers, final norm and head, which the engine runs itself
+# (StaticState's steps call the layers one by one); for each, tests check its tokens against transformers'. Another
+# class may do more in its own forward (Granite scales the embeddings there), which the engine would skip.
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Phi3ForCausalLM",
+)
 STATIC_OPTIONS = ("max_batch_size", "max_seq_len", "attn_implementation", "compile_mode", "cuda_graphs", "quantization")
 INFLIGHT_OPTIONS = (*STATIC_OPTIONS, "max_num_tokens", "cuda_graph_batch_sizes")
 
@@ -132,6 +143,12 @@ class CompiledBackend(Backend):
             raise ConfigError(
                 f"engine.max_seq_len={e.max_seq_len} cannot hold a batch of the workload's longest input plus its "
                 f"longest output ({longest} tokens); set engine.max_seq_len >= {longest}"
+            )
+        architecture = self.model.shape.architecture
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"model {self.model.name!r} is a {architecture}, which backend=compiled does not run (it calls the "
+                f"decoder layers itself, checked for: {', '.join(ARCHITECTURES)}); use backend=hf, hf_paged or vllm"
             )
         if self.model.shape.sliding_window:
             raise ConfigError(
