@@ -35,6 +35,10 @@ CASES = [
         "engine.quantization='fp8' is not allowed for backend=hf on cpu (float32): fp8 needs a CUDA GPU of compute "
         "capability 8.9+ (fp8 tensor cores), and this run is on the CPU; allowed here: none, int8_weight_only",
     ),
+    (
+        ["engine.attn_implementation=flex_attention"],
+        "engine.attn_implementation='flex_attention' needs a GPU for backend=hf: transformers compiles FlexAttention",
+    ),
     (["quality.prompts=0"], "quality.prompts=0 is not allowed; it must be >= 1"),
     (
         ["model.hub_id=Qwen/Qwen2.5-0.5B-Instruct"],

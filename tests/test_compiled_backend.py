@@ -37,21 +37,24 @@ def start(backend_cls, cfg, cache_dir: Path):
 
 
 @pytest.mark.parametrize("scheduler", ["static", "inflight"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_greedy_tokens_equal_hf_on_a_batch(tiny_checkpoint, tmp_path, attn, scheduler):
     # Three prompts of different lengths in an engine of four rows: static pads them (left padding, a dummy row),
-    # in flight gives each its own row.
-    cfg = cpu_config(
-        tiny_checkpoint,
-        tmp_path,
-        "backend=compiled",
-        f"backend.scheduler={scheduler}",
-        "engine.compile_mode=none",
-        "engine.max_batch_size=4",
-        f"engine.attn_implementation={attn}",
-    )
+    # in flight gives each its own row. hf runs FlexAttention only on a GPU: against flex, hf runs SDPA.
+    def config(attn_implementation):
+        return cpu_config(
+            tiny_checkpoint,
+            tmp_path,
+            "backend=compiled",
+            f"backend.scheduler={scheduler}",
+            "engine.compile_mode=none",
+            "engine.max_batch_size=4",
+            f"engine.attn_implementation={attn_implementation}",
+        )
+
+    cfg = config(attn)
     requests = make_requests([7, 3, 5])
-    hf, _ = start(HFBackend, cfg, tmp_path)
+    hf, _ = start(HFBackend, config("sdpa" if attn == "flex_attention" else attn), tmp_path)
     compiled, entry = start(CompiledBackend, cfg, tmp_path)
     try:
         layer = compiled.state.model.model.layers[0]
@@ -140,6 +143,11 @@ def test_unsupported_options_fail_before_building(tiny_checkpoint, tmp_path):
             r"engine.max_batch_size=4",
         ),
         (["engine.max_num_tokens=0"], "engine.max_num_tokens=0 is not allowed; it must be >= 1"),
+        (
+            ["engine.attn_implementation=flex_attention", "engine.compile_mode=default"],
+            r"engine.attn_implementation='flex_attention' with engine.compile_mode='default' needs a GPU for "
+            r"backend=compiled: Inductor builds FlexAttention's kernel there, not on a CPU",
+        ),
     ],
 )
 def test_inflight_engines_that_cannot_run_are_refused_before_building(tiny_checkpoint, tmp_path, overrides, message):
@@ -485,8 +493,9 @@ def test_gpu_compiled_modes_match_hf_in_fp32(tiny_checkpoint, tmp_path, mode, gr
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
 @pytest.mark.parametrize("mode", ["reduce-overhead", "none"])
-def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, mode):
+def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoint, tmp_path, mode, attn):
     cfg = cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", "device=cuda")
     hf, _ = start(HFBackend, cfg, tmp_path)
     compiled = inflight_engine(
@@ -494,6 +503,7 @@ def test_gpu_inflight_matches_hf_in_fp32_with_arrivals_mid_decode(tiny_checkpoin
         tmp_path,
         "device=cuda",
         f"engine.compile_mode={mode}",
+        f"engine.attn_implementation={attn}",
         "engine.max_batch_size=4",
         "engine.max_num_tokens=6",
     )
@@ -539,3 +549,40 @@ def test_prompt_attention_never_runs_cudnn_and_decode_attention_reads_the_cache_
     )
     assert seen == [False]  # decode did not go through SDPA
     torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=[gpu, needs_cuda])]
+)  # Inductor builds FlexAttention's kernel on a GPU only (compiled_refusals)
+def test_flex_decode_attention_equals_sdpa_and_reads_only_each_rows_blocks(monkeypatch, compiled):
+    """Decode attention through FlexAttention, eager on the CPU, and compiled on a GPU with symbolic rows and span (as
+    the decode layer compiles): each row sees one run of columns (its first real one to its own, as left padding or a
+    slot gives), equal to SDPA over repeated KV heads; its block mask lists the 128-column blocks that hold that run
+    and no others."""
+    from sweep.backends.compiled import patches
+
+    device = "cuda" if compiled else "cpu"
+
+    masks = []
+    from_kv_blocks = patches.BlockMask.from_kv_blocks
+
+    def recording(*args, **kwargs):
+        masks.append(args[0].flatten().tolist())
+        return from_kv_blocks(*args, **kwargs)
+
+    if not compiled:
+        monkeypatch.setattr(patches.BlockMask, "from_kv_blocks", recording)
+    attend = torch.compile(patches.static_cache_flex, fullgraph=True, dynamic=None) if compiled else None
+    torch.manual_seed(0)
+    for runs, span in [([(0, 1)], 8), ([(0, 300), (5, 130), (0, 129), (200, 336)], 336), ([(3, 9), (0, 264)], 264)]:
+        rows = len(runs)
+        query, key, value = (torch.randn(rows, h, n, 16, device=device) for h, n in ((4, 1), (2, span), (2, span)))
+        cols = torch.arange(span, device=device)
+        mask = torch.stack([(cols >= a) & (cols < b) for a, b in runs])[:, None, None, :]
+        out, _ = (attend or patches.static_cache_flex)(None, query, key, value, mask, scaling=0.25)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.25
+        )
+        torch.testing.assert_close(out, expected.transpose(1, 2))
+        if not compiled:
+            assert masks.pop() == [(b - 1) // 128 + 1 - a // 128 for a, b in runs]

@@ -139,6 +139,11 @@ REFUSALS = [
         "engine.max_seq_len=64 tokens; set backend.kv_blocks >= 2",
     ),
     (["backend.kv_memory_fraction=1.5"], "backend.kv_memory_fraction=1.5 is not allowed; it must be in (0, 1]"),
+    (
+        ["engine.attn_implementation=flex_attention"],
+        "engine.attn_implementation='flex_attention' is not allowed for backend=hf_paged: transformers' continuous "
+        "batching has no FlexAttention; choose one of: eager, sdpa, flash_attention_2",
+    ),
 ]
 
 

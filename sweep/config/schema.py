@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 PLUGIN_DTYPES = ("auto", "disable", "float16", "bfloat16", "float32")
 SCENARIOS = ("latency", "throughput", "concurrency", "rate")

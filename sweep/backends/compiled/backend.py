@@ -129,6 +129,12 @@ class CompiledBackend(Backend):
                 f"engine.attn_implementation={e.attn_implementation!r} is not supported by backend=compiled "
                 f"(its static cache feeds masked attention); choose one of: {', '.join(ATTENTION)}"
             )
+        if e.attn_implementation == "flex_attention" and self.device == "cpu" and e.compile_mode != "none":
+            raise ConfigError(
+                f"engine.attn_implementation='flex_attention' with engine.compile_mode={e.compile_mode!r} needs a GPU "
+                "for backend=compiled: Inductor builds FlexAttention's kernel there, not on a CPU; on a CPU use "
+                "engine.compile_mode=none (FlexAttention unfused) or engine.attn_implementation=sdpa"
+            )
         if self.inflight and e.max_num_tokens < e.max_batch_size:
             raise ConfigError(
                 f"engine.max_num_tokens={e.max_num_tokens} cannot hold one step of backend.scheduler=inflight: every "

@@ -6,17 +6,22 @@ things inside it for what a memory-bound decode step needs.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
+import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 STATIC_SDPA = "sweep_static_sdpa"  # the attention function registered with transformers for attn_implementation=sdpa
-ATTENTION = {"sdpa": STATIC_SDPA, "eager": "eager"}  # engine.attn_implementation -> what the model is loaded with
+STATIC_FLEX = "sweep_static_flex"  # ... and for attn_implementation=flex_attention
+# engine.attn_implementation -> what the model is loaded with
+ATTENTION = {"sdpa": STATIC_SDPA, "flex_attention": STATIC_FLEX, "eager": "eager"}
 # What attention through SDPA may run (prompts; decode too where query and KV heads are as many). Never cuDNN's
 # kernel: it builds a graph for every new prompt length (~1.4 ms of host time per layer on an H100), so under a
 # load of varied prompts the GPU waited on the host through every prefill.
@@ -49,8 +54,68 @@ def static_cache_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.reshape(batch, 1, heads, head_dim), None  # [batch, tokens, heads, head_dim], as transformers returns
 
 
+FLEX_BLOCK = 128  # the key columns of one FlexAttention block: a row reads its own tokens rounded up to this
+
+
+def static_cache_flex(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Decode attention through FlexAttention, prompts as static_cache_sdpa runs them.
+
+    The two GEMMs of static_cache_sdpa read every row's keys and values up to the step's span, its longest sequence;
+    FlexAttention reads only the blocks that hold a row's own tokens, with the query heads of one KV head together
+    (enable_gqa), and its decode kernel splits the keys over the GPU's SMs even at batch 1. A decode row's mask is
+    one run of columns (from its first real one to its own), which the block mask takes as each row's first block
+    and block count.
+    """
+    if query.shape[2] != 1:
+        return static_cache_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    rows, span = key.shape[0], key.shape[2]
+    visible = attention_mask[:, 0, 0, :]  # [rows, span], True over one run of columns
+    first = visible.to(torch.int32).argmax(dim=-1)  # the run's first column (argmax: the first maximum)
+    end = first + visible.sum(dim=-1)  # one past its last
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= first[b]) & (kv_idx < end[b])
+
+    span_blocks = -(-span // FLEX_BLOCK)
+    first_block = first // FLEX_BLOCK
+    num_blocks = (end - 1) // FLEX_BLOCK + 1 - first_block
+    blocks = first_block[:, None] + torch.arange(span_blocks, device=key.device, dtype=torch.int32)
+    block_mask = BlockMask.from_kv_blocks(
+        num_blocks.to(torch.int32).view(rows, 1, 1),
+        blocks.clamp(max=span_blocks - 1).to(torch.int32).view(rows, 1, 1, span_blocks),  # past num_blocks: unread
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(1, span),
+    )
+    out = flex(query)(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None  # [batch, tokens, heads, head_dim], as transformers returns
+
+
+def flex(query):
+    """flex_attention as it should run here: traced as it is inside a compiled layer; called eagerly, compiled on
+    its own on a GPU (eager FlexAttention computes the whole score matrix), and as it is on a CPU (tests and
+    rehearsals), without its warning that it is not compiled."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if query.device.type == "cuda":
+        return compiled_flex()
+    return eager_flex
+
+
+@functools.cache
+def compiled_flex():
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def eager_flex(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
 def register_attention() -> None:
     AttentionInterface.register(STATIC_SDPA, static_cache_sdpa)
+    AttentionInterface.register(STATIC_FLEX, static_cache_flex)
 
 
 # -- fused projections ----------------------------------------------------------------------------------------

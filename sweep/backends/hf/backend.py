@@ -130,6 +130,11 @@ class HFBackend(Backend):
     def check(self, workload: Workload) -> None:
         super().check(workload)
         e = self.cfg.engine
+        if e.attn_implementation == "flex_attention" and self.device == "cpu":
+            raise ConfigError(
+                "engine.attn_implementation='flex_attention' needs a GPU for backend=hf: transformers compiles "
+                "FlexAttention, and Inductor builds its kernel there, not on a CPU; on a CPU choose one of: eager, sdpa"
+            )
         if e.tp_size > 1 and e.quantization != "none":
             raise ConfigError(
                 f"engine.quantization={e.quantization!r} is not allowed for backend=hf with "

@@ -113,6 +113,11 @@ class HFPagedBackend(Backend):
     def check(self, workload: Workload) -> None:
         super().check(workload)
         e, b = self.cfg.engine, self.cfg.backend
+        if e.attn_implementation == "flex_attention":
+            raise ConfigError(
+                "engine.attn_implementation='flex_attention' is not allowed for backend=hf_paged: transformers' "
+                "continuous batching has no FlexAttention; choose one of: eager, sdpa, flash_attention_2"
+            )
         if not e.paged_kv_cache:
             raise ConfigError(
                 "engine.paged_kv_cache=False is not allowed for backend=hf_paged: transformers' continuous batching "
