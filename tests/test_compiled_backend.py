@@ -586,3 +586,50 @@ def test_flex_decode_attention_equals_sdpa_and_reads_only_each_rows_blocks(monke
         torch.testing.assert_close(out, expected.transpose(1, 2))
         if not compiled:
             assert masks.pop() == [(b - 1) // 128 + 1 - a // 128 for a, b in runs]
+
+
+def test_flex_decode_layer_compiles_at_most_three_times_for_every_size_and_span(tiny_checkpoint, tmp_path, monkeypatch):
+    # Inductor builds FlexAttention's kernel on a GPU only, so here torch.compile runs with backend=aot_eager: dynamo
+    # traces the decode layer exactly as on a GPU (guards, recompiles, the step's block mask as an input), and the
+    # graphs run as they trace instead of as generated code. The in-flight scheduler then serves with those calls.
+    from sweep.backends.compiled import inflight, patches
+    from sweep.backends.hf.backend import load_hf_model
+
+    compiles = []  # the decode layer's graphs
+
+    def aot_eager(graph, example_inputs):
+        compiles.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, **kwargs: (
+            compile_(fn, fullgraph=True, backend=aot_eager) if fn is inflight.decode_layer else compile_(fn, **kwargs)
+        ),
+    )
+    masks = []  # each decode step's mask, built outside the compiled layer
+    decode_mask = inflight.decode_mask
+    monkeypatch.setattr(inflight, "decode_mask", lambda *args: masks.append(decode_mask(*args)) or masks[-1])
+    patches.register_attention()
+    torch._dynamo.reset()
+    model, _ = load_hf_model(tiny_checkpoint, "float32", patches.ATTENTION["flex_attention"], "cpu")
+    patches.fuse_projections(model)
+    requests = mixed_requests()
+    with torch.inference_mode():
+        state = inflight.SlotState(model, 4, 64, "flex_attention")
+        calls = inflight.make_decode_calls(state, {"decode": {}}, [1, 2, 4], inflight.attention_spans(64))
+        inflight.warm_up_inflight(state, calls)
+        assert len(calls) == 24 and 0 < len(compiles) <= 3
+        stream = RequestStream(requests, clients=3)
+        stream.start()
+        tokens = inflight.InflightScheduler(state, calls, max_num_tokens=6).serve(stream, 4)
+    assert len(compiles) <= 3  # serving compiled nothing more
+    assert masks and all(isinstance(m, patches.BlockMask) and m.mask_mod is state.row_sees for m in masks)
+    hf, _ = start(HFBackend, cpu_config(tiny_checkpoint, tmp_path, "backend=hf"), tmp_path)
+    try:
+        assert tokens == {r.id: hf.generate([r])[0].token_ids for r in requests}
+    finally:
+        hf.close()
+        torch._dynamo.reset()

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from sweep.backends.compiled.engine import StaticState, forward_last, layer_forward
+from sweep.backends.compiled.patches import FLEX_BLOCK, block_mask_of
 from sweep.workload.requests import Request
 from sweep.workload.stream import RequestStream
 
@@ -49,6 +50,13 @@ class SlotState(StaticState):
         self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
         for tensor in (self.pos, self.live):
             torch._dynamo.mark_static_address(tensor)
+        self.block_masks = attn_implementation == "flex_attention"  # decode attention takes a FlexAttention mask
+        pos = self.pos
+
+        def row_sees(b, h, q_idx, kv_idx):  # one function for every step: compiled code that takes it is reused
+            return kv_idx <= pos[b]
+
+        self.row_sees = row_sees
 
     def reset_rows(self) -> None:
         self.pos.zero_()
@@ -112,11 +120,20 @@ def as_mask(state: StaticState, allowed):
     return allowed
 
 
+def decode_mask(state: SlotState, n: int, span: int):
+    """What decode attention of rows 0..n-1 over columns 0..span-1 takes: each row sees its columns up to its own,
+    as a dense mask [n, 1, 1, span], or as FlexAttention's block mask (only the blocks that hold them)."""
+    pos = state.pos[:n]
+    if state.block_masks:
+        return block_mask_of(torch.zeros_like(pos), pos // FLEX_BLOCK + 1, span, state.row_sees)
+    return as_mask(state, visible(state, pos, span)[:, None, None, :])
+
+
 def decode_rows(state: SlotState, n: int, span: int, layer_fn: Callable = decode_layer) -> None:
     """One token for each of rows 0..n-1, attending over columns 0..span-1, inputs and outputs in the state's
     buffers (no arguments but the two sizes, so each one's CUDA graph replays as captured)."""
     pos = state.pos[:n]
-    mask = as_mask(state, visible(state, pos, span)[:, None, None, :])  # [n, 1, 1, span]
+    mask = decode_mask(state, n, span)
     caches = list(zip(state.keys, state.values))
     logits = forward_last(state, state.token[:n], pos[:, None], mask, caches, layer_fn)
     state.token[:n].copy_(logits.argmax(dim=-1, keepdim=True))

@@ -62,33 +62,43 @@ def static_cache_flex(module, query, key, value, attention_mask, dropout=0.0, sc
 
     The two GEMMs of static_cache_sdpa read every row's keys and values up to the step's span, its longest sequence;
     FlexAttention reads only the blocks that hold a row's own tokens, with the query heads of one KV head together
-    (enable_gqa), and its decode kernel splits the keys over the GPU's SMs even at batch 1. A decode row's mask is
-    one run of columns (from its first real one to its own), which the block mask takes as each row's first block
-    and block count.
+    (enable_gqa), and its decode kernel splits the keys over the GPU's SMs even at batch 1. In-flight decode gives
+    its block mask (built once a step); a dense decode mask (the static scheduler's) becomes one here.
     """
     if query.shape[2] != 1:
         return static_cache_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    rows, span = key.shape[0], key.shape[2]
-    visible = attention_mask[:, 0, 0, :]  # [rows, span], True over one run of columns
+    block_mask = attention_mask if isinstance(attention_mask, BlockMask) else run_block_mask(attention_mask)
+    out = flex(query)(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None  # [batch, tokens, heads, head_dim], as transformers returns
+
+
+def run_block_mask(mask) -> BlockMask:
+    """The block mask of a decode mask [rows, 1, 1, span] in which each row sees one run of columns (from its first
+    real one, after left padding, to its own): each row's first block and block count."""
+    span = mask.shape[-1]
+    visible = mask[:, 0, 0, :]
     first = visible.to(torch.int32).argmax(dim=-1)  # the run's first column (argmax: the first maximum)
     end = first + visible.sum(dim=-1)  # one past its last
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= first[b]) & (kv_idx < end[b])
 
-    span_blocks = -(-span // FLEX_BLOCK)
     first_block = first // FLEX_BLOCK
-    num_blocks = (end - 1) // FLEX_BLOCK + 1 - first_block
-    blocks = first_block[:, None] + torch.arange(span_blocks, device=key.device, dtype=torch.int32)
-    block_mask = BlockMask.from_kv_blocks(
+    return block_mask_of(first_block, (end - 1) // FLEX_BLOCK + 1 - first_block, span, mask_mod)
+
+
+def block_mask_of(first_block, num_blocks, span: int, mask_mod) -> BlockMask:
+    """A decode block mask: row b reads num_blocks[b] blocks of keys from first_block[b] on (their columns masked
+    by mask_mod)."""
+    rows, span_blocks = first_block.shape[0], -(-span // FLEX_BLOCK)
+    blocks = first_block[:, None] + torch.arange(span_blocks, device=first_block.device, dtype=torch.int32)
+    return BlockMask.from_kv_blocks(
         num_blocks.to(torch.int32).view(rows, 1, 1),
         blocks.clamp(max=span_blocks - 1).to(torch.int32).view(rows, 1, 1, span_blocks),  # past num_blocks: unread
         BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=mask_mod,
         seq_lengths=(1, span),
     )
-    out = flex(query)(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None  # [batch, tokens, heads, head_dim], as transformers returns
 
 
 def flex(query):
