@@ -456,10 +456,12 @@ def test_cpu_default_compile_matches_hf_and_saves_its_compile_cache(tiny_checkpo
         compiled.close()
     assert (entry.path / "compile_cache.bin").is_file() and entry.manifest["compile_cache_entries"]["inductor"] >= 2
     if scheduler == "inflight":
-        # Both layers and all 16 (size, span) decode calls ran from at most three compiles of one layer.
+        # Both layers and all 16 (size, span) decode calls ran from at most three compiles of one layer, and every
+        # prompt chunk from four of another (from column 0 or on from a chunk, static then symbolic).
         assert layers == 2 and decode_calls == 16
-        assert counters["stats"]["unique_graphs"] <= 3
+        assert counters["stats"]["unique_graphs"] <= 3 + 4
         assert "one decoder layer" in entry.manifest["decode"]
+        assert "one decoder layer per prompt chunk" in entry.manifest["prefill"]
 
 
 @gpu
@@ -620,11 +622,12 @@ def test_flex_decode_layer_compiles_at_most_three_times_for_every_size_and_span(
     with torch.inference_mode():
         state = inflight.SlotState(model, 4, 64, "flex_attention")
         calls = inflight.make_decode_calls(state, {"decode": {}}, [1, 2, 4], inflight.attention_spans(64))
-        inflight.warm_up_inflight(state, calls)
+        run_prefill = inflight.make_prefill_call(state, {"prefill": None})
+        inflight.warm_up_inflight(state, calls, run_prefill)
         assert len(calls) == 24 and 0 < len(compiles) <= 3
         stream = RequestStream(requests, clients=3)
         stream.start()
-        tokens = inflight.InflightScheduler(state, calls, max_num_tokens=6).serve(stream, 4)
+        tokens = inflight.InflightScheduler(state, calls, run_prefill, max_num_tokens=6).serve(stream, 4)
     assert len(compiles) <= 3  # serving compiled nothing more
     assert masks and all(isinstance(m, patches.BlockMask) and m.mask_mod is state.row_sees for m in masks)
     hf, _ = start(HFBackend, cpu_config(tiny_checkpoint, tmp_path, "backend=hf"), tmp_path)

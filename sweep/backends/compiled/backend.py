@@ -58,6 +58,7 @@ from sweep.backends.compiled.inflight import (
     attention_spans,
     decode_sizes,
     make_decode_calls,
+    make_prefill_call,
     warm_up_inflight,
 )
 from sweep.backends.compiled.patches import ATTENTION, fuse_projections, register_attention
@@ -275,12 +276,13 @@ class CompiledBackend(Backend):
             for pair, run in run_decode.items():
                 run_decode[pair], graph = capture_decode(run, self.graphs[0].pool() if self.graphs else None)
                 self.graphs.append(graph)
-        warm_up_inflight(self.state, run_decode)
-        self.scheduler = InflightScheduler(self.state, run_decode, e.max_num_tokens)
+        run_prefill = make_prefill_call(self.state, self.plan)
+        warm_up_inflight(self.state, run_decode, run_prefill)
+        self.scheduler = InflightScheduler(self.state, run_decode, run_prefill, e.max_num_tokens)
 
     def warm_up(self, workload: Workload) -> None:
         """Static: every width a timed batch can have (its longest prompt's). In flight every decode size and span
-        was captured at load, and prompt chunks run eager: the harness's untimed pass over the workload runs them."""
+        was captured at load, and every kind of prompt chunk compiled there (warm_up_inflight)."""
         if not self.inflight:
             widths = sorted({r.input_len for r in workload.warmup + workload.measured})
             with torch.inference_mode():

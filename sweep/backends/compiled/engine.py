@@ -166,8 +166,9 @@ def compile_plan(compile_mode: str, cuda_graphs: bool, device: str, inflight: bo
     (size, span) step is captured here in a torch.cuda.CUDAGraph, whatever the mode: the step must compile for
     dynamic batch sizes and key lengths, and compiling the whole 8B model that way three times (static, dynamic,
     size 1) kept a batch-32 build going for over 3 minutes on an H100, against seconds for one layer. Prompt chunks
-    run eager: a chunk's width, row and first column change every step, and a chunk of hundreds of tokens is
-    compute-bound, so eager costs it little."""
+    compile one decoder layer of their own the same way (their width, row and columns are shapes and values), so
+    their norms, rotary embedding and activation run fused instead of as a dozen eager kernels a layer; they are
+    not graphed (a chunk of hundreds of tokens is compute-bound)."""
     graphs = cuda_graphs and device == "cuda"
     if compile_mode == "none":
         return {"prefill": None, "decode": None, "graphs": "manual" if graphs else "off", "unit": "step"}
@@ -176,7 +177,8 @@ def compile_plan(compile_mode: str, cuda_graphs: bool, device: str, inflight: bo
     else:  # default and reduce-overhead compile alike
         decode_opts = {}
     if inflight:
-        return {"prefill": None, "decode": decode_opts, "graphs": "manual" if graphs else "off", "unit": "layer"}
+        graphed = "manual" if graphs else "off"
+        return {"prefill": dict(decode_opts), "decode": decode_opts, "graphs": graphed, "unit": "layer"}
     prefill_opts = dict(decode_opts)
     if compile_mode in ("reduce-overhead", "max-autotune") and graphs:
         decode_opts["triton.cudagraphs"] = True  # Inductor's cudagraph trees capture and replay decode
@@ -196,12 +198,16 @@ def describe(plan: dict[str, Any], compile_mode: str) -> dict[str, str]:
         "manual": "captured once in a torch.cuda.CUDAGraph and replayed",
         "cudagraph trees": "CUDA graph by Inductor's cudagraph trees, replayed",
     }[plan["graphs"]]
-    return {
-        "decode": f"{compiled}, {graphs}",
-        "prefill": "eager"
-        if plan["prefill"] is None
-        else f"torch.compile ({compile_mode}), dynamic width, no CUDA graph",
-    }
+    if plan["prefill"] is None:
+        prefill = "eager"
+    elif plan["unit"] == "layer":
+        prefill = (
+            f"torch.compile ({compile_mode}) of one decoder layer per prompt chunk, its code shared by every layer, "
+            "dynamic width and columns (1-token chunks eager), no CUDA graph"
+        )
+    else:
+        prefill = f"torch.compile ({compile_mode}), dynamic width, no CUDA graph"
+    return {"decode": f"{compiled}, {graphs}", "prefill": prefill}
 
 
 def make_steps(state: StaticState, plan: dict[str, Any]) -> tuple[Callable, Callable]:

@@ -8,8 +8,9 @@ Device side (what is compiled and captured):
   (`decode_layer`) is what compiles, one code for every layer: for size 1, then with n and span symbolic; one CUDA
   graph of the whole step per (size, span) of `decode_sizes` x `attention_spans`.
 - `prefill_chunk(state, row, ids, start)`: part of one prompt into the row's cache columns start..start+width-1,
-  attending over columns 0..start+width-1, its last position's greedy token into `state.token[row]`. Eager
-  (compile_plan says why).
+  attending over columns 0..start+width-1, its last position's greedy token into `state.token[row]`. Its decoder
+  layer (`prefill_layer`) compiles apart from decode's, one code for every layer and chunk of two tokens or more;
+  not graphed (compile_plan says why).
 
 Host side (`InflightScheduler.serve`): every step takes what has arrived into free rows, decodes the running rows
 with the smallest captured size that covers them and the smallest span that covers their longest sequence, then
@@ -50,6 +51,8 @@ class SlotState(StaticState):
         self.live = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1: the row decodes, its pos advances
         for tensor in (self.pos, self.live):
             torch._dynamo.mark_static_address(tensor)
+        # Each row's index as a tensor of its own, as prompt chunks take it (a value, not a constant compiled in).
+        self.row_ids = [torch.tensor([row], device=self.device) for row in range(batch)]
         self.block_masks = attn_implementation == "flex_attention"  # decode attention takes a FlexAttention mask
         pos = self.pos
 
@@ -141,24 +144,33 @@ def decode_rows(state: SlotState, n: int, span: int, layer_fn: Callable = decode
 
 
 class ChunkCache:
-    """One layer's cache, prefilling one row: the chunk's keys and values go to columns start..start+width-1 of
-    that row; attention reads the row's columns up to the chunk's last."""
+    """One layer's cache, prefilling one row: the chunk's keys and values go to its columns `cols` of row `row` (a
+    one-element tensor); attention reads that row's columns up to the chunk's last (`end`, a shape, so that a compiled
+    chunk takes its row, columns and width as values and shapes, not as constants)."""
 
-    def __init__(self, keys, values, row: int, start: int):
-        self.keys, self.values = keys[row : row + 1], values[row : row + 1]
-        self.start = start
+    def __init__(self, keys, values, row, cols, end):
+        self.keys, self.values, self.row, self.cols, self.end = keys, values, row, cols, end
 
     def update(self, key_states, value_states, *args, **kwargs):
-        end = self.start + key_states.shape[2]  # key_states: [1, kv_heads, width, head_dim]
-        self.keys[:, :, self.start : end] = key_states
-        self.values[:, :, self.start : end] = value_states
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        # key_states: [1, kv_heads, width, head_dim]; indexed by row and columns: [width, kv_heads, head_dim]
+        self.keys[self.row, :, self.cols] = key_states[0].transpose(0, 1)
+        self.values[self.row, :, self.cols] = value_states[0].transpose(0, 1)
+        return self.keys[self.row, :, : self.end], self.values[self.row, :, : self.end]
 
 
-def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
+def prefill_layer(layer, hidden, residual, mask, position_ids, position_embeddings, cache, cache_kwarg: str):
+    """One decoder layer of a prompt chunk, `cache` the layer's (keys, values, row): what in-flight prefill
+    compiles. The chunk's columns are its rope positions (a row starts at column 0) and it reads up to its last
+    column: the mask's width, or the chunk's own when it starts the row (no mask)."""
+    keys, values, row = cache
+    end = hidden.shape[1] if mask is None else mask.shape[-1]
+    chunk_cache = ChunkCache(keys, values, row, position_ids[0], end)
+    return layer_forward(layer, hidden, residual, mask, position_ids, position_embeddings, chunk_cache, cache_kwarg)
+
+
+def prefill_chunk(state: SlotState, row: int, input_ids, start: int, layer_fn: Callable = prefill_layer) -> None:
     """Prompt tokens [width] into `row` at columns start..start+width-1; their last position's greedy token goes to
-    the row's state.token (the request's first output token when this chunk ends its prompt). Eager: see
-    compile_plan."""
+    the row's state.token (the request's first output token when this chunk ends its prompt)."""
     end = start + input_ids.shape[0]
     cols = torch.arange(start, end, device=state.device)
     if start == 0 and end > 1 and not state.additive_mask:
@@ -168,10 +180,24 @@ def prefill_chunk(state: SlotState, row: int, input_ids, start: int) -> None:
         mask = None
     else:
         mask = as_mask(state, visible(state, cols, end)[None, None])  # [1, 1, width, end]
-    caches = [ChunkCache(k, v, row, start) for k, v in zip(state.keys, state.values)]
-    logits = forward_last(state, input_ids[None], cols[None, :], mask, caches)
+    caches = [(k, v, state.row_ids[row]) for k, v in zip(state.keys, state.values)]
+    logits = forward_last(state, input_ids[None], cols[None, :], mask, caches, layer_fn)
     state.token[row].copy_(logits.argmax(dim=-1))
     state.pos[row].fill_(end)
+
+
+def make_prefill_call(state: SlotState, plan: dict) -> Callable:
+    """The prompt-chunk call (row, input_ids, start), its layers compiled as `plan` says (see compile_plan). A
+    one-token chunk runs eager: dynamo would compile width 1 apart, and such chunks are rare (a 1-token prompt, or
+    a step's last token of budget)."""
+    if plan["prefill"] is None:
+        return functools.partial(prefill_chunk, state)
+    compiled = torch.compile(prefill_layer, fullgraph=True, dynamic=None, options=plan["prefill"])
+
+    def run_prefill(row: int, input_ids, start: int) -> None:
+        prefill_chunk(state, row, input_ids, start, compiled if input_ids.shape[0] > 1 else prefill_layer)
+
+    return run_prefill
 
 
 def make_decode_calls(
@@ -185,16 +211,23 @@ def make_decode_calls(
     return {(n, span): functools.partial(decode_rows, state, n, span, layer_fn) for n in sizes for span in spans}
 
 
-def warm_up_inflight(state: SlotState, run_decode: dict[tuple[int, int], Callable]) -> None:
-    """Run every decode (size, span) and one prompt chunk (cuBLAS and allocator set-up) before any timed request;
-    then clear the rows.
+def warm_up_inflight(state: SlotState, run_decode: dict[tuple[int, int], Callable], run_prefill: Callable) -> None:
+    """Run every decode (size, span) and the four kinds of prompt chunk before any timed request; then clear the
+    rows.
 
-    Compiles (decode's layer, see compile_plan): the first call (size 1, the smallest span) compiles static; the
-    next one, chosen to differ in both, compiles with n and span symbolic and serves every other pair but size 1,
-    which dynamo specialises and compiles once more (span symbolic): at most three compiles of one layer however
-    many pairs are captured. Graphs captured before this call compiled in their capture's warm-up runs."""
-    width = max(2, min(16, state.max_seq_len // 4))
-    prefill_chunk(state, 0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
+    Compiles (one layer each, see compile_plan). Decode: the first call (size 1, the smallest span) compiles static;
+    the next one, chosen to differ in both, compiles with n and span symbolic and serves every other pair but size 1,
+    which dynamo specialises and compiles once more (span symbolic): at most three compiles however many pairs are
+    captured (graphs captured before this call compiled in their capture's warm-up runs). Prompt chunks: a chunk
+    that starts its row (no mask) and one that goes on from an earlier chunk (a mask), each at two widths and ends,
+    static then symbolic: four compiles that serve every chunk of two tokens or more."""
+    short = max(2, min(16, state.max_seq_len // 4))
+    start = 0
+    for width in (short, short + 1):  # from column 0, then on from there
+        run_prefill(0, torch.zeros(width, dtype=torch.long, device=state.device), 0)
+    for width in (short, short + 1):
+        start += width
+        run_prefill(0, torch.zeros(width, dtype=torch.long, device=state.device), start)
     first, *rest = sorted(run_decode)
     order = [first, *sorted(rest, key=lambda pair: (pair[0] == first[0] or pair[1] == first[1], pair))]
     for pair in order:
@@ -275,9 +308,10 @@ class InflightScheduler:
         self,
         state: SlotState,
         run_decode: dict[tuple[int, int], Callable],
+        run_prefill: Callable,
         max_num_tokens: int,
     ):
-        self.state, self.run_decode = state, run_decode
+        self.state, self.run_decode, self.run_prefill = state, run_decode, run_prefill
         self.sizes = sorted({n for n, _ in run_decode})
         self.spans = sorted({span for _, span in run_decode})
         self.max_num_tokens = max_num_tokens
@@ -346,7 +380,7 @@ class InflightScheduler:
             width = min(r.request.input_len - r.prefilled, budget)
             if r.prefilled == 0:
                 stream.admitted(r.request.id)
-            prefill_chunk(state, r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
+            self.run_prefill(r.row, r.ids[r.prefilled : r.prefilled + width], r.prefilled)
             r.prefilled += width
             budget -= width
             prefilled += width
