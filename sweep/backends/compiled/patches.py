@@ -98,6 +98,7 @@ def block_mask_of(first_block, num_blocks, span: int, mask_mod) -> BlockMask:
         BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=mask_mod,
         seq_lengths=(1, span),
+        compute_q_blocks=False,  # the query-side blocks serve the backward pass only
     )
 
 
