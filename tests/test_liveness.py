@@ -99,7 +99,11 @@ def test_a_dead_run_of_another_host_is_ended_by_its_heartbeats_age(tmp_path):
 
 
 def test_a_live_run_keeps_recording_its_heartbeat_until_it_ends(tmp_path, monkeypatch):
+    from trackers import mlflow_tracker
+
     monkeypatch.setattr(store, "HEARTBEAT_INTERVAL_S", 0.1)
+    # A keeper of its own: the process's keeper may already sleep out the default minute from an earlier test.
+    monkeypatch.setattr(mlflow_tracker, "HEARTBEAT_KEEPER", mlflow_tracker.HeartbeatKeeper())
     tracker = MLflowTracker(store_uri(tmp_path), "sweep")
     run = tracker.start_run("alive", {})
     first = tracker.client.get_run(run.run_id).data.tags[store.HEARTBEAT]
@@ -109,6 +113,4 @@ def test_a_live_run_keeps_recording_its_heartbeat_until_it_ends(tmp_path, monkey
         assert time.monotonic() < deadline, "no heartbeat after the first"
         time.sleep(0.2)
     run.end("FINISHED")
-    from trackers.mlflow_tracker import HEARTBEAT_KEEPER
-
-    assert run.run_id not in HEARTBEAT_KEEPER.runs
+    assert run.run_id not in mlflow_tracker.HEARTBEAT_KEEPER.runs
