@@ -8,7 +8,9 @@ random fp16 weights).
 
 Engines (--engines), each started by sweep.open_engine as `python -m sweep` starts one (plan, engine cache, load),
 compile_mode reduce-overhead (--compile-mode): by default static at max_batch_size 1 and at 8 (each captures its one
-size) and in flight at max_batch_size 8 (capturing the powers of two up to it). For each batch size b an engine serves
+size) and in flight at max_batch_size 8 (capturing the powers of two up to it); a fourth field names the engine's
+attn_implementation (default sdpa), e.g. `inflight:32:1,32:flex_attention` beside `inflight:32:1,32` compares decode
+attention through FlexAttention with the default GEMMs. For each batch size b an engine serves
 b requests of ISL --isl (this fills b rows of the cache with real keys and values; the in-flight engine's tokens are
 compared with the static engine's), then `--steps` decode steps run back to back from column ISL, timed with CUDA
 events (the median of `--repeats`), and the roofline efficiency as the run figure defines it (decode floor / step
@@ -30,21 +32,22 @@ from sweep import compose, open_engine, token_match
 from sweep.model import SHAPES
 
 log = logging.getLogger("inflight_decode")
-ENGINES = ("static:1:1", "static:8:8", "inflight:8:1,8")  # scheduler:max_batch_size:batches measured
+ENGINES = ("static:1:1", "static:8:8", "inflight:8:1,8")  # scheduler:max_batch_size:batches[:attn_implementation]
 
 
-def parse_engine(text: str) -> tuple[str, int, list[int]]:
-    scheduler, max_batch, batches = text.split(":")
-    return scheduler, int(max_batch), [int(b) for b in batches.split(",")]
+def parse_engine(text: str) -> tuple[str, int, list[int], str]:
+    scheduler, max_batch, batches, *attn = text.split(":")
+    return scheduler, int(max_batch), [int(b) for b in batches.split(",")], attn[0] if attn else "sdpa"
 
 
-def engine_config(args, scheduler: str, max_batch: int):
+def engine_config(args, scheduler: str, max_batch: int, attn: str):
     dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     return compose(
         [
             "+experiment=inflight_decode",
             f"model.shape={args.shape}",
             f"backend.scheduler={scheduler}",
+            f"engine.attn_implementation={attn}",
             f"device={args.device}",
             f"engine.dtype={dtype}",
             f"engine.compile_mode={args.compile_mode}",
@@ -68,15 +71,17 @@ def spans_to_measure(engine, scheduler: str, args) -> list[int | None]:
     return [fit] if fit == spans[-1] else [fit, spans[-1]]
 
 
-def measure_engine(args, scheduler: str, max_batch: int, batches: list[int], static_tokens: dict) -> tuple[list, str]:
+def measure_engine(
+    args, scheduler: str, max_batch: int, batches: list[int], attn: str, static_tokens: dict
+) -> tuple[list, str]:
     """Each batch size's decode steps on one engine, and the device's name; static engines leave their tokens in
     `static_tokens` for the in-flight ones to be compared with."""
     results = []
-    with open_engine(engine_config(args, scheduler, max_batch)) as engine:
+    with open_engine(engine_config(args, scheduler, max_batch, attn)) as engine:
         for batch in batches:
             rows = [g.token_ids for g in engine.generate(engine.requests[:batch])]
             for span in spans_to_measure(engine, scheduler, args):
-                out: dict[str, Any] = {"scheduler": scheduler, "max_batch_size": max_batch}
+                out: dict[str, Any] = {"scheduler": scheduler, "max_batch_size": max_batch, "attention": attn}
                 out.update(engine.time_decode(batch, args.isl, args.steps, args.repeats, span))
                 out.update(engine_start_s=engine.start_s, captured=engine.manifest["captured_batch_sizes"])
                 if args.profile and (kernels := engine.profile_decode(batch, args.isl, 8, span)):
@@ -95,15 +100,16 @@ def measure_engine(args, scheduler: str, max_batch: int, batches: list[int], sta
 def table(gpu: str, args, results: list[dict]) -> str:
     lines = [
         f"{gpu}, {args.shape}, ISL {args.isl}, {args.steps} decode steps x {args.repeats} (median)",
-        "| scheduler | max_batch_size | batch | attention span | decode step ms | roofline eff. "
+        "| scheduler | attention | max_batch_size | batch | attention span | decode step ms | roofline eff. "
         "| tokens equal to static (exact seqs) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         eff = f"{100 * r['roofline_efficiency']:.0f}%" if "roofline_efficiency" in r else "-"
         match = f"{r['tokens_vs_static']['exact_sequence_pct']:.0f}%" if "tokens_vs_static" in r else "-"
         lines.append(
-            f"| {r['scheduler']} | {r['max_batch_size']} | {r['batch']} | {r['span']} | {r['decode_step_ms']:.2f} "
+            f"| {r['scheduler']} | {r['attention']} | {r['max_batch_size']} | {r['batch']} | {r['span']} "
+            f"| {r['decode_step_ms']:.2f} "
             f"| {eff} | {match} |"
         )
     profiled = [r for r in results if "kernels_per_step" in r]
@@ -111,17 +117,21 @@ def table(gpu: str, args, results: list[dict]) -> str:
         lines += [
             "",
             "Per decode step, from the profile (8 steps): idle = first kernel's start to last one's end, less kernels",
-            "| scheduler | batch | attention span | kernels | kernel ms | start to end ms | idle ms |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| scheduler | attention | batch | attention span | kernels | kernel ms | start to end ms | idle ms |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in profiled:
             k, span = r["kernel_ms_per_step"], r["span_ms_per_step"]
             lines.append(
-                f"| {r['scheduler']} | {r['batch']} | {r['span']} | {r['kernels_per_step']:.0f} | {k:.2f} "
+                f"| {r['scheduler']} | {r['attention']} | {r['batch']} | {r['span']} | {r['kernels_per_step']:.0f} "
+                f"| {k:.2f} "
                 f"| {span:.2f} | {span - k:.2f} |"
             )
         for r in profiled:
-            title = f"{r['scheduler']}, batch {r['batch']}, attention span {r['span']}: GPU kernels of 8 decode steps"
+            title = (
+                f"{r['scheduler']} ({r['attention']}), batch {r['batch']}, attention span {r['span']}: "
+                "GPU kernels of 8 decode steps"
+            )
             lines += ["", title, "```", r["kernels_8_steps"], "```"]
     return "\n".join(lines)
 
@@ -149,8 +159,8 @@ def main() -> None:
     results: list[dict] = []
     static_tokens: dict[int, list[list[int]]] = {}
     gpu = "cpu"
-    for scheduler, max_batch, batches in map(parse_engine, args.engines):
-        measured, gpu = measure_engine(args, scheduler, max_batch, batches, static_tokens)
+    for scheduler, max_batch, batches, attn in map(parse_engine, args.engines):
+        measured, gpu = measure_engine(args, scheduler, max_batch, batches, attn, static_tokens)
         results += measured
     text = table(gpu, args, results)
     args.out.mkdir(parents=True, exist_ok=True)

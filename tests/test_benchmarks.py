@@ -95,16 +95,17 @@ def test_inflight_decode_times_static_and_in_flight_decode_on_the_cpu(tmp_path):
     out = run_script(
         "inflight_decode",
         *("--shape", "tiny", "--device", "cpu", "--compile-mode", "none", "--isl", "16", "--steps", "4"),
-        *("--repeats", "1", "--engines", "static:2:2", "inflight:2:1,2"),
+        *("--repeats", "1", "--engines", "static:2:2", "inflight:2:1,2", "inflight:2:2:flex_attention"),
         *("--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")),
         cwd=tmp_path,
     )
-    (static,) = rows(out, "static", "2", "2")
-    assert numbers(static[4:5])[0] > 0
-    in_flight = rows(out, "inflight", "2", "2")
-    assert len(in_flight) == 2  # the span that fits the steps, and the whole row
-    for row in in_flight:
-        assert numbers(row[4:5])[0] > 0 and row[-1] == "100%"  # the same tokens as the static engine
+    (static,) = rows(out, "static", "sdpa", "2", "2")
+    assert numbers(static[5:6])[0] > 0
+    for attn in ("sdpa", "flex_attention"):
+        in_flight = rows(out, "inflight", attn, "2", "2")
+        assert len(in_flight) == 2  # the span that fits the steps, and the whole row
+        for row in in_flight:
+            assert numbers(row[5:6])[0] > 0 and row[-1] == "100%"  # the same tokens as the static engine
 
 
 @pytest.mark.parametrize("cudnn", [False, True])
