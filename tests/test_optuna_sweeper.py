@@ -574,12 +574,14 @@ def test_a_search_preset_sets_the_objective_it_names(preset, metric):
     assert compose(["search=goodput", "objective.metric=ttft_ms_p99"]).objective.metric == "ttft_ms_p99"
 
 
-def test_the_vllm_preset_searches_only_settings_vllm_honours():
-    config = sweeper_config("search=vllm_goodput")
-    assert config.backend.name == "vllm" and config.objective.metric == "goodput_req_s"
+@pytest.mark.parametrize("preset, backend", [("vllm_goodput", "vllm"), ("compiled_goodput", "compiled")])
+def test_an_engine_preset_searches_only_settings_that_engine_honours(preset, backend):
+    from sweep.backends.compiled.backend import INFLIGHT_OPTIONS
     from sweep.backends.registry import BACKENDS
 
-    honoured = BACKENDS["vllm"].load().honoured_options
+    config = sweeper_config(f"search={preset}")
+    assert config.backend.name == backend and config.objective.metric == "goodput_req_s"
+    honoured = ("dtype", *INFLIGHT_OPTIONS) if backend == "compiled" else BACKENDS[backend].load().honoured_options
     searched = [key.removeprefix("engine.") for key in config.hydra.sweeper.params]
     assert searched and all(key in honoured for key in searched), (searched, honoured)
 
