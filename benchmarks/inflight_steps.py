@@ -73,8 +73,8 @@ def table(engine, steps, phases, wall: float) -> str:
     mean = lambda values: statistics.fmean(values) if values else 0.0  # noqa: E731
     lines = [
         f"{engine.device_name}, {engine.plan.model.name}, {len(engine.requests)} requests, "
-        f"{len(steps)} steps in {wall:.2f} s, prompt attention on "
-        + ", ".join(kernel.name for kernel in patches.PROMPT_KERNELS),
+        f"{len(steps)} steps in {wall:.2f} s, decode attention {engine.plan.backend.cfg.engine.attn_implementation}, "
+        "prompt attention on " + ", ".join(kernel.name for kernel in patches.PROMPT_KERNELS),
         "| step kind | steps | decode rows (graph) | span | prompt tokens | decode ms | floor of its reads ms "
         "| prompt ms | gap before ms | share of wall time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -121,6 +121,7 @@ def test_inflight_steps_splits_each_step_of_a_served_load_on_the_cpu(tmp_path, c
     )
     kernels = re.search(r"prompt attention on (.*)", out).group(1)
     assert ("CUDNN_ATTENTION" in kernels) == cudnn and "FLASH_ATTENTION" in kernels
+    assert "decode attention sdpa," in out
     total = int(re.search(r"(\d+) steps in", out).group(1))
     kinds = {row[0]: row for row in rows(out, "decode only") + rows(out, "decode + prompt")}
     assert set(kinds) == {"decode only", "decode + prompt"}
