@@ -73,13 +73,29 @@ def observe_shapes(monkeypatch) -> dict[str, set]:
 @pytest.mark.parametrize("scheduler", ["static", "inflight"])
 def test_every_shape_the_timed_part_runs_was_run_before_timing(tiny_checkpoint, tmp_path, monkeypatch, scheduler):
     seen = observe_shapes(monkeypatch)
-    run(cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", f"backend.scheduler={scheduler}", *VARIED))
+    result = run(cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", f"backend.scheduler={scheduler}", *VARIED))
+    assert result.figures["graphs_compiled_while_timed"] == 0
     timed, before = seen["timed"], seen["load"] | seen["warm"]
     assert {shape[0] for shape in timed} == ({"prefill"} if scheduler == "static" else {"chunk", "decode"})
     assert len({s for s in timed if s[0] != "decode"}) > 1  # several widths or chunks: there is something to miss
     assert timed - before == set()
     (graphs_at_timing,) = seen["graphs at timing"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_at_timing  # nothing compiled while timed
+
+
+def test_a_compile_while_timed_is_counted_and_warned_about(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    # dynamo forgets what the warm-up compiled, so the first timed iteration compiles the layers again
+    real_warm_up = benchmark.warm_up
+
+    def forgetful_warm_up(*args):
+        real_warm_up(*args)
+        torch._dynamo.reset()
+
+    monkeypatch.setattr(benchmark, "warm_up", forgetful_warm_up)
+    result = run(cpu_config(tiny_checkpoint, tmp_path, "backend=compiled", *VARIED))
+    assert result.figures["graphs_compiled_while_timed"] >= 3  # the decode layer's and the prompt chunks' at least
+    (warning,) = [r.getMessage() for r in caplog.records if "compiled while timed" in r.getMessage()]
+    assert warning.startswith(f"{result.figures['graphs_compiled_while_timed']:.0f} graphs compiled while timed")
 
 
 # A fresh process's first run, with every request's clock by iteration: the first timed iteration is where a first

@@ -71,6 +71,9 @@ class Backend(ABC):
     # Whether the engine copies KV heads across its tensor-parallel ranks when engine.tp_size is a multiple of the
     # model's KV heads (vLLM, TensorRT-LLM); otherwise tp_size must divide the KV heads as it divides the heads.
     replicates_kv_heads: ClassVar[bool] = False
+    # Whether the engine runs torch.compile'd code in this process, so that the timed part can count what dynamo
+    # compiled while it ran (a timed request that paid for a compile).
+    compiles_in_process: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, model: ModelSource, device: str, dtype: str):
         self.cfg = cfg

@@ -219,6 +219,13 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> RunResult:
         else:
             print(table)
         warnings = [changed] if changed else []
+        if compiled := figures.get("graphs_compiled_while_timed"):
+            warnings.append(
+                f"{compiled:.0f} graphs compiled while timed: requests waited for torch.compile, so the figures "
+                "include compile time (the warm-up did not run every shape the timed part ran)"
+            )
+            log.warning("%s", warnings[-1])
+            rec.set_tags({"figures.compiled_while_timed": f"{compiled:.0f}"})
         if saturated:
             warnings.append(
                 f"saturated: workload.request_rate={cfg.workload.request_rate:g} offered "

@@ -83,6 +83,13 @@ def warm_up(backend: Backend, workload: Workload, wcfg: Any, batch_size: int) ->
         bar.update()
 
 
+def compiled_graphs() -> int:
+    """The graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def run_benchmark(
     backend: Backend, workload: Workload, wcfg: Any, batch_size: int, slo: dict[str, float]
 ) -> BenchmarkResult:
@@ -93,10 +100,13 @@ def run_benchmark(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timings: list[RequestTiming] = []
+    compiled_before = compiled_graphs() if backend.compiles_in_process else None
     with GPUSampler() as sampler:
         for iteration in tqdm(range(wcfg.iterations), desc=f"{wcfg.scenario} iterations", unit="it"):
             timings += run_once(backend, workload.measured, wcfg, batch_size, iteration)
     figures = benchmark_figures(timings, slo)
+    if compiled_before is not None:
+        figures["graphs_compiled_while_timed"] = float(compiled_graphs() - compiled_before)
     if wcfg.scenario == "rate":
         figures.update(load_figures(timings))
     figures.update(sampler.figures(int(figures["output_tokens"])))

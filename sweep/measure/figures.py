@@ -102,6 +102,14 @@ FIGURES: tuple[Figure, ...] = (
     Figure("build_time_s", "build time", "s", "lower", "engine build or compile; 0 on a cache hit"),
     Figure("compile_and_warmup_s", "compile + warm-up", "s", "lower", "compiling the engine's steps at load"),
     Figure("model_load_s", "model load", "s", "lower", "reading the weights onto the device"),
+    Figure(
+        "graphs_compiled_while_timed",
+        "graphs compiled while timed",
+        "",
+        "lower",
+        "graphs torch.compile compiled during the timed iterations (engines that compile in the run's process); above "
+        "0, a timed request waited for a compile",
+    ),
     Figure("gpu_util_pct_mean", "GPU utilisation (mean)", "%", "higher", "NVML utilization.gpu every 100 ms"),
     Figure("gpu_util_pct_max", "GPU utilisation (max)", "%", "higher", "NVML utilization.gpu every 100 ms"),
     Figure(

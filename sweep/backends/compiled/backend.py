@@ -89,6 +89,7 @@ INFLIGHT_OPTIONS = (*STATIC_OPTIONS, "max_num_tokens", "cuda_graph_batch_sizes")
 class CompiledBackend(Backend):
     name = "compiled"
     scores = "full"
+    compiles_in_process = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
